@@ -1,0 +1,142 @@
+"""Errors that carry their gRPC status code, and the one place that maps them.
+
+Raise a :class:`TokenwireError` subclass anywhere (backends included: this module
+does not import grpc at call sites, only names codes); the errors interceptor
+turns it into a status with :func:`status_of`. Anything else becomes INTERNAL
+with a generic message, so clients never see a stack trace.
+
+    raise InvalidArgumentError("max_tokens must be >= 0, got -3")
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "AbortedError",
+    "CancelledError",
+    "ConfigError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TokenwireError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "status_of",
+]
+
+
+class TokenwireError(Exception):
+    """Base of every error the framework reports to clients.
+
+    ``code`` is the gRPC status; ``error_type`` a stable string clients may
+    switch on; ``message`` is safe to show to the caller.
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    error_type: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidArgumentError(TokenwireError):
+    """The request is malformed or out of bounds."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_argument"
+
+
+class NotFoundError(TokenwireError):
+    """The named model, conversation or key does not exist (for this caller)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    error_type = "not_found"
+
+
+class FailedPreconditionError(TokenwireError):
+    """The request is valid but the system is not in a state to run it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    error_type = "failed_precondition"
+
+
+class AbortedError(TokenwireError):
+    """A concurrent request conflicted with this one; retry."""
+
+    code = grpc.StatusCode.ABORTED
+    error_type = "aborted"
+
+
+class ResourceExhaustedError(TokenwireError):
+    """Over capacity or quota; ``retry_after_s`` says when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "resource_exhausted"
+
+
+class UnauthenticatedError(TokenwireError):
+    """Missing or invalid credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    error_type = "unauthenticated"
+
+
+class PermissionDeniedError(TokenwireError):
+    """A known caller without the required role."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    error_type = "permission_denied"
+
+
+class UnavailableError(TokenwireError):
+    """The server is shutting down or a backend is unreachable; retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    error_type = "unavailable"
+
+
+class DeadlineExceededError(TokenwireError):
+    """The call's deadline passed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    error_type = "deadline_exceeded"
+
+
+class CancelledError(TokenwireError):
+    """The caller cancelled."""
+
+    code = grpc.StatusCode.CANCELLED
+    error_type = "cancelled"
+
+
+class InternalError(TokenwireError):
+    """A bug or backend failure; details go to the log, not the client."""
+
+
+class ConfigError(TokenwireError):
+    """Configuration is invalid; raised at start-up, never to a client."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    error_type = "config"
+
+
+_INTERNAL_MESSAGE = "internal error; the server log has details under this call's request id"
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """Map any exception to ``(code, client-safe message, error_type)``.
+
+    The only mapping from exceptions to status codes in the framework.
+    """
+    if isinstance(exc, TokenwireError) and not isinstance(exc, InternalError):
+        return exc.code, exc.message, exc.error_type
+    return grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE, "internal"
