@@ -1,0 +1,439 @@
+"""The embedded conversation store: one SQLite file, stdlib :mod:`sqlite3`.
+
+One connection lives on one dedicated worker thread, so the event loop never
+waits on disk and sqlite3's same-thread rule holds; calls run on that thread in
+the order they were made. Each write is its own ``BEGIN IMMEDIATE`` transaction,
+committed before the coroutine returns::
+
+    async with SQLiteConversationStore("var/conversations.db") as store:
+        conv = await store.create_conversation("alice", title="New chat")
+
+The file runs in WAL mode with ``synchronous=NORMAL``: a committed write
+survives a crash of the process; a power loss may undo the last few commits
+(SQLite's documented trade-off for WAL at this level), never corrupt the file.
+
+Schema changes are appended to :data:`MIGRATIONS`; ``open()`` applies the ones a
+file has not seen yet, each in one transaction, and records progress in
+``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Concatenate, Final, ParamSpec, Self, TypeVar
+
+from tokenwire.errors import ConfigError, InvalidArgumentError
+from tokenwire.stores.conversations import (
+    Conversation,
+    StoreClosedError,
+    StoredMessage,
+    conversation_not_found,
+    is_valid_id,
+    new_id,
+    validate_limit,
+    validate_message_id,
+    validate_role,
+)
+
+__all__ = ["MIGRATIONS", "SQLiteConversationStore"]
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # 1: conversations and their messages.
+    (
+        """
+        CREATE TABLE conversations (
+            id          TEXT PRIMARY KEY,
+            owner       TEXT NOT NULL,
+            title       TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL
+        )
+        """,
+        # Serves "my conversations, newest first".
+        "CREATE INDEX conversations_owner_updated ON conversations (owner, updated_at DESC)",
+        # seq, not created_at, orders messages: clocks tie and step backwards.
+        # No CHECK on role, so a later role needs no table rebuild.
+        """
+        CREATE TABLE messages (
+            id               TEXT PRIMARY KEY,
+            conversation_id  TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            seq              INTEGER NOT NULL,
+            role             TEXT NOT NULL,
+            content          TEXT NOT NULL,
+            turn_id          TEXT NOT NULL,
+            complete         INTEGER NOT NULL CHECK (complete IN (0, 1)),
+            created_at       REAL NOT NULL
+        )
+        """,
+        "CREATE UNIQUE INDEX messages_conversation_seq ON messages (conversation_id, seq)",
+    ),
+)
+"""Schema migrations in order; migration ``n`` (1-based) brings a file to
+``user_version = n``. Only ever append: a shipped migration never changes."""
+
+_CONVERSATION_PREFIX: Final = "conv"
+_MESSAGE_PREFIX: Final = "msg"
+_MESSAGE_COLUMNS: Final = "id, conversation_id, role, content, created_at, turn_id, complete"
+
+
+@dataclass(frozen=True, slots=True)
+class _Worker:
+    """The open connection and the one thread allowed to touch it."""
+
+    executor: ThreadPoolExecutor
+    conn: sqlite3.Connection
+
+
+class SQLiteConversationStore:
+    """A :class:`~tokenwire.stores.ConversationStore` in one SQLite file.
+
+    ``path`` is a file (its parent directories are created) or ``":memory:"``
+    for a throwaway store. ``clock`` gives unix seconds; tests pass a fake one.
+
+    Example::
+
+        store = SQLiteConversationStore("var/conversations.db")
+        await store.open()
+        try:
+            conv = await store.create_conversation("alice", title="New chat")
+            await store.add_message("alice", conv.id, role="user", content="Hi",
+                                    turn_id=new_id("turn"))
+        finally:
+            await store.close()
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = os.fspath(path)
+        self._clock = clock
+        self._worker: _Worker | None = None
+        self._closed = False
+        # Serializes open() and close() so racing calls cannot start two workers.
+        self._lifecycle = asyncio.Lock()
+
+    @property
+    def path(self) -> str:
+        """The database file, or ``":memory:"``."""
+        return self._path
+
+    async def open(self) -> None:
+        """Connect, set the pragmas and apply pending migrations. A second call is a no-op."""
+        async with self._lifecycle:
+            await self._open()
+
+    async def _open(self) -> None:
+        if self._worker is not None:
+            return
+        if self._closed:
+            raise StoreClosedError("conversation store is closed and cannot be reopened")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-sqlite")
+        opened: list[sqlite3.Connection] = []
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect, opened)
+        except BaseException:
+            # Failed or cancelled: the connect may still finish on the worker,
+            # so close what it opened there (a connection stays on its thread).
+            executor.submit(_close_all, opened)
+            executor.shutdown(wait=True)
+            raise
+        self._worker = _Worker(executor, conn)
+
+    async def close(self) -> None:
+        """Finish queued calls, close the connection and stop the worker thread.
+
+        Idempotent. Calls made after ``close()`` starts raise StoreClosedError.
+        """
+        async with self._lifecycle:
+            await self._close()
+
+    async def _close(self) -> None:
+        worker, self._worker, self._closed = self._worker, None, True
+        if worker is None:
+            return
+        # Calls queued before this one still run first (one thread, FIFO);
+        # calls made from now on are refused by _run.
+        try:
+            await asyncio.get_running_loop().run_in_executor(worker.executor, worker.conn.close)
+        finally:
+            # The queue is empty by now, so this join returns at once.
+            worker.executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def create_conversation(self, owner: str, *, title: str) -> Conversation:
+        """Create an empty conversation owned by ``owner``."""
+        return await self._run(self._create_conversation, owner, title)
+
+    async def get_conversation(self, owner: str, conversation_id: str) -> Conversation:
+        """Return ``owner``'s conversation; NotFoundError if missing, foreign or malformed."""
+        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
+            raise conversation_not_found(conversation_id)
+        return await self._run(self._get_conversation, owner, conversation_id)
+
+    async def add_message(
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        role: str,
+        content: str,
+        turn_id: str,
+        message_id: str | None = None,
+        complete: bool = True,
+    ) -> StoredMessage:
+        """Append a message after all earlier ones and bump the conversation's ``updated_at``.
+
+        Raises NotFoundError as :meth:`get_conversation` does, InvalidArgumentError
+        for a role outside ``system``/``user``/``assistant`` or a message id that
+        is empty, too long, or already used.
+        """
+        validate_role(role)
+        if message_id is None:
+            message_id = new_id(_MESSAGE_PREFIX)
+        else:
+            validate_message_id(message_id)
+        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
+            raise conversation_not_found(conversation_id)
+        return await self._run(
+            self._add_message,
+            owner,
+            conversation_id,
+            message_id=message_id,
+            role=role,
+            content=content,
+            turn_id=turn_id,
+            complete=complete,
+        )
+
+    async def list_messages(
+        self, owner: str, conversation_id: str, *, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """Return the messages oldest first; with ``limit``, the newest ``limit`` of them."""
+        validate_limit(limit)
+        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
+            raise conversation_not_found(conversation_id)
+        return await self._run(self._list_messages, owner, conversation_id, limit)
+
+    # --- event-loop side -------------------------------------------------
+
+    async def _run(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """Run ``fn(conn, *args, **kwargs)`` on the worker thread."""
+        worker = self._worker
+        if worker is None:
+            if self._closed:
+                raise StoreClosedError("conversation store is closed")
+            raise StoreClosedError("conversation store is not open; call open() first")
+        call = functools.partial(fn, worker.conn, *args, **kwargs)
+        # If the awaiting task is cancelled the call still runs to commit or
+        # rollback on the worker; only its result is dropped.
+        return await asyncio.get_running_loop().run_in_executor(worker.executor, call)
+
+    # --- worker-thread side: everything below touches the connection -------
+
+    def _connect(self, opened: list[sqlite3.Connection]) -> sqlite3.Connection:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every
+        # transaction boundary is explicit.
+        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        opened.append(conn)
+        return conn
+
+    def _create_conversation(
+        self, conn: sqlite3.Connection, owner: str, title: str
+    ) -> Conversation:
+        now = self._clock()
+        conversation = Conversation(
+            id=new_id(_CONVERSATION_PREFIX),
+            owner=owner,
+            title=title,
+            created_at=now,
+            updated_at=now,
+        )
+        with _write(conn):
+            conn.execute(
+                "INSERT INTO conversations (id, owner, title, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (conversation.id, owner, title, now, now),
+            )
+        return conversation
+
+    def _get_conversation(
+        self, conn: sqlite3.Connection, owner: str, conversation_id: str
+    ) -> Conversation:
+        row = conn.execute(
+            "SELECT id, owner, title, created_at, updated_at FROM conversations"
+            " WHERE id = ? AND owner = ?",
+            (conversation_id, owner),
+        ).fetchone()
+        if row is None:
+            raise conversation_not_found(conversation_id)
+        return Conversation(*row)
+
+    def _add_message(
+        self,
+        conn: sqlite3.Connection,
+        owner: str,
+        conversation_id: str,
+        *,
+        message_id: str,
+        role: str,
+        content: str,
+        turn_id: str,
+        complete: bool,
+    ) -> StoredMessage:
+        now = self._clock()
+        with _write(conn):
+            # The ownership check and the bump are one statement; MAX keeps
+            # updated_at from stepping backwards when the clock does.
+            bumped = conn.execute(
+                "UPDATE conversations SET updated_at = MAX(updated_at, ?)"
+                " WHERE id = ? AND owner = ?",
+                (now, conversation_id, owner),
+            )
+            if bumped.rowcount != 1:
+                raise conversation_not_found(conversation_id)
+            # Safe under concurrency: BEGIN IMMEDIATE holds the write lock
+            # from before this read until the commit.
+            (seq,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            try:
+                conn.execute(
+                    f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (seq, message_id, conversation_id, role, content, now, turn_id, int(complete)),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise InvalidArgumentError(f"message_id {message_id!r} is already used") from exc
+        return StoredMessage(
+            id=message_id,
+            conversation_id=conversation_id,
+            role=role,
+            content=content,
+            created_at=now,
+            turn_id=turn_id,
+            complete=complete,
+        )
+
+    def _list_messages(
+        self, conn: sqlite3.Connection, owner: str, conversation_id: str, limit: int | None
+    ) -> list[StoredMessage]:
+        # One read transaction, so the ownership check and the rows agree.
+        with _read(conn):
+            owned = conn.execute(
+                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
+            ).fetchone()
+            if owned is None:
+                raise conversation_not_found(conversation_id)
+            # Newest `limit` by seq, then back to oldest first; LIMIT -1 is "no limit".
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM ("
+                f" SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?"
+                " ORDER BY seq DESC LIMIT ?"
+                ") ORDER BY seq ASC",
+                (conversation_id, -1 if limit is None else limit),
+            ).fetchall()
+        return [
+            StoredMessage(
+                id=row[0],
+                conversation_id=row[1],
+                role=row[2],
+                content=row[3],
+                created_at=row[4],
+                turn_id=row[5],
+                complete=bool(row[6]),
+            )
+            for row in rows
+        ]
+
+
+def _close_all(connections: list[sqlite3.Connection]) -> None:
+    for conn in connections:
+        conn.close()
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
+    """``BEGIN …`` then COMMIT, or ROLLBACK on any error (a failed COMMIT included)."""
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _write(conn: sqlite3.Connection) -> AbstractContextManager[None]:
+    # IMMEDIATE takes the write lock up front, so a read-then-write (seq)
+    # cannot race another writer, even one in another process.
+    return _transaction(conn, "BEGIN IMMEDIATE")
+
+
+def _read(conn: sqlite3.Connection) -> AbstractContextManager[None]:
+    return _transaction(conn, "BEGIN")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations this file has not seen, one transaction each."""
+    for version, statements in enumerate(MIGRATIONS, start=1):
+        with _write(conn):
+            # Re-read under the write lock: another process may have migrated
+            # the file since we last looked.
+            (current,) = conn.execute("PRAGMA user_version").fetchone()
+            if current > len(MIGRATIONS):
+                raise ConfigError(
+                    f"conversation database is at schema version {current}, newer than"
+                    f" this tokenwire knows ({len(MIGRATIONS)}); upgrade tokenwire"
+                )
+            if current >= version:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            # PRAGMA takes no parameters; `version` is our own int.
+            conn.execute(f"PRAGMA user_version = {version}")
