@@ -146,12 +146,14 @@ class LoadReport:
 class TokenizerSource:
     """Where the frontend loads the tokenizer and chat template from.
 
-    ``path`` is a directory (or hub-style local checkout); ``gguf_file`` names a
-    GGUF file inside it whose metadata carries the tokenizer.
+    ``path`` is a local directory (a transformers checkpoint); ``gguf_file`` names a
+    GGUF file inside it whose metadata carries the tokenizer and chat template.
+    ``kind="bytes"`` needs no files: token ids 0..255 are UTF-8 bytes.
     """
 
-    path: str
+    path: str = ""
     gguf_file: str | None = None
+    kind: str = "transformers"  # or "bytes": each UTF-8 byte is one token (tests, byte engines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,14 +168,25 @@ class Capabilities:
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    """What a backend factory receives: the model to load and where to run it."""
+    """The model backend: which one, what model, where it runs."""
 
-    name: str = "torch"
-    model_path: str = ""  # empty: the backend's own default model
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
-    max_running: int = 8  # requests generating at once; more are refused as overloaded
-    options: Mapping[str, str] = field(default_factory=dict)  # backend-specific settings
+    name: str = field(default="torch", metadata={"help": "backend entry point to load, e.g. torch"})
+    model_path: str = field(
+        default="",
+        metadata={"help": "model file or directory; empty: the backend's default model"},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda or cuda:N"}
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    max_running: int = field(
+        default=8,
+        metadata={"help": "requests generating at once; more are refused as overloaded"},
+    )
+    options: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "backend-specific settings, key=value,key=value"},
+    )
 
 
 @runtime_checkable

@@ -1,0 +1,95 @@
+"""The ``tokenwire`` command: ``serve`` a model, ``chat`` with a server.
+
+    tokenwire serve                         # SmolLM2 on the CPU, 127.0.0.1:50051
+    tokenwire serve --listen 0.0.0.0:50051 --config tokenwire.toml
+    tokenwire chat "What is the capital of France?"
+    tokenwire chat                          # interactive; Ctrl-C cancels an answer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tokenwire import __version__, chat_client
+from tokenwire.config import describe, load_config
+from tokenwire.errors import ConfigError
+from tokenwire.logs import configure_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC (embedded defaults: SmolLM2 on CPU)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file ([server], [backend], ...)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (server.listen)")
+    p.add_argument("--backend", help="backend entry point name (backend.name)")
+    p.add_argument("--model-path", help="model file or directory (backend.model_path)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (backend.device)")
+    p.add_argument("--log-format", choices=("console", "json"), help="logging.format")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="any setting, e.g. --set limits.default_max_tokens=256 (repeatable)",
+    )
+    p.add_argument("--help-config", action="store_true", help="list every setting and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``tokenwire`` command."""
+    parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tokenwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    chat = sub.add_parser("chat", help="chat with a running server")
+    chat_client.add_arguments(chat)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(describe())
+        return 0
+    overrides: dict[str, str] = {}
+    for flag, key in (
+        ("listen", "server.listen"),
+        ("backend", "backend.name"),
+        ("model_path", "backend.model_path"),
+        ("device", "backend.device"),
+        ("log_format", "logging.format"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    config = load_config(args.config, overrides=overrides)
+    configure_logging(config.logging)
+    from tokenwire.server import TokenwireServer  # heavy: grpc servers, stores
+
+    server = TokenwireServer(config)
+    asyncio.run(server.serve())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokenwire`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return chat_client.main(args)
+    except ConfigError as exc:
+        print(f"tokenwire: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Configuration: frozen dataclasses per concern, built once from file, environment and CLI.
+
+Precedence, lowest first: field defaults, a TOML file (``--config``), environment
+variables ``TOKENWIRE_<SECTION>_<FIELD>`` (e.g. ``TOKENWIRE_SERVER_LISTEN``), then
+command-line overrides. Every field has a default and a one-line description;
+``tokenwire serve --help-config`` prints them all.
+
+    [server]
+    listen = "0.0.0.0:50051"
+    [backend]
+    device = "cuda"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenwire.backend import BackendConfig
+from tokenwire.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "Config",
+    "LimitsConfig",
+    "LoggingConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "describe",
+    "load_config",
+]
+
+ENV_PREFIX = "TOKENWIRE_"
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The gRPC listener and its lifecycle."""
+
+    listen: str = _field("127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free port")
+    grace_period_s: float = _field(
+        30.0, "on SIGTERM/SIGINT, seconds in-flight streams get to finish before they are cut"
+    )
+    max_receive_message_bytes: int = _field(
+        1 << 20, "largest request message gRPC accepts (bigger is RESOURCE_EXHAUSTED)"
+    )
+    max_concurrent_streams: int = _field(
+        1024, "most concurrent RPCs the server accepts; further calls are refused"
+    )
+    reuse_port: bool = _field(
+        True, "set SO_REUSEPORT so several gateway processes can share one port"
+    )
+    reflection: bool = _field(True, "serve gRPC server reflection (for grpcurl and similar tools)")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on every request; violations are INVALID_ARGUMENT."""
+
+    max_message_chars: int = _field(32_000, "longest user message, in characters")
+    default_max_tokens: int = _field(
+        512, "completion tokens when a request leaves max_tokens at 0 (capped by the context)"
+    )
+    max_stop_strings: int = _field(8, "most stop strings in one request")
+    max_stop_chars: int = _field(256, "longest stop string, in characters")
+    max_idempotency_key_chars: int = _field(128, "longest idempotency key")
+    max_model_name_chars: int = _field(256, "longest model name in a request")
+    max_history_messages: int = _field(
+        64, "most stored messages of a conversation sent to the model as history"
+    )
+    system_prompt: str = _field("", "system message prepended to every conversation; empty: none")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where conversations live."""
+
+    data_dir: str = _field(".tokenwire", "directory for the server's files (SQLite database)")
+    sqlite_path: str = _field(
+        "", "SQLite database file; empty: conversations.db in data_dir; ':memory:' keeps nothing"
+    )
+
+    def resolved_sqlite_path(self) -> str:
+        """The SQLite file to open."""
+        return self.sqlite_path or str(Path(self.data_dir) / "conversations.db")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Structured logs."""
+
+    format: str = _field("console", "'console' for people, 'json' for log shippers")
+    level: str = _field("info", "debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server reads at start-up; immutable afterwards."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _sections() -> Iterator[tuple[str, type[Any]]]:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        yield f.name, hints[f.name]
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Turn a TOML or string value into the field's type, or raise ConfigError."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        origin = typing.get_origin(kind)
+    try:
+        if origin is not None and issubclass(origin, Mapping):
+            if isinstance(value, Mapping):
+                return {str(k): str(v) for k, v in value.items()}
+            pairs = [p.split("=", 1) for p in str(value).split(",") if p.strip()]
+            return {k.strip(): v.strip() for k, v in pairs}
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind in (int, float, str):
+            if kind is not str and isinstance(value, bool):
+                raise ValueError(f"not a number: {value!r}")
+            return kind(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    raise ConfigError(f"{where}: unsupported field type {kind!r}")
+
+
+def _apply(section_cls: type[Any], current: Any, updates: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    changes = {}
+    for key, value in updates.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(
+                f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}"
+            )
+        changes[name] = _coerce(value, hints[name], f"{where}.{name}")
+    return dataclasses.replace(current, **changes)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: defaults < TOML file < ``TOKENWIRE_*`` env < overrides.
+
+    ``overrides`` keys are ``"section.field"`` (e.g. ``"server.listen"``).
+    """
+    env = os.environ if env is None else env
+    layers: dict[str, dict[str, tuple[Any, str]]] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc}") from exc
+        for section, values in data.items():
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            for key, value in values.items():
+                layers.setdefault(section, {})[key] = (value, f"{path} [{section}]")
+    sections = dict(_sections())
+    for section, section_cls in sections.items():
+        prefix = f"{ENV_PREFIX}{section.upper()}_"
+        for f in dataclasses.fields(section_cls):
+            name = prefix + f.name.upper()
+            if name in env:
+                layers.setdefault(section, {})[f.name] = (env[name], name)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        layers.setdefault(section, {})[key] = (value, f"override {dotted}")
+    config = Config()
+    for section, values in layers.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}]; known: {', '.join(sections)}")
+        current = getattr(config, section)
+        for key, (value, where) in values.items():
+            current = _apply(sections[section], current, {key: value}, where)
+        config = dataclasses.replace(config, **{section: current})
+    return config
+
+
+def describe() -> str:
+    """Every setting with its default, environment variable and description."""
+    lines = []
+    for section, section_cls in _sections():
+        lines.append(f"[{section}]  {(section_cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(section_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
+            lines.append(f"  {f.name} = {default!r}\n      {env}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""The model frontend: text in, text out, over any backend.
+
+For an :class:`~tokenwire.backend.Engine` the frontend does, once for every
+engine: the model's chat template, tokenization (so prompt sizes are exact),
+bounds against the context length, incremental detokenization that never splits
+a character, and stop strings (held back until they cannot start a stop string).
+A :class:`~tokenwire.backend.TextBackend` is passed through.
+
+    model = EngineFrontend(engine, limits)
+    await model.start()
+    turn = model.prepare([ChatMessage("user", "Hi")], TurnParams(max_tokens=32))
+    async for event in model.stream(turn, request_id="r1"):
+        ...  # TextDelta(text, token_count) ..., then TurnEnd(finish_reason, usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tokenwire.backend import (
+    Backend,
+    ChatMessage,
+    Engine,
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    SamplingParams,
+    TextBackend,
+    TextRequest,
+)
+from tokenwire.config import LimitsConfig
+from tokenwire.errors import ConfigError, InternalError, InvalidArgumentError
+from tokenwire.tokenizers import Tokenizer, load_tokenizer
+
+__all__ = [
+    "ChatModel",
+    "EngineFrontend",
+    "PreparedTurn",
+    "StopMatcher",
+    "TextDelta",
+    "TextFrontend",
+    "TurnEnd",
+    "TurnParams",
+    "frontend_for",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnParams:
+    """Validated sampling parameters of one turn (``max_tokens == 0``: the default)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        """The engine-level sampling parameters."""
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTurn:
+    """A turn that passed every bound, ready to stream."""
+
+    messages: tuple[ChatMessage, ...]
+    params: TurnParams
+    max_tokens: int  # resolved: never 0, fits the context
+    prompt_tokens: int  # exact for engines; 0 when a text backend does not say
+    prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New answer text and the completion tokens it covers."""
+
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """The end of an answer."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ChatModel(Protocol):
+    """What the chat service needs of a served model."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def load(self) -> LoadReport: ...
+
+    def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn: ...
+
+    def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back what could start one.
+
+    ``feed`` returns the text that is safe to show and whether a stop string was
+    reached (the stop string and anything after it are dropped).
+    """
+
+    __slots__ = ("_held", "_stops")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        buffer = self._held + text
+        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buffer[:cut], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buffer)), keep, -1):
+                if buffer.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        """Text still held back when the answer ends without a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+
+def _resolve_max_tokens(params: TurnParams, prompt: int, context: int, default: int) -> int:
+    if prompt >= context:
+        raise InvalidArgumentError(
+            f"the prompt is {prompt} tokens but the model's context holds {context} tokens "
+            "(prompt plus answer); send a shorter message"
+        )
+    room = context - prompt
+    if params.max_tokens == 0:
+        return min(default, room)
+    if params.max_tokens > room:
+        raise InvalidArgumentError(
+            f"max_tokens is {params.max_tokens} but only {room} tokens are left in the "
+            f"model's {context}-token context after the {prompt}-token prompt"
+        )
+    return params.max_tokens
+
+
+class EngineFrontend:
+    """Templating, tokenization, detokenization and stop strings for a token engine."""
+
+    def __init__(
+        self, engine: Engine, limits: LimitsConfig, *, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._tokenizer = tokenizer
+
+    @property
+    def backend(self) -> Backend:
+        return self._engine
+
+    @property
+    def name(self) -> str:
+        return self._engine.capabilities.model
+
+    @property
+    def context_length(self) -> int:
+        return self._engine.capabilities.context_length
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The loaded tokenizer (after :meth:`start`)."""
+        if self._tokenizer is None:
+            raise ConfigError("the frontend is not started")
+        return self._tokenizer
+
+    async def start(self) -> None:
+        """Start the engine, then load the tokenizer its capabilities name."""
+        await self._engine.start()
+        if self._tokenizer is None:
+            source = self._engine.capabilities.tokenizer
+            if source is None:
+                raise ConfigError(
+                    f"engine {type(self._engine).__name__} names no tokenizer in its capabilities"
+                )
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, source)
+
+    async def close(self) -> None:
+        await self._engine.close()
+
+    def load(self) -> LoadReport:
+        return self._engine.load()
+
+    def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn:
+        """Apply the chat template and check the context; raises InvalidArgumentError."""
+        ids = self.tokenizer.encode_chat(messages)
+        max_tokens = _resolve_max_tokens(
+            params, len(ids), self.context_length, self._limits.default_max_tokens
+        )
+        return PreparedTurn(tuple(messages), params, max_tokens, len(ids), tuple(ids))
+
+    async def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+        """Stream the answer; closing this iterator stops the engine's work."""
+        request = GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=turn.prompt_token_ids,
+            max_tokens=turn.max_tokens,
+            sampling=turn.params.sampling(),
+            stop_token_ids=self.tokenizer.eos_token_ids,
+        )
+        step = self.tokenizer.detokenizer().step
+        stops = StopMatcher(turn.params.stop)
+        completion = 0
+        uncounted = 0  # tokens whose text is still held back
+        chunks = self._engine.generate(request)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                completion += len(chunk.token_ids)
+                uncounted += len(chunk.token_ids)
+                text, stopped = stops.feed("".join([step(t) for t in chunk.token_ids]))
+                if stopped or chunk.finish_reason is not None:
+                    text += "" if stopped else stops.flush()
+                    if text:
+                        yield TextDelta(text, uncounted)
+                    reason = FinishReason.STOP if stopped else chunk.finish_reason
+                    assert reason is not None
+                    yield TurnEnd(reason, turn.prompt_tokens, chunk.completion_tokens or completion)
+                    return
+                if text:
+                    yield TextDelta(text, uncounted)
+                    uncounted = 0
+        raise InternalError(f"engine {self.name!r} ended request {request_id} without a final chunk")
+
+
+class TextFrontend:
+    """Passes turns through to a text backend, which templates and tokenizes itself."""
+
+    def __init__(self, backend: TextBackend, limits: LimitsConfig) -> None:
+        self._backend = backend
+        self._limits = limits
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def name(self) -> str:
+        return self._backend.capabilities.model
+
+    @property
+    def context_length(self) -> int:
+        return self._backend.capabilities.context_length
+
+    async def start(self) -> None:
+        await self._backend.start()
+
+    async def close(self) -> None:
+        await self._backend.close()
+
+    def load(self) -> LoadReport:
+        return self._backend.load()
+
+    def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn:
+        # The prompt's size is unknown here; the backend bounds it and reports usage.
+        max_tokens = params.max_tokens or min(self._limits.default_max_tokens, self.context_length)
+        return PreparedTurn(tuple(messages), params, max_tokens, 0)
+
+    async def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+        request = TextRequest(
+            request_id, turn.messages, turn.max_tokens, turn.params.sampling(), turn.params.stop
+        )
+        chunks = self._backend.generate_text(request)
+        completion = 0
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                completion += chunk.token_count
+                if chunk.text:
+                    yield TextDelta(chunk.text, chunk.token_count)
+                if chunk.finish_reason is not None:
+                    yield TurnEnd(
+                        chunk.finish_reason,
+                        chunk.prompt_tokens,
+                        chunk.completion_tokens or completion,
+                    )
+                    return
+        raise InternalError(f"backend {self.name!r} ended request {request_id} without finishing")
+
+
+def frontend_for(backend: Backend, limits: LimitsConfig) -> ChatModel:
+    """The frontend that fits a backend's kind."""
+    if isinstance(backend, Engine):
+        return EngineFrontend(backend, limits)
+    return TextFrontend(backend, limits)

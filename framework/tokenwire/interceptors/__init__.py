@@ -1,0 +1,25 @@
+"""Interceptors around every RPC, and the one place their order is declared.
+
+Order, outermost first: errors + logging → auth → quotas → moderation.
+"""
+
+from __future__ import annotations
+
+from tokenwire.config import Config
+from tokenwire.interceptors.base import CallInfo, Interceptor, InterceptorChain, Proceed
+from tokenwire.interceptors.errors import REQUEST_ID_HEADER, ErrorsInterceptor
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "CallInfo",
+    "ErrorsInterceptor",
+    "Interceptor",
+    "InterceptorChain",
+    "Proceed",
+    "default_interceptors",
+]
+
+
+def default_interceptors(config: Config) -> list[Interceptor]:
+    """The interceptor chain the server runs, outermost first."""
+    return [ErrorsInterceptor()]

@@ -1,0 +1,156 @@
+"""The server's lifecycle: build, start, serve, drain, close.
+
+Start: load the backend and its frontend, open the conversation store, bind,
+report SERVING. Stop (SIGTERM/SIGINT or :meth:`TokenwireServer.stop`): health
+goes NOT_SERVING, new calls are refused, in-flight streams get
+``server.grace_period_s`` to finish (Converse sessions end after their running
+turn), then the backend and the store close.
+
+    server = TokenwireServer(load_config())
+    await server.serve()          # until SIGTERM / SIGINT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tokenwire.backend import Backend, create_backend
+from tokenwire.chat import ChatServicer, ModelServicer
+from tokenwire.config import Config
+from tokenwire.errors import ConfigError
+from tokenwire.frontend import ChatModel, frontend_for
+from tokenwire.interceptors import Interceptor, InterceptorChain, default_interceptors
+from tokenwire.logs import get_logger
+from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
+from tokenwire.stores.conversations import ConversationStore
+from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.turns import TurnRunner
+
+__all__ = ["SERVICE_NAMES", "TokenwireServer"]
+
+SERVICE_NAMES = (
+    chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
+_log = get_logger("tokenwire.server")
+
+
+class TokenwireServer:
+    """A gRPC chat server built from configuration and optional ready-made parts.
+
+    Pass ``backend``, ``store`` or ``interceptors`` to replace what the
+    configuration would build (tests, embedding in another program).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: Backend | None = None,
+        store: ConversationStore | None = None,
+        interceptors: Sequence[Interceptor] | None = None,
+    ) -> None:
+        self.config = config
+        self._backend = backend if backend is not None else create_backend(config.backend)
+        self.model: ChatModel = frontend_for(self._backend, config.limits)
+        self._store = store or SQLiteConversationStore(config.store.resolved_sqlite_path())
+        self._interceptors = (
+            list(interceptors) if interceptors is not None else default_interceptors(config)
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._chat: ChatServicer | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that answers turns."""
+        return self._backend
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (after :meth:`start`)."""
+        host = self.config.server.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Load the model, open the store, bind and start serving."""
+        await self.model.start()
+        await self._store.open()
+        models = {self.model.name: self.model}
+        cfg = self.config.server
+        server = grpc.aio.server(
+            interceptors=[InterceptorChain(self._interceptors)],
+            options=[
+                ("grpc.so_reuseport", int(cfg.reuse_port)),
+                ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_streams,
+        )
+        self._chat = ChatServicer(TurnRunner(models, self._store, self.config.limits))
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(models, self.config.backend.name), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [*SERVICE_NAMES, health.SERVICE_NAME]
+        if cfg.reflection:
+            names.append(reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.listen!r}: {exc}") from exc
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {cfg.listen!r}")
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("serving", address=self.address, model=self.model.name)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and shut down; safe to call more than once (later calls wait)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.server.grace_period_s if grace is None else grace
+        _log.info("draining", grace_period_s=grace)
+        await self._health.enter_graceful_shutdown()
+        if self._chat is not None:
+            self._chat.drain()
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.model.close()
+        await self._store.close()
+        _log.info("stopped")
+
+    async def wait(self) -> None:
+        """Until the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+        if self._stopping is not None:
+            await self._stopping
+
+    async def serve(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()

@@ -1,0 +1,138 @@
+"""``FakeBackend``: a zero-cost token engine with failure injection, for tests and benchmarks.
+
+It speaks bytes (token ids 0..255 are UTF-8 bytes, see
+:class:`tokenwire.tokenizers.ByteTokenizer`), so the real frontend, templates
+and detokenizer run on top of it. It answers with ``reply`` (repeated while
+``endless``), records every request, and can fail or stall on demand.
+
+    backend = FakeBackend(reply="Hello, world!", token_delay_s=0.01)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenwire.backend import (
+    BackendConfig,
+    Capabilities,
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    TokenizerSource,
+)
+from tokenwire.errors import InternalError, InvalidArgumentError, ResourceExhaustedError
+
+__all__ = ["FakeBackend", "FakeRequestLog", "create_fake_backend"]
+
+@dataclass(slots=True)
+class FakeRequestLog:
+    """What happened to one request."""
+
+    request: GenerateRequest
+    tokens_sent: int = 0
+    finished: FinishReason | None = None
+    closed: bool = False  # the consumer stopped iterating before the end
+
+class FakeBackend:
+    """An engine that streams a fixed reply, byte by byte.
+
+    ``token_delay_s`` paces tokens (0: as fast as the consumer pulls, one chunk
+    each; with a delay, tokens ready while the consumer was busy come as one
+    chunk). ``fail_after`` raises InternalError after that many tokens.
+    ``max_running`` bounds concurrent requests (more are refused as overloaded).
+    """
+
+    def __init__(
+        self,
+        reply: str = "Hello from the fake backend.",
+        *,
+        token_delay_s: float = 0.0,
+        endless: bool = False,
+        fail_after: int | None = None,
+        tokens_per_chunk: int = 1,
+        context_length: int = 4096,
+        max_running: int = 64,
+        model: str = "fake",
+    ) -> None:
+        self.reply = reply.encode()
+        self.token_delay_s = token_delay_s
+        self.endless = endless
+        self.fail_after = fail_after
+        self.tokens_per_chunk = tokens_per_chunk
+        self.max_running = max_running
+        self.requests: list[FakeRequestLog] = []
+        self.running = 0
+        self.steps_executed = 0
+        self.started = False
+        self.closed = False
+        self._capabilities = Capabilities(
+            model=model,
+            context_length=context_length,
+            max_batch=max_running,
+            tokenizer=TokenizerSource(kind="bytes"),
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def load(self) -> LoadReport:
+        return LoadReport(
+            running=self.running, kv_cache_usage=min(1.0, self.running / self.max_running)
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        if not request.prompt_token_ids or request.max_tokens < 1:
+            raise InvalidArgumentError("empty prompt or max_tokens < 1")
+        if self.running >= self.max_running:
+            raise ResourceExhaustedError("fake backend overloaded", retry_after_s=1.0)
+        log = FakeRequestLog(request)
+        self.requests.append(log)
+        self.running += 1
+        prompt = len(request.prompt_token_ids)
+        try:
+            while True:
+                n = len(self.reply)
+                want = min(self.tokens_per_chunk, request.max_tokens - log.tokens_sent)
+                if not self.endless:
+                    want = min(want, n - log.tokens_sent)
+                if want <= 0:
+                    break
+                if self.fail_after is not None and log.tokens_sent >= self.fail_after:
+                    raise InternalError("injected backend failure")
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s * want)
+                start = log.tokens_sent
+                ids = tuple(self.reply[(start + i) % n] for i in range(want))
+                self.steps_executed += want
+                log.tokens_sent += want
+                yield Chunk(ids)
+            reason = (
+                FinishReason.LENGTH if log.tokens_sent >= request.max_tokens else FinishReason.STOP
+            )
+            log.finished = reason
+            yield Chunk((), reason, prompt, log.tokens_sent)
+        finally:
+            if log.finished is None:
+                log.closed = True
+            self.running -= 1
+
+def create_fake_backend(config: BackendConfig) -> FakeBackend:
+    """Entry point ``fake``: options ``reply``, ``token_delay_s``, ``endless``."""
+    opts = config.options
+    return FakeBackend(
+        reply=opts.get("reply", "Hello from the fake backend."),
+        token_delay_s=float(opts.get("token_delay_s", "0")),
+        endless=opts.get("endless", "false").lower() in ("1", "true", "yes"),
+        tokens_per_chunk=int(opts.get("tokens_per_chunk", "1")),
+        max_running=config.max_running,
+    )

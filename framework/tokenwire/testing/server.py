@@ -1,0 +1,81 @@
+"""Run a real Tokenwire server in-process on port 0, for tests and benchmarks.
+
+    async with running_server(FakeBackend()) as running:
+        async for event in running.chat.Complete(CompleteRequest(message="Hi")):
+            ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from tokenwire.backend import Backend
+from tokenwire.config import Config
+from tokenwire.interceptors import Interceptor
+from tokenwire.proto.v1 import chat_pb2_grpc, models_pb2_grpc
+from tokenwire.server import TokenwireServer
+from tokenwire.stores.conversations import ConversationStore
+from tokenwire.stores.sqlite import SQLiteConversationStore
+
+__all__ = ["RunningServer", "running_server", "config_for_tests"]
+
+
+def config_for_tests(**sections: Any) -> Config:
+    """A config on 127.0.0.1:0 with an in-memory store; ``limits=LimitsConfig(...)`` etc."""
+    config = Config()
+    config = dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, listen="127.0.0.1:0", grace_period_s=5.0),
+        store=dataclasses.replace(config.store, sqlite_path=":memory:"),
+    )
+    return dataclasses.replace(config, **sections)
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A started server and a client channel to it."""
+
+    server: TokenwireServer
+    channel: grpc.aio.Channel
+    chat: chat_pb2_grpc.ChatServiceStub
+    models: models_pb2_grpc.ModelServiceStub
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+@asynccontextmanager
+async def running_server(
+    backend: Backend,
+    config: Config | None = None,
+    *,
+    store: ConversationStore | None = None,
+    interceptors: Sequence[Interceptor] | None = None,
+) -> AsyncIterator[RunningServer]:
+    """Start a server around ``backend`` on a free port; stop it (grace 0) on exit."""
+    config = config or config_for_tests()
+    server = TokenwireServer(
+        config,
+        backend=backend,
+        store=store or SQLiteConversationStore(":memory:"),
+        interceptors=interceptors,
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        yield RunningServer(
+            server,
+            channel,
+            chat_pb2_grpc.ChatServiceStub(channel),
+            models_pb2_grpc.ModelServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+        await server.stop(0)
