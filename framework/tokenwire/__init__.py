@@ -1,7 +1,7 @@
 """Tokenwire: a gRPC-native serving framework for chat language models.
 
-    from tokenwire import TokenwireServer, load_config
-    asyncio.run(TokenwireServer(load_config()).serve())
+from tokenwire import TokenwireServer, load_config
+asyncio.run(TokenwireServer(load_config()).serve())
 """
 
 from __future__ import annotations

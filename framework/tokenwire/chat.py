@@ -36,7 +36,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._sessions: set[_Session] = set()
         self.draining = False
 
-    async def Complete(  # noqa: N802 - gRPC method name
+    async def Complete(
         self, request: chat_pb2.CompleteRequest, context: Context
     ) -> AsyncIterator[chat_pb2.CompleteResponse]:
         if self.draining:
@@ -46,7 +46,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             async for response in responses:
                 yield response
 
-    async def Converse(  # noqa: N802 - gRPC method name
+    async def Converse(
         self, request_iterator: AsyncIterator[chat_pb2.ConverseRequest], context: Context
     ) -> AsyncIterator[chat_pb2.ConverseResponse]:
         session = _Session(self, request_iterator)
@@ -104,7 +104,9 @@ class _Session:
                 elif action == "cancel":
                     self._cancel(request.cancel.turn_id)
                 else:
-                    self._error(FailedPreconditionError("request names no action (start or cancel)"))
+                    self._error(
+                        FailedPreconditionError("request names no action (start or cancel)")
+                    )
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             raise
         except Exception:
@@ -158,7 +160,9 @@ class _Session:
                 raise
             # CancelTurn: the generator is closed (the engine stopped); report what was sent.
             if state.message_id:
-                put(chat_pb2.ConverseResponse(finished=state.finished_event(FinishReason.CANCELLED)))
+                put(
+                    chat_pb2.ConverseResponse(finished=state.finished_event(FinishReason.CANCELLED))
+                )
             else:
                 self._error(CancelledError("the turn was cancelled before it started"))
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
@@ -176,7 +180,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         self._models = models
         self._backend_name = backend_name
 
-    async def ListModels(  # noqa: N802 - gRPC method name
+    async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         return models_pb2.ListModelsResponse(

@@ -1,9 +1,9 @@
 """The ``tokenwire`` command: ``serve`` a model, ``chat`` with a server.
 
-    tokenwire serve                         # SmolLM2 on the CPU, 127.0.0.1:50051
-    tokenwire serve --listen 0.0.0.0:50051 --config tokenwire.toml
-    tokenwire chat "What is the capital of France?"
-    tokenwire chat                          # interactive; Ctrl-C cancels an answer
+tokenwire serve                         # SmolLM2 on the CPU, 127.0.0.1:50051
+tokenwire serve --listen 0.0.0.0:50051 --config tokenwire.toml
+tokenwire chat "What is the capital of France?"
+tokenwire chat                          # interactive; Ctrl-C cancels an answer
 """
 
 from __future__ import annotations

@@ -208,13 +208,20 @@ def load_config(
     return config
 
 
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
 def describe() -> str:
     """Every setting with its default, environment variable and description."""
     lines = []
     for section, section_cls in _sections():
         lines.append(f"[{section}]  {(section_cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(section_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = _default_of(f)
             env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
             lines.append(f"  {f.name} = {default!r}\n      {env}: {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Per-call state, passed through contextvars (each gRPC call runs in its own task).
 
-    from tokenwire.context import current_call
-    current_call().principal.user
+from tokenwire.context import current_call
+current_call().principal.user
 """
 
 from __future__ import annotations

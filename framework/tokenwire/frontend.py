@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from tokenwire.backend import (
     Backend,
@@ -45,6 +45,7 @@ __all__ = [
     "TextFrontend",
     "TurnEnd",
     "TurnParams",
+    "closing",
     "frontend_for",
 ]
 
@@ -114,6 +115,21 @@ class ChatModel(Protocol):
     def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn: ...
 
     def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
+
+
+T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close ``stream`` on exit if it can be closed (async generators can), so the
+    producer behind it stops at once instead of whenever it is garbage collected."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class StopMatcher:
@@ -223,7 +239,9 @@ class EngineFrontend:
         )
         return PreparedTurn(tuple(messages), params, max_tokens, len(ids), tuple(ids))
 
-    async def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+    async def stream(
+        self, turn: PreparedTurn, request_id: str
+    ) -> AsyncIterator[TextDelta | TurnEnd]:
         """Stream the answer; closing this iterator stops the engine's work."""
         request = GenerateRequest(
             request_id=request_id,
@@ -237,7 +255,7 @@ class EngineFrontend:
         completion = 0
         uncounted = 0  # tokens whose text is still held back
         chunks = self._engine.generate(request)
-        async with contextlib.aclosing(chunks):
+        async with closing(chunks):
             async for chunk in chunks:
                 completion += len(chunk.token_ids)
                 uncounted += len(chunk.token_ids)
@@ -253,7 +271,9 @@ class EngineFrontend:
                 if text:
                     yield TextDelta(text, uncounted)
                     uncounted = 0
-        raise InternalError(f"engine {self.name!r} ended request {request_id} without a final chunk")
+        raise InternalError(
+            f"engine {self.name!r} ended request {request_id} without a final chunk"
+        )
 
 
 class TextFrontend:
@@ -289,13 +309,15 @@ class TextFrontend:
         max_tokens = params.max_tokens or min(self._limits.default_max_tokens, self.context_length)
         return PreparedTurn(tuple(messages), params, max_tokens, 0)
 
-    async def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+    async def stream(
+        self, turn: PreparedTurn, request_id: str
+    ) -> AsyncIterator[TextDelta | TurnEnd]:
         request = TextRequest(
             request_id, turn.messages, turn.max_tokens, turn.params.sampling(), turn.params.stop
         )
         chunks = self._backend.generate_text(request)
         completion = 0
-        async with contextlib.aclosing(chunks):
+        async with closing(chunks):
             async for chunk in chunks:
                 completion += chunk.token_count
                 if chunk.text:

@@ -23,7 +23,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 def configure_logging(config: LoggingConfig) -> None:
     """Install the structlog pipeline once, at start-up."""
     if config.level not in _LEVELS:
-        raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {config.level!r}")
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(_LEVELS)}, got {config.level!r}"
+        )
     if config.format not in ("console", "json"):
         raise ConfigError(f"logging.format must be 'console' or 'json', got {config.format!r}")
     renderer: structlog.typing.Processor = (

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from tokenwire.backend import Backend, create_backend
@@ -63,7 +64,7 @@ class TokenwireServer:
         self._interceptors = (
             list(interceptors) if interceptors is not None else default_interceptors(config)
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
         self._stopping: asyncio.Task[None] | None = None

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -88,8 +88,7 @@ def validate_params(params: chat_pb2.SamplingParams, limits: LimitsConfig) -> Tu
     for stop in params.stop:
         if not stop or len(stop) > limits.max_stop_chars:
             raise InvalidArgumentError(
-                f"each stop string must be 1 to {limits.max_stop_chars} characters, "
-                f"got {len(stop)}"
+                f"each stop string must be 1 to {limits.max_stop_chars} characters, got {len(stop)}"
             )
     return TurnParams(
         temperature=params.temperature,
@@ -161,7 +160,7 @@ class TurnRunner:
         request: TurnRequest,
         response: Callable[..., Response],
         state: TurnState,
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncGenerator[Response, None]:
         """Stream one turn as ``response(started=...)``, ``response(delta=...)``, ... events.
 
         Errors before TurnStarted leave nothing stored. Closing the iterator (cancel)
@@ -247,4 +246,3 @@ class TurnRunner:
             )
         except Exception:
             _log.exception("storing the answer failed", turn_id=state.turn_id)
-

@@ -79,7 +79,7 @@ def _bind(interceptor: Interceptor, proceed: Proceed, call: CallInfo) -> Proceed
     return step
 
 
-class InterceptorChain(grpc.aio.ServerInterceptor):
+class InterceptorChain(grpc.aio.ServerInterceptor[Any, Any]):
     """Adapts a list of :class:`Interceptor` (outermost first) to grpc.aio."""
 
     def __init__(self, interceptors: Sequence[Interceptor]) -> None:
@@ -87,9 +87,11 @@ class InterceptorChain(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None or not self._interceptors:
             return handler
@@ -99,7 +101,8 @@ class InterceptorChain(grpc.aio.ServerInterceptor):
             response_streaming=handler.response_streaming,
         )
         if handler.request_streaming and handler.response_streaming:
-            inner, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+            inner: Any = handler.stream_stream
+            factory: Any = grpc.stream_stream_rpc_method_handler
         elif handler.request_streaming:
             inner, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
         elif handler.response_streaming:
@@ -129,8 +132,9 @@ class InterceptorChain(grpc.aio.ServerInterceptor):
             behavior: Callable[..., Any] = stream_behavior
         else:
             behavior = chain
-        return factory(
+        wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
             behavior,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        return wrapped

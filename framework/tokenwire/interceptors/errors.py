@@ -79,7 +79,10 @@ class ErrorsInterceptor(Interceptor):
         return self._stream(result, context, start)
 
     async def _stream(
-        self, responses: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], start: float
+        self,
+        responses: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+        start: float,
     ) -> AsyncIterator[Any]:
         sent = 0
         try:

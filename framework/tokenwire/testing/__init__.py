@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 from tokenwire.testing.fake import FakeBackend, FakeRequestLog, create_fake_backend
-from tokenwire.testing.server import RunningServer, running_server, config_for_tests
+from tokenwire.testing.server import RunningServer, config_for_tests, running_server
 
 __all__ = [
     "FakeBackend",
     "FakeRequestLog",
     "RunningServer",
+    "config_for_tests",
     "create_fake_backend",
     "running_server",
-    "config_for_tests",
 ]

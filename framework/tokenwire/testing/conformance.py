@@ -76,19 +76,22 @@ class EngineConformance:
         assert sum(len(c.token_ids) for c in chunks) == last.completion_tokens
         assert len(prompt_ids) == last.prompt_tokens
 
-    async def test_max_tokens_bounds_the_answer(self, engine: Engine, prompt_ids: list[int]) -> None:
+    async def test_max_tokens_bounds_the_answer(
+        self, engine: Engine, prompt_ids: list[int]
+    ) -> None:
         """No more than max_tokens tokens; reaching it finishes with LENGTH."""
         chunks = await collect(engine, self.request(prompt_ids, 3))
         produced = sum(len(c.token_ids) for c in chunks)
         assert produced <= 3
         if produced == 3:
-            assert FinishReason.LENGTH == chunks[-1].finish_reason
+            assert chunks[-1].finish_reason == FinishReason.LENGTH
 
     async def test_greedy_is_deterministic(self, engine: Engine, prompt_ids: list[int]) -> None:
         """Temperature 0 gives the same tokens every time."""
         first = await collect(engine, self.request(prompt_ids, 6))
         second = await collect(engine, self.request(prompt_ids, 6))
-        assert [c.token_ids for c in first] != [] and _tokens(first) == _tokens(second)
+        assert _tokens(first)
+        assert _tokens(first) == _tokens(second)
 
     async def test_seeded_sampling_is_reproducible(
         self, engine: Engine, prompt_ids: list[int]
@@ -137,7 +140,7 @@ class EngineConformance:
         """An idle engine reports no running work and a KV-cache use in [0, 1]."""
         await _until_idle(engine)
         report = engine.load()
-        assert 0 == report.running
+        assert report.running == 0
         assert 0.0 <= report.kv_cache_usage <= 1.0
         assert report.tokens_per_second >= 0.0
 
@@ -152,9 +155,14 @@ async def _aclose(stream: AsyncIterator[Chunk]) -> None:
         await aclose()
 
 
+def _steps(engine: Engine) -> int | None:
+    steps: int | None = getattr(engine, "steps_executed", None)
+    return steps
+
+
 async def _assert_no_more_steps(engine: Engine) -> None:
-    steps = getattr(engine, "steps_executed", None)
+    steps = _steps(engine)
     if steps is None:
         return
     await asyncio.sleep(0.2)
-    assert steps == engine.steps_executed, "the engine kept stepping after the request stopped"
+    assert steps == _steps(engine), "the engine kept stepping after the request stopped"

@@ -27,6 +27,7 @@ from tokenwire.errors import InternalError, InvalidArgumentError, ResourceExhaus
 
 __all__ = ["FakeBackend", "FakeRequestLog", "create_fake_backend"]
 
+
 @dataclass(slots=True)
 class FakeRequestLog:
     """What happened to one request."""
@@ -35,6 +36,7 @@ class FakeRequestLog:
     tokens_sent: int = 0
     finished: FinishReason | None = None
     closed: bool = False  # the consumer stopped iterating before the end
+
 
 class FakeBackend:
     """An engine that streams a fixed reply, byte by byte.
@@ -125,6 +127,7 @@ class FakeBackend:
             if log.finished is None:
                 log.closed = True
             self.running -= 1
+
 
 def create_fake_backend(config: BackendConfig) -> FakeBackend:
     """Entry point ``fake``: options ``reply``, ``token_delay_s``, ``endless``."""

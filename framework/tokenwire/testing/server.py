@@ -1,8 +1,8 @@
 """Run a real Tokenwire server in-process on port 0, for tests and benchmarks.
 
-    async with running_server(FakeBackend()) as running:
-        async for event in running.chat.Complete(CompleteRequest(message="Hi")):
-            ...
+async with running_server(FakeBackend()) as running:
+    async for event in running.chat.Complete(CompleteRequest(message="Hi")):
+        ...
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
 
-__all__ = ["RunningServer", "running_server", "config_for_tests"]
+__all__ = ["RunningServer", "config_for_tests", "running_server"]
 
 
 def config_for_tests(**sections: Any) -> Config:
@@ -77,5 +77,5 @@ async def running_server(
             models_pb2_grpc.ModelServiceStub(channel),
         )
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(0)
