@@ -32,7 +32,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Serves Complete and Converse; :meth:`drain` ends sessions at their next idle point."""
 
     def __init__(self, turns: TurnRunner) -> None:
-        self._turns = turns
+        self.turns = turns
         self._sessions: set[_Session] = set()
         self.draining = False
 
@@ -41,7 +41,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb2.CompleteResponse]:
         if self.draining:
             raise UnavailableError("server is shutting down; retry on another server")
-        responses = self._turns.run(request, chat_pb2.CompleteResponse, TurnState())
+        responses = self.turns.run(request, chat_pb2.CompleteResponse, TurnState())
         async with contextlib.aclosing(responses):
             async for response in responses:
                 yield response
@@ -149,7 +149,7 @@ class _Session:
         self._out.put_nowait(chat_pb2.ConverseResponse(error=error))
 
     async def _run_turn(self, start: chat_pb2.StartTurn, state: TurnState) -> None:
-        responses = self._servicer._turns.run(start, chat_pb2.ConverseResponse, state)
+        responses = self._servicer.turns.run(start, chat_pb2.ConverseResponse, state)
         put = self._out.put_nowait
         try:
             async with contextlib.aclosing(responses):

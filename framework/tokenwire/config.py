@@ -52,6 +52,11 @@ class ServerConfig:
     grace_period_s: float = _field(
         30.0, "on SIGTERM/SIGINT, seconds in-flight streams get to finish before they are cut"
     )
+    drain_delay_s: float = _field(
+        0.0,
+        "on shutdown, seconds to report NOT_SERVING before closing the port "
+        "(give load balancers time to notice; e.g. 5 on Kubernetes)",
+    )
     max_receive_message_bytes: int = _field(
         1 << 20, "largest request message gRPC accepts (bigger is RESOURCE_EXHAUSTED)"
     )

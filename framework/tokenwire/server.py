@@ -40,6 +40,7 @@ SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 _log = get_logger("tokenwire.server")
+_SAVE_TIMEOUT_S = 5.0  # cut turns get this long to store what they sent
 
 
 class TokenwireServer:
@@ -130,7 +131,11 @@ class TokenwireServer:
         if self._chat is not None:
             self._chat.drain()
         if self._server is not None:
+            # NOT_SERVING first, so load balancers stop sending before the port closes.
+            await asyncio.sleep(self.config.server.drain_delay_s)
             await self._server.stop(grace)
+        if self._chat is not None and not await self._chat.turns.wait_idle(_SAVE_TIMEOUT_S):
+            _log.warning("turns still saving at shutdown", timeout_s=_SAVE_TIMEOUT_S)
         await self.model.close()
         await self._store.close()
         _log.info("stopped")

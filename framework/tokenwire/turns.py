@@ -112,6 +112,17 @@ class TurnRunner:
         self._default = next(iter(self._models.values()))
         self._store = store
         self._limits = limits
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no turn is running (or saving its answer); False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _model(self, name: str) -> ChatModel:
         if not name:
@@ -166,6 +177,22 @@ class TurnRunner:
         Errors before TurnStarted leave nothing stored. Closing the iterator (cancel)
         leaves an incomplete assistant message holding exactly the text sent.
         """
+        self._active += 1
+        self._idle.clear()
+        try:
+            async for response in self._run(request, response, state):
+                yield response
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _run(
+        self,
+        request: TurnRequest,
+        response: Callable[..., Response],
+        state: TurnState,
+    ) -> AsyncGenerator[Response, None]:
         params = self._validate(request)
         model = self._model(request.model)
         report = model.load()

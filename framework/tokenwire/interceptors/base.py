@@ -25,11 +25,16 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 __all__ = ["CallInfo", "Interceptor", "InterceptorChain", "Proceed"]
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # the runtime class is not generic
+    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 Proceed = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
@@ -79,7 +84,7 @@ def _bind(interceptor: Interceptor, proceed: Proceed, call: CallInfo) -> Proceed
     return step
 
 
-class InterceptorChain(grpc.aio.ServerInterceptor[Any, Any]):
+class InterceptorChain(_ServerInterceptor):
     """Adapts a list of :class:`Interceptor` (outermost first) to grpc.aio."""
 
     def __init__(self, interceptors: Sequence[Interceptor]) -> None:

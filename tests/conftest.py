@@ -1,0 +1,37 @@
+"""Shared fixtures: a real in-process server on port 0 around a FakeBackend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from tokenwire.config import LoggingConfig
+from tokenwire.logs import configure_logging
+from tokenwire.testing import FakeBackend, RunningServer, running_server
+
+configure_logging(LoggingConfig(level="warning"))
+
+
+@pytest.fixture
+async def fake() -> FakeBackend:
+    """A fake engine answering with a short fixed reply."""
+    return FakeBackend(reply="Hello, world!")
+
+
+@pytest.fixture
+async def served(fake: FakeBackend) -> AsyncIterator[RunningServer]:
+    """A running server around the ``fake`` backend, and a client channel."""
+    async with running_server(fake) as running:
+        yield running
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll until ``predicate()`` holds, or fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
