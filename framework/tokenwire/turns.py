@@ -116,10 +116,10 @@ class TurnRunner:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def wait_idle(self, timeout: float) -> bool:
+    async def wait_idle(self, limit_s: float) -> bool:
         """Wait until no turn is running (or saving its answer); False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), limit_s)
         except TimeoutError:
             return False
         return True
