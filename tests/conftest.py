@@ -27,10 +27,10 @@ async def served(fake: FakeBackend) -> AsyncIterator[RunningServer]:
         yield running
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll until ``predicate()`` holds, or fail after ``timeout`` seconds."""
+async def wait_until(predicate: Callable[[], bool], limit_s: float = 5.0) -> None:
+    """Poll until ``predicate()`` holds, or fail after ``limit_s`` seconds."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit_s
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")

@@ -20,7 +20,7 @@ Events = list[chat_pb2.CompleteResponse]
 
 async def complete(running: RunningServer, message: str = "Hi", **fields: object) -> Events:
     """All events of one Complete call."""
-    request = chat_pb2.CompleteRequest(message=message, **fields)  # type: ignore[arg-type]
+    request = chat_pb2.CompleteRequest(message=message, **fields)
     return [event async for event in running.chat.Complete(request)]
 
 
@@ -34,11 +34,11 @@ async def next_event(call: grpc.aio.StreamStreamCall, kind: str) -> chat_pb2.Con
         event = await asyncio.wait_for(call.read(), 10)
         assert event is not grpc.aio.EOF, f"stream ended before a {kind} event"
         if event.WhichOneof("event") == kind:
-            return event  # type: ignore[no-any-return]
+            return event
 
 
 def start(message: str, **fields: object) -> chat_pb2.ConverseRequest:
-    return chat_pb2.ConverseRequest(start=chat_pb2.StartTurn(message=message, **fields))  # type: ignore[arg-type]
+    return chat_pb2.ConverseRequest(start=chat_pb2.StartTurn(message=message, **fields))
 
 
 async def test_complete_streams_started_deltas_then_finished(served: RunningServer) -> None:
@@ -236,7 +236,7 @@ async def test_invalid_input_is_invalid_argument(fields: dict[str, object]) -> N
     """Each bad field is refused with INVALID_ARGUMENT and a message, before the engine runs."""
     fake = FakeBackend(context_length=4096)
     request = {"message": "Hi", **fields}
-    async with running_server(fake, _limits_config()) as running:  # type: ignore[arg-type]
+    async with running_server(fake, _limits_config()) as running:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await complete(running, **request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -299,9 +299,13 @@ async def test_backend_failure_is_internal_without_details() -> None:
     store = SQLiteConversationStore(":memory:")
     async with running_server(fake, store=store) as running:
         received: list[chat_pb2.CompleteResponse] = []
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
+
+        async def consume() -> None:
             async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="go")):
                 received.append(event)
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await consume()
         conversation = received[0].started.conversation_id
         messages = await store.list_messages("default/anonymous", conversation)
     assert raised.value.code() == grpc.StatusCode.INTERNAL

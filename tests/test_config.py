@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenwire.backend import available_backends, create_backend
+from tokenwire.backend import BackendConfig, available_backends, create_backend
 from tokenwire.cli import main
-from tokenwire.config import BackendConfig, Config, describe, load_config
+from tokenwire.config import Config, describe, load_config
 from tokenwire.errors import ConfigError
 from tokenwire.testing import FakeBackend
 
@@ -88,7 +88,7 @@ def test_backends_are_found_through_entry_points() -> None:
 
 def test_unknown_backend_names_the_known_ones() -> None:
     """Asking for a backend nobody registered lists the ones that exist."""
-    with pytest.raises(ConfigError, match="registered backends: .*fake"):
+    with pytest.raises(ConfigError, match=r"registered backends: .*fake"):
         create_backend(BackendConfig(name="nonexistent"))
 
 

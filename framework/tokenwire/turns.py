@@ -180,8 +180,8 @@ class TurnRunner:
         self._active += 1
         self._idle.clear()
         try:
-            async for response in self._run(request, response, state):
-                yield response
+            async for event in self._run(request, response, state):
+                yield event
         finally:
             self._active -= 1
             if not self._active:

@@ -9,6 +9,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+
 from tokenwire.errors import ConfigError, InvalidArgumentError, NotFoundError
 from tokenwire.stores import (
     ConversationStore,

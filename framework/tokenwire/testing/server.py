@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,6 +22,10 @@ from tokenwire.proto.v1 import chat_pb2_grpc, models_pb2_grpc
 from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
+
+if TYPE_CHECKING:  # typed async stubs exist only in the .pyi files
+    from tokenwire.proto.v1.chat_pb2_grpc import ChatServiceAsyncStub
+    from tokenwire.proto.v1.models_pb2_grpc import ModelServiceAsyncStub
 
 __all__ = ["RunningServer", "config_for_tests", "running_server"]
 
@@ -43,8 +47,8 @@ class RunningServer:
 
     server: TokenwireServer
     channel: grpc.aio.Channel
-    chat: chat_pb2_grpc.ChatServiceStub
-    models: models_pb2_grpc.ModelServiceStub
+    chat: ChatServiceAsyncStub
+    models: ModelServiceAsyncStub
 
     @property
     def address(self) -> str:
