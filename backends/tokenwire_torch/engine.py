@@ -1,0 +1,384 @@
+"""The torch engine: token ids in, token ids out, on CPU or CUDA through transformers.
+
+Each request has a producer task that submits one decode step at a time to a
+single worker thread shared by the whole engine, so concurrent requests
+interleave step by step and torch is only ever driven from one thread. The
+producer appends tokens to the request's buffer and wakes the consumer (the
+``generate`` generator), which yields everything ready as one chunk::
+
+    engine = create_engine(BackendConfig())
+    await engine.start()
+    async for chunk in engine.generate(GenerateRequest("r1", prompt_ids, max_tokens=32)):
+        print(chunk.token_ids, chunk.finish_reason)
+    await engine.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import traceback
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokenwire.backend import (
+    BackendConfig,
+    Capabilities,
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    LoadReport,
+    TokenizerSource,
+)
+from tokenwire.errors import (
+    ConfigError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    TokenwireError,
+    UnavailableError,
+)
+from tokenwire_torch.source import DEFAULT_MODEL_NAME, ModelSource, resolve_model_source
+
+if TYPE_CHECKING:
+    from tokenwire_torch._runner import DecodeState, ModelRunner
+
+__all__ = ["TorchEngine"]
+
+_log = logging.getLogger("tokenwire_torch")
+
+_DTYPE_NAMES = frozenset({"auto", "float32", "bfloat16", "float16"})
+_OPTION_NAMES = frozenset({"model_name"})
+_TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
+# Decode throughput in load() covers the steps that ended this recently.
+_RATE_WINDOW_S = 5.0
+_RETRY_AFTER_S = 1.0
+
+
+class _Phase(enum.Enum):
+    QUEUED = "queued"  # admitted, prefill not done yet
+    RUNNING = "running"  # producing tokens
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One admitted request: shared by its producer task and its consumer generator.
+
+    Only the event loop thread mutates these fields; the worker thread reads
+    ``cancelled`` and uses ``state``, which it receives as an argument.
+    """
+
+    request: GenerateRequest
+    stop_token_ids: frozenset[int]
+    state: DecodeState | None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: list[int] = field(default_factory=list)
+    phase: _Phase = _Phase.QUEUED
+    completion_tokens: int = 0
+    steps: int = 0
+    cancelled: bool = False
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+    producer: asyncio.Task[None] | None = None
+
+
+class TorchEngine:
+    """An :class:`~tokenwire.backend.Engine` running a transformers causal LM with torch.
+
+    Construction is cheap and imports no torch; ``start()`` loads the model on
+    the engine's worker thread. At most ``config.max_running`` requests are
+    admitted at once (queued for prefill or generating); more are refused with
+    :class:`ResourceExhaustedError` at their first iteration.
+
+    ``capabilities`` before ``start()`` is provisional: the model name is known,
+    ``context_length`` is 0 and there is no tokenizer source yet.
+    """
+
+    def __init__(self, config: BackendConfig) -> None:
+        if config.dtype not in _DTYPE_NAMES:
+            raise ConfigError(
+                f"invalid dtype {config.dtype!r} for the torch backend; "
+                f"use one of {', '.join(sorted(_DTYPE_NAMES))}"
+            )
+        if config.max_running < 1:
+            raise ConfigError(f"max_running must be >= 1, got {config.max_running}")
+        unknown = sorted(set(config.options) - _OPTION_NAMES)
+        if unknown:
+            raise ConfigError(
+                f"unknown torch backend options {unknown}; known: {sorted(_OPTION_NAMES)}"
+            )
+        self._config = config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
+        self._start_lock = asyncio.Lock()
+        self._runner: ModelRunner | None = None
+        self._closed = False
+        self._sequences: set[_Sequence] = set()
+        self._steps_executed = 0
+        self._recent_steps: deque[tuple[float, float]] = deque()  # (start, end) per step
+        self._load_seconds: float | None = None
+        self._capabilities = Capabilities(
+            model=config.options.get("model_name") or _provisional_name(config),
+            context_length=0,
+            max_batch=config.max_running,
+        )
+
+    # -- the Engine protocol ------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Model name, context length, max batch and tokenizer source (final after start)."""
+        return self._capabilities
+
+    async def start(self) -> None:
+        """Load the model on the worker thread; calling it again is a no-op.
+
+        Raises :class:`ConfigError` when the model cannot be found or loaded, or
+        when torch or transformers are missing.
+        """
+        async with self._start_lock:
+            if self._closed:
+                raise FailedPreconditionError("the torch engine is closed; create a new one")
+            if self._runner is not None:
+                return
+            source = resolve_model_source(self._config)
+            loop = asyncio.get_running_loop()
+            began = time.perf_counter()
+            runner = await loop.run_in_executor(self._executor, self._load, source)
+            self._load_seconds = time.perf_counter() - began
+            self._runner = runner
+            self._capabilities = Capabilities(
+                model=source.name,
+                context_length=runner.context_length,
+                max_batch=self._config.max_running,
+                tokenizer=TokenizerSource(path=str(source.directory), gguf_file=source.gguf_file),
+            )
+            _log.info(
+                "loaded %s on %s in %.1f s",
+                source.name,
+                runner.device,
+                self._load_seconds,
+            )
+
+    async def close(self) -> None:
+        """Stop every in-flight request (each within one step), then free the model.
+
+        Consumers still iterating get :class:`UnavailableError`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        producers = []
+        for sequence in self._sequences:
+            sequence.cancelled = True
+            sequence.error = UnavailableError("the torch engine closed during generation")
+            if sequence.producer is not None:
+                producers.append(sequence.producer)
+        if producers:
+            await asyncio.wait(producers)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, runner.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def load(self) -> LoadReport:
+        """Report running and queued requests, queued prompt tokens and recent tokens/s."""
+        queued = [s for s in self._sequences if s.phase is _Phase.QUEUED]
+        running = len(self._sequences) - len(queued)
+        return LoadReport(
+            running=running,
+            queued=len(queued),
+            queued_tokens=sum(len(s.request.prompt_token_ids) for s in queued),
+            # No paged cache to measure yet: occupied slots stand in for KV-cache use.
+            kv_cache_usage=running / self._config.max_running,
+            tokens_per_second=self._decode_rate(),
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Generate tokens for ``request``, yielding whatever is ready as one chunk.
+
+        Raises :class:`InvalidArgumentError` for an empty prompt, ``max_tokens <
+        1`` or a prompt that fills the context; :class:`ResourceExhaustedError`
+        when ``max_running`` requests are already admitted;
+        :class:`InternalError` when torch fails during a step. Closing the
+        generator or cancelling its task stops the work within one step.
+        """
+        sequence = self._admit(request)
+        producer = asyncio.create_task(
+            self._produce(sequence), name=f"tokenwire-torch:{request.request_id}"
+        )
+        sequence.producer = producer
+        try:
+            while True:
+                await sequence.ready.wait()
+                sequence.ready.clear()
+                tokens = tuple(sequence.pending)
+                sequence.pending.clear()
+                if sequence.finish_reason is not None:
+                    yield Chunk(
+                        tokens,
+                        sequence.finish_reason,
+                        prompt_tokens=len(request.prompt_token_ids),
+                        completion_tokens=sequence.completion_tokens,
+                    )
+                    return
+                if sequence.error is not None:
+                    if isinstance(sequence.error, TokenwireError):
+                        raise sequence.error
+                    raise InternalError(
+                        f"the torch engine failed on request {request.request_id!r}"
+                    ) from sequence.error
+                if tokens:
+                    yield Chunk(tokens)
+        finally:
+            # Reached on normal return, aclose() (GeneratorExit) and task
+            # cancellation alike. Waiting for the producer (at most its one
+            # in-flight step) means that when this returns, nothing runs for
+            # the request any more and its KV cache is gone.
+            sequence.cancelled = True
+            await asyncio.wait({producer})
+
+    # -- observability --------------------------------------------------------
+
+    @property
+    def steps_executed(self) -> int:
+        """Forward passes run so far, all requests together (prefills included)."""
+        return self._steps_executed
+
+    @property
+    def load_seconds(self) -> float | None:
+        """How long ``start()`` took to load the model; None before it has."""
+        return self._load_seconds
+
+    @property
+    def model(self) -> Any:
+        """The loaded transformers model, for inspection; raises before ``start()``."""
+        return self._require_runner().model
+
+    # -- internals --------------------------------------------------------------
+
+    def _require_runner(self) -> ModelRunner:
+        if self._runner is None:
+            if self._closed:
+                raise UnavailableError("the torch engine is closed")
+            raise FailedPreconditionError("the torch engine is not started; await start() first")
+        return self._runner
+
+    def _load(self, source: ModelSource) -> ModelRunner:
+        """Import torch lazily and load the model (runs on the worker thread)."""
+        try:
+            from tokenwire_torch._runner import ModelRunner
+        except ImportError as exc:
+            raise ConfigError(
+                f"the torch backend needs torch and transformers ({exc}); "
+                f"install them with: {_TORCH_EXTRA_HINT}"
+            ) from exc
+        try:
+            return ModelRunner.load(source, self._config.device, self._config.dtype)
+        except TokenwireError:
+            raise
+        except ImportError as exc:  # transformers asks for gguf only when reading one
+            raise ConfigError(
+                f"cannot load {source.name}: {exc}; install the extra: {_TORCH_EXTRA_HINT}"
+            ) from exc
+        except Exception as exc:
+            where = source.directory / (source.gguf_file or "")
+            raise ConfigError(f"cannot load the model at {where}: {exc}") from exc
+
+    def _admit(self, request: GenerateRequest) -> _Sequence:
+        """Check and register a request; no await here, so admission is atomic."""
+        runner = self._require_runner()
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise InvalidArgumentError("the prompt has no tokens")
+        if request.max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if runner.context_length and len(prompt) >= runner.context_length:
+            raise InvalidArgumentError(
+                f"the prompt has {len(prompt)} tokens; the context holds {runner.context_length}"
+            )
+        if len(self._sequences) >= self._config.max_running:
+            raise ResourceExhaustedError(
+                f"backend overloaded: {len(self._sequences)} requests running",
+                retry_after_s=_RETRY_AFTER_S,
+            )
+        sequence = _Sequence(
+            request=request,
+            stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
+            state=runner.new_state(prompt, request.sampling),
+        )
+        self._sequences.add(sequence)
+        return sequence
+
+    async def _produce(self, sequence: _Sequence) -> None:
+        """Run decode steps for one request until it finishes, fails or is cancelled."""
+        loop = asyncio.get_running_loop()
+        request = sequence.request
+        limit = request.max_tokens
+        if self._runner is not None and self._runner.context_length:
+            limit = min(limit, self._runner.context_length - len(request.prompt_token_ids))
+        try:
+            while not sequence.cancelled:
+                began = time.monotonic()
+                token = await loop.run_in_executor(self._executor, self._step, sequence)
+                if token is None:  # cancelled while waiting for the worker thread
+                    break
+                sequence.phase = _Phase.RUNNING
+                self._recent_steps.append((began, time.monotonic()))
+                if token in sequence.stop_token_ids:
+                    sequence.finish_reason = FinishReason.STOP
+                    break
+                sequence.pending.append(token)
+                sequence.completion_tokens += 1
+                if sequence.completion_tokens >= limit:
+                    sequence.finish_reason = FinishReason.LENGTH
+                    break
+                sequence.ready.set()
+        except Exception as exc:
+            _log.exception("torch step failed for request %r", request.request_id)
+            # The traceback's frames hold the decode state as a local; clearing
+            # them frees the KV cache now instead of whenever the error dies.
+            traceback.clear_frames(exc.__traceback__)
+            sequence.error = exc
+        finally:
+            # Dropping the state frees the KV cache; if this task was cancelled
+            # mid-step, the worker thread lets go of it when the step returns.
+            sequence.state = None
+            self._sequences.discard(sequence)
+            if sequence.finish_reason is None and sequence.error is None:
+                sequence.error = UnavailableError("generation stopped before it finished")
+            sequence.ready.set()
+
+    def _step(self, sequence: _Sequence) -> int | None:
+        """One forward pass for ``sequence`` (runs on the worker thread)."""
+        state, runner = sequence.state, self._runner
+        if sequence.cancelled or state is None or runner is None:
+            return None
+        token = runner.step(state)
+        # Only this thread writes the counters, so plain increments are safe.
+        self._steps_executed += 1
+        sequence.steps += 1
+        return token
+
+    def _decode_rate(self) -> float:
+        now = time.monotonic()
+        while self._recent_steps and self._recent_steps[0][1] < now - _RATE_WINDOW_S:
+            self._recent_steps.popleft()
+        if not self._recent_steps:
+            return 0.0
+        elapsed = max(now - self._recent_steps[0][0], 1e-6)
+        return len(self._recent_steps) / elapsed
+
+
+def _provisional_name(config: BackendConfig) -> str:
+    """The model name before ``start()``, from the path alone (no file system access)."""
+    if not config.model_path:
+        return DEFAULT_MODEL_NAME
+    path = config.model_path.rstrip("/\\")
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    return name.removesuffix(".gguf") or DEFAULT_MODEL_NAME
