@@ -21,7 +21,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -142,14 +142,16 @@ class TorchEngine:
         when torch or transformers are missing.
         """
         async with self._start_lock:
-            if self._closed:
-                raise FailedPreconditionError("the torch engine is closed; create a new one")
+            self._require_open()
             if self._runner is not None:
                 return
             source = resolve_model_source(self._config)
             loop = asyncio.get_running_loop()
             began = time.perf_counter()
             runner = await loop.run_in_executor(self._executor, self._load, source)
+            if self._closed:  # close() ran while the weights were loading
+                runner.close()
+                raise UnavailableError("the torch engine was closed while it was starting")
             self._load_seconds = time.perf_counter() - began
             self._runner = runner
             self._capabilities = Capabilities(
@@ -199,7 +201,7 @@ class TorchEngine:
             tokens_per_second=self._decode_rate(),
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         """Generate tokens for ``request``, yielding whatever is ready as one chunk.
 
         Raises :class:`InvalidArgumentError` for an empty prompt, ``max_tokens <
@@ -261,6 +263,10 @@ class TorchEngine:
         return self._require_runner().model
 
     # -- internals --------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise FailedPreconditionError("the torch engine is closed; create a new one")
 
     def _require_runner(self) -> ModelRunner:
         if self._runner is None:

@@ -279,6 +279,18 @@ async def test_close_stops_in_flight_requests(tiny_checkpoint: Path) -> None:
     assert (0, 0) == (engine.load().running, _live_decode_states())
 
 
+async def test_close_during_start_frees_the_model(tiny_checkpoint: Path) -> None:
+    """close() while start() is loading makes start() fail instead of keeping the model."""
+    engine = create_engine(BackendConfig(model_path=str(tiny_checkpoint)))
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0)  # let start() hand the load to the worker thread
+    await engine.close()
+    with pytest.raises(UnavailableError):
+        await starting
+    with pytest.raises(UnavailableError):
+        engine.model  # noqa: B018  (the property raises when there is no model)
+
+
 # -- SmolLM2 ------------------------------------------------------------------------
 
 
