@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tokenwire.backend import BackendConfig, Engine
 from tokenwire.config import LoggingConfig
 from tokenwire.logs import configure_logging
 from tokenwire.testing import FakeBackend, RunningServer, running_server
@@ -35,3 +36,14 @@ async def wait_until(predicate: Callable[[], bool], limit_s: float = 5.0) -> Non
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.005)
+
+
+@pytest.fixture(scope="session")
+async def torch_engine() -> AsyncIterator[Engine]:
+    """The real SmolLM2-135M-Instruct torch engine, loaded once per test session."""
+    from tokenwire_torch import TorchEngine
+
+    engine = TorchEngine(BackendConfig(device="cpu", max_running=4))
+    await engine.start()
+    yield engine
+    await engine.close()

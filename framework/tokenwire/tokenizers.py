@@ -13,6 +13,7 @@ Two implementations of :class:`Tokenizer`:
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -160,8 +161,13 @@ class _StreamDetokenizer:
         return self._stream.step(self._backend, token_id) or ""
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(source: TokenizerSource) -> Tokenizer:
-    """The tokenizer a backend's capabilities point at. Blocking: call in a thread."""
+    """The tokenizer a backend's capabilities point at. Blocking: call in a thread.
+
+    Cached per source: tokenizers are read-only once loaded, and loading one from a
+    GGUF file takes seconds.
+    """
     if source.kind == "bytes":
         return ByteTokenizer()
     if source.kind == "transformers":

@@ -8,9 +8,15 @@
 from __future__ import annotations
 
 from tokenwire.testing.fake import FakeBackend, FakeRequestLog, create_fake_backend
-from tokenwire.testing.server import RunningServer, config_for_tests, running_server
+from tokenwire.testing.server import (
+    BorrowedEngine,
+    RunningServer,
+    config_for_tests,
+    running_server,
+)
 
 __all__ = [
+    "BorrowedEngine",
     "FakeBackend",
     "FakeRequestLog",
     "RunningServer",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tokenwire.backend import Backend
+from tokenwire.backend import Backend, Capabilities, Chunk, Engine, GenerateRequest, LoadReport
 from tokenwire.config import Config
 from tokenwire.interceptors import Interceptor
 from tokenwire.proto.v1 import chat_pb2_grpc, models_pb2_grpc
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # typed async stubs exist only in the .pyi files
     from tokenwire.proto.v1.chat_pb2_grpc import ChatServiceAsyncStub
     from tokenwire.proto.v1.models_pb2_grpc import ModelServiceAsyncStub
 
-__all__ = ["RunningServer", "config_for_tests", "running_server"]
+__all__ = ["BorrowedEngine", "RunningServer", "config_for_tests", "running_server"]
 
 
 def config_for_tests(**sections: Any) -> Config:
@@ -39,6 +39,32 @@ def config_for_tests(**sections: Any) -> Config:
         store=dataclasses.replace(config.store, sqlite_path=":memory:"),
     )
     return dataclasses.replace(config, **sections)
+
+
+class BorrowedEngine:
+    """Lends a started engine to a server that must not start or close it.
+
+    Tests load a real model once per session and serve it from many servers.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.engine.capabilities
+
+    async def start(self) -> None:
+        """Nothing: the owner started the engine."""
+
+    async def close(self) -> None:
+        """Nothing: the owner closes the engine."""
+
+    def load(self) -> LoadReport:
+        return self.engine.load()
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        return self.engine.generate(request)
 
 
 @dataclass(slots=True)
