@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenwire.hooks import TurnHook
 
 __all__ = ["ANONYMOUS", "CallState", "Principal", "bind_call", "current_call", "reset_call"]
 
@@ -37,6 +41,7 @@ class CallState:
     request_id: str
     method: str
     principal: Principal = ANONYMOUS
+    turn_hooks: list[TurnHook] = field(default_factory=list)  # see tokenwire.hooks
     extra: dict[str, object] = field(default_factory=dict)
 
 

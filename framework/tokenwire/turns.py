@@ -20,7 +20,8 @@ from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.config import LimitsConfig
 from tokenwire.context import current_call
 from tokenwire.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from tokenwire.frontend import ChatModel, PreparedTurn, TextDelta, TurnParams
+from tokenwire.frontend import ChatModel, PreparedTurn, TextDelta, TurnParams, closing
+from tokenwire.hooks import OutputFilter, TurnHook, TurnInfo, TurnOutcome
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.stores.conversations import ConversationStore
@@ -54,6 +55,8 @@ class TurnState:
     first_token_at: float | None = None
     sent: list[str] = field(default_factory=list)
     finished: bool = False
+    reason: FinishReason = FinishReason.ERROR
+    filter_category: str = ""
 
     def usage(self) -> chat_pb2.Usage:
         """Token accounting so far."""
@@ -67,7 +70,10 @@ class TurnState:
     def finished_event(self, reason: FinishReason) -> chat_pb2.TurnFinished:
         """The TurnFinished message for this turn."""
         return chat_pb2.TurnFinished(
-            finish_reason=_FINISH[reason], usage=self.usage(), turn_id=self.turn_id
+            finish_reason=_FINISH[reason],
+            usage=self.usage(),
+            turn_id=self.turn_id,
+            filter_category=self.filter_category,
         )
 
 
@@ -201,9 +207,56 @@ class TurnRunner:
                 f"model {model.name!r} is at capacity ({report.running} answers running)",
                 retry_after_s=1.0,
             )
-        owner = current_call().principal.owner
+        call = current_call()
+        owner = call.principal.owner
         turn = await self._prepare(request, model, params, owner)
         state.prompt_tokens = turn.prompt_tokens
+        info = TurnInfo(
+            turn_id=state.turn_id,
+            method=call.method,
+            principal=call.principal,
+            model=model.name,
+            message=request.message,
+            prompt_tokens=turn.prompt_tokens,
+            max_tokens=turn.max_tokens,
+        )
+        admitted: list[TurnHook] = []
+        outcome = TurnOutcome(FinishReason.ERROR, turn.prompt_tokens, 0)
+        try:
+            for hook in call.turn_hooks:
+                await hook.before_turn(info)
+                admitted.append(hook)
+            filters = [f for h in admitted if (f := h.output_filter(info)) is not None]
+            async for event in self._stream(request, response, state, model, turn, owner, filters):
+                yield event
+            outcome = TurnOutcome(state.reason, state.prompt_tokens, state.completion_tokens)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = TurnOutcome(
+                FinishReason.CANCELLED, state.prompt_tokens, state.completion_tokens
+            )
+            raise
+        except Exception as exc:
+            outcome = TurnOutcome(
+                FinishReason.ERROR, state.prompt_tokens, state.completion_tokens, exc
+            )
+            raise
+        finally:
+            for hook in reversed(admitted):
+                try:
+                    await asyncio.shield(hook.after_turn(info, outcome))
+                except Exception:
+                    _log.exception("turn hook failed after the turn", turn_id=state.turn_id)
+
+    async def _stream(
+        self,
+        request: TurnRequest,
+        response: Callable[..., Response],
+        state: TurnState,
+        model: ChatModel,
+        turn: PreparedTurn,
+        owner: str,
+        filters: list[OutputFilter],
+    ) -> AsyncGenerator[Response, None]:
         conversation_id = request.conversation_id
         if not conversation_id:
             title = " ".join(request.message.split())[:_TITLE_CHARS]
@@ -229,38 +282,53 @@ class TurnRunner:
                 model=model.name,
             )
         )
-        reason = FinishReason.ERROR
+        held_tokens = 0
         try:
-            async for event in model.stream(turn, state.turn_id):
-                if isinstance(event, TextDelta):
-                    if state.first_token_at is None:
-                        state.first_token_at = time.perf_counter()
-                    state.completion_tokens += event.token_count
-                    state.sent.append(event.text)
-                    yield response(
-                        delta=chat_pb2.Delta(text=event.text, token_count=event.token_count)
-                    )
-                else:
-                    reason = event.finish_reason
-                    state.completion_tokens = event.completion_tokens
-                    state.prompt_tokens = event.prompt_tokens or state.prompt_tokens
-                    state.finished = True
+            events = model.stream(turn, state.turn_id)
+            async with closing(events):
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        text = event.text
+                        state.completion_tokens += event.token_count
+                        held_tokens += event.token_count  # a filter may hold the text back
+                    else:
+                        state.completion_tokens = event.completion_tokens
+                        state.prompt_tokens = event.prompt_tokens or state.prompt_tokens
+                        state.reason = event.finish_reason
+                        state.finished = True
+                        text = ""
+                    for screen in filters:
+                        result = await (screen.flush() if state.finished else screen.feed(text))
+                        text = result.text if not state.finished else text + result.text
+                        if result.flagged_category is not None:
+                            state.reason = FinishReason.CONTENT_FILTER
+                            state.filter_category = result.flagged_category
+                            state.finished = True
+                            break
+                    if text:
+                        if state.first_token_at is None:
+                            state.first_token_at = time.perf_counter()
+                        state.sent.append(text)
+                        yield response(delta=chat_pb2.Delta(text=text, token_count=held_tokens))
+                        held_tokens = 0
+                    if state.finished:
+                        break
             if not state.finished:
-                reason = FinishReason.ERROR
+                state.reason = FinishReason.ERROR
         finally:
             # Shielded: a second cancel must not lose what the user already saw.
-            await asyncio.shield(self._save_answer(owner, state, reason))
+            await asyncio.shield(self._save_answer(owner, state))
         _log.info(
             "turn finished",
             turn_id=state.turn_id,
-            finish_reason=reason.value,
+            finish_reason=state.reason.value,
             completion_tokens=state.completion_tokens,
             ttft_ms=round(state.usage().time_to_first_token_ms, 2),
         )
-        yield response(finished=state.finished_event(reason))
+        yield response(finished=state.finished_event(state.reason))
 
-    async def _save_answer(self, owner: str, state: TurnState, reason: FinishReason) -> None:
-        complete = state.finished and reason in (FinishReason.STOP, FinishReason.LENGTH)
+    async def _save_answer(self, owner: str, state: TurnState) -> None:
+        complete = state.finished and state.reason in (FinishReason.STOP, FinishReason.LENGTH)
         try:
             await self._store.add_message(
                 owner,

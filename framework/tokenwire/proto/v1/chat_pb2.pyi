@@ -433,10 +433,15 @@ class TurnFinished(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
+    FILTER_CATEGORY_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why the turn ended."""
     turn_id: _builtins.str
     """The turn this event ends."""
+    filter_category: _builtins.str
+    """With FINISH_REASON_CONTENT_FILTER: the moderation category that cut the
+    answer (e.g. "violence"); empty otherwise.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token accounting."""
@@ -447,10 +452,11 @@ class TurnFinished(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         turn_id: _builtins.str = ...,
+        filter_category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter_category", b"filter_category", "finish_reason", b"finish_reason", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
