@@ -144,7 +144,12 @@ class _Session:
         if code is grpc.StatusCode.INTERNAL:
             _log.error("turn failed", exc_info=exc, turn_id=turn_id)
         error = chat_pb2.TurnError(
-            code=code.value[0], message=message, error_type=error_type, turn_id=turn_id
+            code=code.value[0],
+            message=message,
+            error_type=error_type,
+            turn_id=turn_id,
+            retry_after_s=getattr(exc, "retry_after_s", None) or 0.0,
+            filter_category=getattr(exc, "category", ""),
         )
         self._out.put_nowait(chat_pb2.ConverseResponse(error=error))
 

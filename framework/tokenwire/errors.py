@@ -10,14 +10,17 @@ with a generic message, so clients never see a stack trace.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import grpc
+from google.protobuf.message import Message
 
 __all__ = [
     "AbortedError",
     "CancelledError",
     "ConfigError",
+    "ContentFilteredError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InternalError",
@@ -42,10 +45,17 @@ class TokenwireError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     error_type: ClassVar[str] = "internal"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s  # sent as google.rpc.RetryInfo
+        self.details = tuple(details)  # more google.rpc details (QuotaFailure, BadRequest...)
 
 
 class InvalidArgumentError(TokenwireError):
@@ -53,6 +63,16 @@ class InvalidArgumentError(TokenwireError):
 
     code = grpc.StatusCode.INVALID_ARGUMENT
     error_type = "invalid_argument"
+
+
+class ContentFilteredError(InvalidArgumentError):
+    """Moderation refused the user's input; ``category`` names why."""
+
+    error_type = "content_filter"
+
+    def __init__(self, category: str, message: str | None = None) -> None:
+        super().__init__(message or f"the message was refused by moderation ({category})")
+        self.category = category
 
 
 class NotFoundError(TokenwireError):

@@ -22,7 +22,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from tokenwire.context import CallState, bind_call
-from tokenwire.errors import status_of
+from tokenwire.errors import TokenwireError, status_of
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.logs import get_logger
 
@@ -40,14 +40,20 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
-def _status_details(code: grpc.StatusCode, message: str, retry_after_s: float | None) -> bytes:
+def _status_details(code: grpc.StatusCode, message: str, exc: Exception) -> bytes:
     status = status_pb2.Status(code=code.value[0], message=message)
+    retry_after_s = exc.retry_after_s if isinstance(exc, TokenwireError) else None
     if retry_after_s is not None:
         seconds = max(0.0, retry_after_s)
         delay = duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.append(detail)
+    if isinstance(exc, TokenwireError) and code is not grpc.StatusCode.INTERNAL:
+        for message_detail in exc.details:
+            detail = any_pb2.Any()
+            detail.Pack(message_detail)
+            status.details.append(detail)
     return bytes(status.SerializeToString())
 
 
@@ -114,7 +120,7 @@ class ErrorsInterceptor(Interceptor):
             _log.error("rpc failed", exc_info=exc, **fields)
         else:
             _log.info("rpc refused", reason=message, **fields)
-        details = _status_details(code, message, getattr(exc, "retry_after_s", None))
+        details = _status_details(code, message, exc)
         await context.abort(
             code,
             message,

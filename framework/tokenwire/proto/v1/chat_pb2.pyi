@@ -472,6 +472,8 @@ class TurnError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ERROR_TYPE_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
+    FILTER_CATEGORY_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code (google.rpc.Code numbering), e.g. 3 for
     INVALID_ARGUMENT, 8 for RESOURCE_EXHAUSTED.
@@ -482,6 +484,12 @@ class TurnError(_message.Message):
     """A stable machine-readable error type, e.g. "invalid_argument"."""
     turn_id: _builtins.str
     """The turn that failed; empty if it was refused before it started."""
+    retry_after_s: _builtins.float
+    """With RESOURCE_EXHAUSTED: seconds to wait before retrying; 0 otherwise."""
+    filter_category: _builtins.str
+    """With error_type "content_filter": the moderation category that refused
+    the message; empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -489,10 +497,12 @@ class TurnError(_message.Message):
         message: _builtins.str = ...,
         error_type: _builtins.str = ...,
         turn_id: _builtins.str = ...,
+        retry_after_s: _builtins.float = ...,
+        filter_category: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error_type", b"error_type", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error_type", b"error_type", "filter_category", b"filter_category", "message", b"message", "retry_after_s", b"retry_after_s", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
