@@ -86,6 +86,8 @@ class TokenwireServer:
         """Load the model, open the store, bind and start serving."""
         await self.model.start()
         await self._store.open()
+        for interceptor in self._interceptors:
+            await interceptor.start()
         models = {self.model.name: self.model}
         cfg = self.config.server
         server = grpc.aio.server(
@@ -137,6 +139,8 @@ class TokenwireServer:
         if self._chat is not None and not await self._chat.turns.wait_idle(_SAVE_TIMEOUT_S):
             _log.warning("turns still saving at shutdown", timeout_s=_SAVE_TIMEOUT_S)
         await self.model.close()
+        for interceptor in reversed(self._interceptors):
+            await interceptor.close()
         await self._store.close()
         _log.info("stopped")
 

@@ -59,7 +59,17 @@ class CallInfo:
 
 
 class Interceptor(abc.ABC):
-    """A step around every RPC. Subclasses implement :meth:`intercept`."""
+    """A step around every RPC. Subclasses implement :meth:`intercept`.
+
+    ``start`` and ``close`` (optional) open and release what the interceptor
+    needs (a key store, a Redis connection, a model); the server calls them.
+    """
+
+    async def start(self) -> None:
+        """Open resources before the server accepts calls."""
+
+    async def close(self) -> None:
+        """Release resources after the server has drained."""
 
     @abc.abstractmethod
     async def intercept(
