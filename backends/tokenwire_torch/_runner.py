@@ -86,8 +86,24 @@ class ModelRunner:
         self._keep_last_logits = "logits_to_keep" in parameters
 
     @classmethod
-    def load(cls, source: ModelSource, device_name: str, dtype_name: str) -> ModelRunner:
-        """Load ``source`` onto the configured device in the configured dtype (blocking)."""
+    def load(
+        cls,
+        source: ModelSource,
+        device_name: str,
+        dtype_name: str,
+        *,
+        num_threads: int | None = None,
+    ) -> ModelRunner:
+        """Load ``source`` onto the configured device in the configured dtype (blocking).
+
+        ``num_threads`` sets torch's intra-op threads (None: torch's default, one
+        per core). It is set here, on the thread that will run every step, because
+        OpenMP keeps the setting per thread; threads started later inherit it. On
+        a CPU shared with other busy processes fewer threads decode faster: a
+        spinning thread team stalls whenever one of its cores is taken away.
+        """
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         device = choose_device(device_name)
         dtype = choose_dtype(dtype_name, device)
         kwargs: dict[str, Any] = {"dtype": dtype}

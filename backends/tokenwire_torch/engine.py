@@ -44,7 +44,7 @@ from tokenwire.errors import (
     TokenwireError,
     UnavailableError,
 )
-from tokenwire_torch.source import DEFAULT_MODEL_NAME, ModelSource, resolve_model_source
+from tokenwire_torch.source import ModelSource, provisional_model_name, resolve_model_source
 
 if TYPE_CHECKING:
     from tokenwire_torch._runner import DecodeState, ModelRunner
@@ -54,7 +54,8 @@ __all__ = ["TorchEngine"]
 _log = logging.getLogger("tokenwire_torch")
 
 _DTYPE_NAMES = frozenset({"auto", "float32", "bfloat16", "float16"})
-_OPTION_NAMES = frozenset({"model_name"})
+# Backend-specific settings accepted in ``BackendConfig.options``.
+_OPTION_NAMES = frozenset({"model_name", "num_threads"})
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
 _RATE_WINDOW_S = 5.0
@@ -98,6 +99,11 @@ class TorchEngine:
 
     ``capabilities`` before ``start()`` is provisional: the model name is known,
     ``context_length`` is 0 and there is no tokenizer source yet.
+
+    ``config.options`` accepts ``model_name`` (the name to report instead of the
+    file or directory name) and ``num_threads`` (torch's intra-op threads; fewer
+    than the cores helps on a CPU shared with other busy processes). Others are
+    refused, so a typo fails at start-up.
     """
 
     def __init__(self, config: BackendConfig) -> None:
@@ -113,6 +119,7 @@ class TorchEngine:
             raise ConfigError(
                 f"unknown torch backend options {unknown}; known: {sorted(_OPTION_NAMES)}"
             )
+        self._num_threads = _parse_num_threads(config.options.get("num_threads", ""))
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
         self._start_lock = asyncio.Lock()
@@ -123,7 +130,7 @@ class TorchEngine:
         self._recent_steps: deque[tuple[float, float]] = deque()  # (start, end) per step
         self._load_seconds: float | None = None
         self._capabilities = Capabilities(
-            model=config.options.get("model_name") or _provisional_name(config),
+            model=provisional_model_name(config),
             context_length=0,
             max_batch=config.max_running,
         )
@@ -285,7 +292,9 @@ class TorchEngine:
                 f"install them with: {_TORCH_EXTRA_HINT}"
             ) from exc
         try:
-            return ModelRunner.load(source, self._config.device, self._config.dtype)
+            return ModelRunner.load(
+                source, self._config.device, self._config.dtype, num_threads=self._num_threads
+            )
         except TokenwireError:
             raise
         except ImportError as exc:  # transformers asks for gguf only when reading one
@@ -381,10 +390,14 @@ class TorchEngine:
         return len(self._recent_steps) / elapsed
 
 
-def _provisional_name(config: BackendConfig) -> str:
-    """The model name before ``start()``, from the path alone (no file system access)."""
-    if not config.model_path:
-        return DEFAULT_MODEL_NAME
-    path = config.model_path.rstrip("/\\")
-    name = path.replace("\\", "/").rsplit("/", 1)[-1]
-    return name.removesuffix(".gguf") or DEFAULT_MODEL_NAME
+def _parse_num_threads(value: str) -> int | None:
+    """Read the ``num_threads`` option: a positive int, or empty for torch's default."""
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"option num_threads must be a positive integer, got {value!r}")
+    return threads

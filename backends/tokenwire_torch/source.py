@@ -10,6 +10,7 @@ enough for the engine factory and for error messages at start-up::
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "ModelSource",
     "default_model_file",
+    "provisional_model_name",
     "resolve_model_source",
 ]
 
@@ -75,10 +77,9 @@ def resolve_model_source(config: BackendConfig) -> ModelSource:
     transformers checkpoint. The name is the file stem or directory name, or
     ``config.options["model_name"]`` when set.
     """
-    override = config.options.get("model_name", "")
     if not config.model_path:
         path = default_model_file()
-        return ModelSource(path.parent, path.name, override or DEFAULT_MODEL_NAME)
+        return ModelSource(path.parent, path.name, provisional_model_name(config))
     path = Path(config.model_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -86,13 +87,29 @@ def resolve_model_source(config: BackendConfig) -> ModelSource:
                 f"model_path {config.model_path!r} is a directory without config.json; "
                 "point it at a transformers checkpoint directory or a .gguf file"
             )
-        return ModelSource(path.resolve(), None, override or path.resolve().name)
+        return ModelSource(path.resolve(), None, provisional_model_name(config))
     if path.is_file() and path.suffix == ".gguf":
         resolved = path.resolve()
-        return ModelSource(resolved.parent, resolved.name, override or resolved.stem)
+        return ModelSource(resolved.parent, resolved.name, provisional_model_name(config))
     if path.is_file():
         raise ConfigError(
             f"model_path {config.model_path!r} is not a .gguf file; "
             "point it at a .gguf file or a transformers checkpoint directory"
         )
     raise ConfigError(f"model_path {config.model_path!r} does not exist")
+
+
+def provisional_model_name(config: BackendConfig) -> str:
+    """The model name from the configuration alone, without touching the file system.
+
+    :func:`resolve_model_source` names models the same way, so capabilities read
+    before start-up already carry the final name. The path is not resolved:
+    a symlink keeps the name it was given.
+    """
+    override = config.options.get("model_name", "")
+    if override:
+        return override
+    if not config.model_path:
+        return DEFAULT_MODEL_NAME
+    name = os.path.basename(os.path.abspath(os.path.expanduser(config.model_path)))
+    return name.removesuffix(".gguf") or DEFAULT_MODEL_NAME

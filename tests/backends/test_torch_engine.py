@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tokenwire.errors import (
     UnavailableError,
 )
 from tokenwire.testing.conformance import EngineConformance
-from tokenwire_torch import TorchEngine, create_engine, default_model_file
+from tokenwire_torch import TorchEngine, create_engine, default_model_file, resolve_model_source
 from tokenwire_torch._runner import DecodeState
 from tokenwire_torch.sampling import sample_next_token
 
@@ -169,16 +170,40 @@ def test_capabilities_before_start_are_provisional() -> None:
     )
 
 
+def test_gguf_path_names_the_model_by_its_file(tmp_path: Path) -> None:
+    """A .gguf model_path, even a symlink, is named by the path as given, not its target."""
+    link = tmp_path / "my-model.gguf"
+    link.symlink_to(default_model_file())
+    config = BackendConfig(model_path=str(link))
+    source = resolve_model_source(config)
+    assert ("my-model", "my-model") == (create_engine(config).capabilities.model, source.name)
+    assert default_model_file() == source.directory / str(source.gguf_file)
+
+
+async def test_model_name_option_overrides(tiny_checkpoint: Path) -> None:
+    """options["model_name"] is the reported name, before and after start()."""
+    config = BackendConfig(model_path=str(tiny_checkpoint), options={"model_name": "tiny"})
+    engine = create_engine(config)
+    before = engine.capabilities.model
+    await engine.start()
+    try:
+        assert ("tiny", "tiny") == (before, engine.capabilities.model)
+    finally:
+        await engine.close()
+
+
 @pytest.mark.parametrize(
     "config",
     [
         BackendConfig(dtype="float8"),
         BackendConfig(max_running=0),
         BackendConfig(options={"bogus": "1"}),
+        BackendConfig(options={"num_threads": "0"}),
+        BackendConfig(options={"num_threads": "many"}),
     ],
 )
 def test_factory_rejects_bad_config(config: BackendConfig) -> None:
-    """An unknown dtype, no capacity or an unknown option fails at construction."""
+    """An unknown dtype, no capacity, an unknown option or a bad thread count fails early."""
     with pytest.raises(ConfigError):
         create_engine(config)
 
@@ -277,6 +302,26 @@ async def test_close_stops_in_flight_requests(tiny_checkpoint: Path) -> None:
     with pytest.raises(UnavailableError):
         await anext(engine.generate(_request([1, 2, 3], 4)))
     assert (0, 0) == (engine.load().running, _live_decode_states())
+
+
+async def test_num_threads_option_sets_torch_threads(tiny_checkpoint: Path) -> None:
+    """The num_threads option sets torch's intra-op thread count at start()."""
+    before = torch.get_num_threads()
+    engine = create_engine(
+        BackendConfig(model_path=str(tiny_checkpoint), options={"num_threads": "1"})
+    )
+    try:
+        await engine.start()
+        # OpenMP keeps a per-thread setting, and this thread already has one: ask a
+        # fresh thread, which starts from the process-wide value, as the worker did.
+        seen: list[int] = []
+        probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert [1] == seen
+    finally:
+        await engine.close()
+        torch.set_num_threads(before)
 
 
 async def test_close_during_start_frees_the_model(tiny_checkpoint: Path) -> None:
