@@ -186,66 +186,59 @@ class TurnRunner:
         self._active += 1
         self._idle.clear()
         try:
-            async for event in self._run(request, response, state):
-                yield event
+            params = self._validate(request)
+            model = self._model(request.model)
+            report = model.load()
+            if report.running + report.queued >= model.backend.capabilities.max_batch:
+                raise ResourceExhaustedError(
+                    f"model {model.name!r} is at capacity ({report.running} answers running)",
+                    retry_after_s=1.0,
+                )
+            call = current_call()
+            owner = call.principal.owner
+            turn = await self._prepare(request, model, params, owner)
+            state.prompt_tokens = turn.prompt_tokens
+            info = TurnInfo(
+                turn_id=state.turn_id,
+                method=call.method,
+                principal=call.principal,
+                model=model.name,
+                message=request.message,
+                prompt_tokens=turn.prompt_tokens,
+                max_tokens=turn.max_tokens,
+            )
+            admitted: list[TurnHook] = []
+            outcome = TurnOutcome(FinishReason.ERROR, turn.prompt_tokens, 0)
+            try:
+                for hook in call.turn_hooks:
+                    await hook.before_turn(info)
+                    admitted.append(hook)
+                filters = [f for h in admitted if (f := h.output_filter(info)) is not None]
+                async for event in self._stream(
+                    request, response, state, model, turn, owner, filters
+                ):
+                    yield event
+                outcome = TurnOutcome(state.reason, state.prompt_tokens, state.completion_tokens)
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = TurnOutcome(
+                    FinishReason.CANCELLED, state.prompt_tokens, state.completion_tokens
+                )
+                raise
+            except Exception as exc:
+                outcome = TurnOutcome(
+                    FinishReason.ERROR, state.prompt_tokens, state.completion_tokens, exc
+                )
+                raise
+            finally:
+                for hook in reversed(admitted):
+                    try:
+                        await asyncio.shield(hook.after_turn(info, outcome))
+                    except Exception:
+                        _log.exception("turn hook failed after the turn", turn_id=state.turn_id)
         finally:
             self._active -= 1
             if not self._active:
                 self._idle.set()
-
-    async def _run(
-        self,
-        request: TurnRequest,
-        response: Callable[..., Response],
-        state: TurnState,
-    ) -> AsyncGenerator[Response, None]:
-        params = self._validate(request)
-        model = self._model(request.model)
-        report = model.load()
-        if report.running + report.queued >= model.backend.capabilities.max_batch:
-            raise ResourceExhaustedError(
-                f"model {model.name!r} is at capacity ({report.running} answers running)",
-                retry_after_s=1.0,
-            )
-        call = current_call()
-        owner = call.principal.owner
-        turn = await self._prepare(request, model, params, owner)
-        state.prompt_tokens = turn.prompt_tokens
-        info = TurnInfo(
-            turn_id=state.turn_id,
-            method=call.method,
-            principal=call.principal,
-            model=model.name,
-            message=request.message,
-            prompt_tokens=turn.prompt_tokens,
-            max_tokens=turn.max_tokens,
-        )
-        admitted: list[TurnHook] = []
-        outcome = TurnOutcome(FinishReason.ERROR, turn.prompt_tokens, 0)
-        try:
-            for hook in call.turn_hooks:
-                await hook.before_turn(info)
-                admitted.append(hook)
-            filters = [f for h in admitted if (f := h.output_filter(info)) is not None]
-            async for event in self._stream(request, response, state, model, turn, owner, filters):
-                yield event
-            outcome = TurnOutcome(state.reason, state.prompt_tokens, state.completion_tokens)
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = TurnOutcome(
-                FinishReason.CANCELLED, state.prompt_tokens, state.completion_tokens
-            )
-            raise
-        except Exception as exc:
-            outcome = TurnOutcome(
-                FinishReason.ERROR, state.prompt_tokens, state.completion_tokens, exc
-            )
-            raise
-        finally:
-            for hook in reversed(admitted):
-                try:
-                    await asyncio.shield(hook.after_turn(info, outcome))
-                except Exception:
-                    _log.exception("turn hook failed after the turn", turn_id=state.turn_id)
 
     async def _stream(
         self,
