@@ -1,0 +1,160 @@
+"""The quota store contract: rate buckets and stream slots, checked and taken atomically.
+
+Rates use GCRA, the generic cell rate algorithm (a token bucket kept as one
+number per key). A rate of ``limit`` units per ``window_s`` is a bucket that holds
+``limit`` units and refills evenly, one unit every ``window_s / limit`` seconds:
+a burst of ``limit`` is admitted at once, then the bucket admits as fast as it
+refills. The store keeps, per key, the *theoretical arrival time* (TAT): the
+moment the bucket will be empty again. A cost ``n`` is admitted when
+``max(TAT, now) + n * interval - now <= window_s``; otherwise the retry delay is
+that excess, which is exact: after waiting it (and with no other traffic on the
+key) the same cost is admitted. Delays are rounded up to the millisecond so a
+client that waits exactly the advertised delay is never refused by a rounding
+error. A cost larger than the whole limit can never be admitted
+(``retry_after_s`` is ``math.inf``).
+
+Several rates (a principal's and its tenant's) are checked as one: either every
+bucket takes the cost or none does, and the retry delay is the largest of the
+refusing buckets' delays (each bucket only refills while the caller waits).
+
+Tokens are *reserved* at the most a turn may use and *settled* to what it used:
+the difference is refunded (or charged, when more was used). A reservation that
+is never settled, because its gateway died, stays charged at the reserved
+amount and drains out of the bucket like any use, within one window; nothing is
+held forever. A refund only returns the part of the reservation still in the
+bucket (the rest has drained already), so settling late never mints capacity.
+
+Stream slots are leases: ``acquire`` takes one slot on every key (all or none)
+and returns a :class:`Lease`; ``release`` (idempotent) returns them. The
+in-memory store's leases die with its process; the Redis store's expire unless
+their gateway keeps renewing them, see :mod:`tokenwire.quotas.redis`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "ALLOWED",
+    "Lease",
+    "QuotaStore",
+    "QuotaStoreError",
+    "Rate",
+    "Reservation",
+    "Slot",
+    "Verdict",
+    "retry_delay",
+]
+
+
+class QuotaStoreError(Exception):
+    """The store could not answer (Redis down, timed out); nothing was counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``limit`` units per ``window_s`` seconds on ``key``."""
+
+    key: str
+    limit: int
+    window_s: float
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds the bucket takes to refill one unit."""
+        return self.window_s / self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """At most ``limit`` leases at once on ``key``."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a check passed; if not, how long until it would, and which limits refused.
+
+    ``violated`` holds indexes into the rates or slots that were checked.
+    ``retry_after_s`` is ``math.inf`` when the cost can never fit, and 0 for
+    slots (a slot frees when some stream ends, which no store can foresee).
+    """
+
+    allowed: bool
+    retry_after_s: float = 0.0
+    violated: tuple[int, ...] = ()
+
+
+ALLOWED = Verdict(True)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Units taken from some rates, to be settled; ``marks`` are the store's own."""
+
+    rates: tuple[Rate, ...]
+    amount: int
+    marks: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Stream slots held under one id until released."""
+
+    slots: tuple[Slot, ...]
+    lease_id: str
+
+
+def retry_delay(excess_s: float) -> float:
+    """An excess in seconds as an advertised delay: rounded up to the millisecond, > 0."""
+    if math.isinf(excess_s):
+        return math.inf
+    return max(0.001, math.ceil(round(excess_s * 1000, 6)) / 1000)
+
+
+@runtime_checkable
+class QuotaStore(Protocol):
+    """Where quota counters live; every check-and-take is atomic across its users."""
+
+    async def start(self) -> None:
+        """Connect (and start background work such as renewing leases)."""
+        ...
+
+    async def close(self) -> None:
+        """Release live leases and connections."""
+        ...
+
+    async def consume(self, rates: Sequence[Rate], cost: int) -> Verdict:
+        """Take ``cost`` from every rate, or from none and say when it would fit."""
+        ...
+
+    async def reserve(
+        self, rates: Sequence[Rate], amount: int
+    ) -> tuple[Verdict, Reservation | None]:
+        """Like :meth:`consume`, remembering enough to :meth:`settle` later."""
+        ...
+
+    async def settle(self, reservation: Reservation, actual: int) -> None:
+        """Correct a reservation to ``actual`` units: refund or charge the difference."""
+        ...
+
+    async def acquire(self, slots: Sequence[Slot]) -> tuple[Verdict, Lease | None]:
+        """Take one slot on every key, or none."""
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease's slots back; releasing twice is harmless."""
+        ...
+
+    async def used(self, rate: Rate) -> float:
+        """Units currently in ``rate``'s bucket (what the window still counts)."""
+        ...
+
+    async def in_use(self, slot: Slot) -> int:
+        """Live leases on ``slot``'s key."""
+        ...
