@@ -1,0 +1,84 @@
+"""Moderation settings: which moderators run, on which direction, and how they are tuned.
+
+[moderation]
+moderator = "both"            # rules, embedding or both
+rules_file = "rules.toml"     # [categories.<name>] terms = [...], patterns = [...]
+embedding_threshold = 0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenwire.errors import ConfigError
+
+__all__ = ["MODERATORS", "ModerationConfig"]
+
+MODERATORS = ("rules", "embedding", "both")
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationConfig:
+    """Input and output moderation, with an audit log of its decisions."""
+
+    enabled: bool = _field(True, "moderate chat turns at all")
+    moderator: str = _field(
+        "rules", "'rules' (terms and patterns), 'embedding' (a sentence-embedding model) or 'both'"
+    )
+    input: bool = _field(True, "check the user's message before the model runs")
+    output: bool = _field(
+        True, "check the answer as it streams, holding text back until it is checked"
+    )
+    output_window_chars: int = _field(
+        64,
+        "normalized characters of the answer held back for the rules' regex patterns "
+        "(a pattern must match within this many); plain terms need no fixed window",
+    )
+    rules_file: str = _field(
+        "", "TOML file with [categories.NAME] terms and patterns; empty: the built-in rules"
+    )
+    embedding_threshold: float = _field(
+        0.5,
+        "cosine similarity to a category's exemplars at which the embedding moderator "
+        "flags (it must also beat the safe exemplars)",
+    )
+    embedding_exemplars_file: str = _field(
+        "", "TOML file with [categories.NAME] and [safe] examples; empty: the built-in set"
+    )
+    embedding_check_chars: int = _field(
+        400,
+        "the embedding moderator checks held-back output at each sentence end "
+        "or after this many characters",
+    )
+    audit: bool = _field(
+        True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
+    )
+    audit_all_checks: bool = _field(
+        False, "also log every check that passed (verbose: one line per checked output window)"
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting."""
+        if self.moderator not in MODERATORS:
+            raise ConfigError(
+                f"moderation.moderator must be one of {', '.join(MODERATORS)}, "
+                f"got {self.moderator!r}"
+            )
+        if self.output_window_chars < 1:
+            raise ConfigError(
+                f"moderation.output_window_chars must be >= 1, got {self.output_window_chars}"
+            )
+        if not -1.0 <= self.embedding_threshold <= 1.0:
+            raise ConfigError(
+                "moderation.embedding_threshold is a cosine similarity in [-1, 1], "
+                f"got {self.embedding_threshold}"
+            )
+        if self.embedding_check_chars < 1:
+            raise ConfigError(
+                f"moderation.embedding_check_chars must be >= 1, got {self.embedding_check_chars}"
+            )
