@@ -1,0 +1,170 @@
+"""Moderation on every chat turn: the user's message first, then the answer as it streams.
+
+For ChatService calls the interceptor registers a turn hook. ``before_turn``
+checks the user's message with each moderator in order (rules first: they cost
+microseconds) and refuses a flagged one with :class:`ContentFilteredError`
+(INVALID_ARGUMENT, ``error_type`` "content_filter"; a ``TurnError`` with
+``filter_category`` on Converse) before anything is stored or generated. The
+answer goes through a fresh :func:`~tokenwire.moderation.stream.output_filter`
+per turn, so flagged text is never sent and the stored answer is exactly what
+the client saw. Every flagged decision goes to the audit log. Other services
+pass through untouched.
+
+    ModerationInterceptor(ModerationConfig(moderator="both"))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from tokenwire.context import current_call
+from tokenwire.errors import ContentFilteredError, UnavailableError
+from tokenwire.hooks import OutputFilter, TurnInfo, TurnOutcome
+from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
+from tokenwire.moderation import (
+    EmbeddingModerator,
+    ModerationAudit,
+    ModerationConfig,
+    Moderator,
+    RuleModerator,
+    Verdict,
+    moderator_name,
+    output_filter,
+)
+from tokenwire.proto.v1 import chat_pb2
+
+__all__ = ["ModerationInterceptor", "build_moderators"]
+
+_CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+def build_moderators(config: ModerationConfig) -> list[Moderator]:
+    """The moderators ``config`` asks for, rules before the model; not yet started."""
+    config.validate()
+    moderators: list[Moderator] = []
+    if config.moderator in ("rules", "both"):
+        window = config.output_window_chars
+        moderators.append(
+            RuleModerator.from_file(config.rules_file, pattern_window=window)
+            if config.rules_file
+            else RuleModerator(pattern_window=window)
+        )
+    if config.moderator in ("embedding", "both"):
+        threshold = config.embedding_threshold
+        moderators.append(
+            EmbeddingModerator.from_file(config.embedding_exemplars_file, threshold=threshold)
+            if config.embedding_exemplars_file
+            else EmbeddingModerator(threshold=threshold)
+        )
+    return moderators
+
+
+class ModerationInterceptor(Interceptor):
+    """Checks chat input and output with the configured moderators (or ``moderator``)."""
+
+    def __init__(self, config: ModerationConfig, *, moderator: Moderator | None = None) -> None:
+        config.validate()
+        self.config = config
+        self._given = moderator
+        self._moderators: tuple[Moderator, ...] = ()
+        self._hook: _ModerationHook | None = None
+        self._audit = ModerationAudit(enabled=config.audit, all_checks=config.audit_all_checks)
+
+    @property
+    def moderators(self) -> tuple[Moderator, ...]:
+        """The started moderators, in the order they check."""
+        return self._moderators
+
+    async def start(self) -> None:
+        """Build and start the moderators (loads the embedding model, if configured)."""
+        if not self.config.enabled or self._hook is not None:
+            return
+        moderators = [self._given] if self._given is not None else build_moderators(self.config)
+        started: list[Moderator] = []
+        try:
+            for moderator in moderators:
+                start = getattr(moderator, "start", None)
+                if start is not None:
+                    await start()
+                started.append(moderator)
+        except BaseException:
+            await _close(started)
+            raise
+        self._moderators = tuple(moderators)
+        self._hook = _ModerationHook(self.config, self._moderators, self._audit)
+
+    async def close(self) -> None:
+        """Release the moderators."""
+        moderators, self._moderators, self._hook = self._moderators, (), None
+        await _close(list(moderators))
+
+    async def intercept(
+        self,
+        proceed: Proceed,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: CallInfo,
+    ) -> Any:
+        if self.config.enabled and call.service == _CHAT_SERVICE:
+            if self._hook is None:  # fail closed: never serve chat unmoderated
+                raise UnavailableError("moderation is not ready; retry shortly")
+            current_call().turn_hooks.append(self._hook)
+        return await proceed(request, context)
+
+
+class _ModerationHook:
+    """The per-turn part; one instance serves every call (each turn gets its own filter)."""
+
+    def __init__(
+        self,
+        config: ModerationConfig,
+        moderators: tuple[Moderator, ...],
+        audit: ModerationAudit,
+    ) -> None:
+        self._config = config
+        self._moderators = moderators
+        self._audit = audit
+
+    async def before_turn(self, turn: TurnInfo) -> None:
+        if not self._config.input:
+            return
+        for moderator in self._moderators:
+            verdict = await moderator.check(turn.message)
+            self._record(turn, "input", moderator_name(moderator), verdict, turn.message)
+            if verdict.flagged:
+                raise ContentFilteredError(verdict.category)
+
+    def output_filter(self, turn: TurnInfo) -> OutputFilter | None:
+        if not self._config.output or not self._moderators:
+            return None
+
+        def report(name: str, verdict: Verdict, text: str) -> None:
+            self._record(turn, "output", name, verdict, text)
+
+        return output_filter(
+            self._moderators, check_chars=self._config.embedding_check_chars, report=report
+        )
+
+    async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
+        return None
+
+    def _record(
+        self, turn: TurnInfo, direction: str, name: str, verdict: Verdict, text: str
+    ) -> None:
+        self._audit.record(
+            direction=direction,
+            verdict=verdict,
+            moderator=name,
+            text=text,
+            principal=turn.principal,
+            turn_id=turn.turn_id,
+        )
+
+
+async def _close(moderators: list[Moderator]) -> None:
+    for moderator in reversed(moderators):
+        close = getattr(moderator, "close", None)
+        if close is not None:
+            await close()
