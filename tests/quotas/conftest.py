@@ -1,0 +1,182 @@
+"""Quota test kit: every store, a stand-in for authentication, readers for refusals.
+
+The ``store`` fixture runs a test once per store: in memory, and in the Redis
+server on 127.0.0.1:6379 under a key prefix of its own, deleted afterwards. When
+Redis is unreachable the Redis runs skip, except under CI (``CI`` set), where
+they fail: CI must prove the shared store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from google.rpc import error_details_pb2, status_pb2
+
+from tokenwire.context import Principal, current_call
+from tokenwire.interceptors import ErrorsInterceptor
+from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
+from tokenwire.interceptors.quotas import QuotaInterceptor
+from tokenwire.quotas import MemoryQuotaStore, QuotaConfig, QuotaStore
+from tokenwire.quotas.redis import RedisQuotaStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+PRINCIPAL_HEADER = "x-test-principal"
+STORES = ["memory", "redis"]
+T = TypeVar("T")
+
+_redis_problem: list[str | None] = []  # memo: None when reachable, else why not
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable says so."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+async def redis_problem() -> str | None:
+    """Why Redis at REDIS_URL cannot be used, or None when it answers."""
+    if not _redis_problem:
+        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+        try:
+            await client.ping()
+            _redis_problem.append(None)
+        except (OSError, aioredis.RedisError) as exc:
+            _redis_problem.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            await client.aclose()
+    return _redis_problem[0]
+
+
+async def require_redis() -> None:
+    """Skip the test when Redis is unreachable, or fail it under CI."""
+    problem = await redis_problem()
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(f"Redis at {REDIS_URL} is required under CI and unreachable: {problem}")
+    pytest.skip(f"Redis at {REDIS_URL} is unreachable ({problem}); set CI=1 to make this fail")
+
+
+async def delete_prefix(prefix: str) -> None:
+    """Delete every Redis key under ``prefix``."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A fresh Redis key prefix (Redis required), its keys deleted after the test."""
+    await require_redis()
+    prefix = f"tokenwire-test:{uuid.uuid4().hex}:"
+    try:
+        yield prefix
+    finally:
+        await delete_prefix(prefix)
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
+    """Each quota store, started; Redis under a key prefix of this test's own."""
+    if request.param == "memory":
+        memory = MemoryQuotaStore()
+        yield memory
+        await memory.close()
+        return
+    await require_redis()
+    prefix = f"tokenwire-test:{uuid.uuid4().hex}:"
+    shared = RedisQuotaStore(REDIS_URL, key_prefix=prefix)
+    await shared.start()
+    try:
+        yield shared
+    finally:
+        await shared.close()
+        await delete_prefix(prefix)
+
+
+class PrincipalFromMetadata(Interceptor):
+    """Stands in for authentication: ``x-test-principal: TENANT/USER[/PLAN]``."""
+
+    async def intercept(
+        self,
+        proceed: Proceed,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: CallInfo,
+    ) -> Any:
+        for key, value in context.invocation_metadata() or ():
+            if key == PRINCIPAL_HEADER and isinstance(value, str):
+                tenant, user, *plan = value.split("/")
+                current_call().principal = Principal(tenant, user, plan=plan[0] if plan else "")
+        return await proceed(request, context)
+
+
+def as_principal(
+    tenant: str = "acme", user: str = "alice", plan: str = ""
+) -> tuple[tuple[str, str]]:
+    """Call metadata that makes the caller ``tenant/user`` on ``plan``."""
+    value = f"{tenant}/{user}/{plan}" if plan else f"{tenant}/{user}"
+    return ((PRINCIPAL_HEADER, value),)
+
+
+def quota_chain(config: QuotaConfig, store: QuotaStore, *inner: Interceptor) -> list[Interceptor]:
+    """The declared order: errors → (authentication) → quotas → ``inner``."""
+    return [
+        ErrorsInterceptor(),
+        PrincipalFromMetadata(),
+        QuotaInterceptor(config, store=store),
+        *inner,
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """What a refused call carried: its code, RetryInfo and QuotaFailure violations."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: float | None
+    violations: list[tuple[str, str]]  # (subject, description)
+
+
+def refusal_of(error: grpc.aio.AioRpcError) -> Refusal:
+    """Read the rich status details the errors interceptor packed into the trailers."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin", b"")
+    status = status_pb2.Status.FromString(raw if isinstance(raw, bytes) else raw.encode())
+    retry_after_s: float | None = None
+    violations: list[tuple[str, str]] = []
+    for detail in status.details:
+        retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+        if detail.Unpack(retry):
+            retry_after_s = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+        elif detail.Unpack(failure):
+            violations += [(v.subject, v.description) for v in failure.violations]
+    return Refusal(error.code(), error.details() or "", retry_after_s, violations)
+
+
+async def refused(attempt: Awaitable[object]) -> Refusal:
+    """Await a call that must fail, and read its refusal."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await attempt
+    return refusal_of(raised.value)
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], expected: T, limit_s: float = 5.0) -> T:
+    """Poll ``probe()`` until it returns ``expected``; return the last value either way."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    # Polling: the counters live in a store (Redis) that cannot signal an Event.
+    while (value := await probe()) != expected and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return value
