@@ -502,3 +502,20 @@ async def test_real_sigint_while_answering_cancels_the_turn(
     os.kill(os.getpid(), signal.SIGINT)
     assert (await run, err.getvalue()) == (0, "[cancelled]\n")
     assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_api_key_is_read_from_the_key_file_when_not_given(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --api-key or TOKENWIRE_API_KEY, the key file the server wrote is used."""
+    monkeypatch.delenv(chat_client.API_KEY_ENV, raising=False)
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("tw_secret123\n")
+    parser = argparse.ArgumentParser()
+    chat_client.add_arguments(parser)
+    options = ChatOptions.from_args(parser.parse_args(["--api-key-file", str(key_file), "hi"]))
+    assert (("authorization", "Bearer tw_secret123"),) == options.metadata()
+    given = parser.parse_args(["--api-key-file", str(key_file), "--api-key", "tw_other", "hi"])
+    assert (("authorization", "Bearer tw_other"),) == ChatOptions.from_args(given).metadata()
+    missing = parser.parse_args(["--api-key-file", str(tmp_path / "none"), "hi"])
+    assert ChatOptions.from_args(missing).metadata() is None

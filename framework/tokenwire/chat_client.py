@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_KEY_ENV",
+    "API_KEY_FILE_ENV",
+    "DEFAULT_API_KEY_FILE",
     "DEFAULT_TARGET",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
@@ -68,6 +70,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "TOKENWIRE_TARGET"
 """Environment variable that overrides :data:`DEFAULT_TARGET`."""
 API_KEY_ENV = "TOKENWIRE_API_KEY"
+API_KEY_FILE_ENV = "TOKENWIRE_API_KEY_FILE"
+DEFAULT_API_KEY_FILE = ".tokenwire/admin.key"
 """Environment variable holding the API key, which keeps it out of shell history."""
 
 # Exit codes. 2 matches what argparse returns for a bad command line; 130 is
@@ -164,7 +168,8 @@ class ChatOptions:
     def from_args(cls, args: argparse.Namespace) -> ChatOptions:
         """Build options from a namespace parsed with :func:`add_arguments`."""
         values = {option.name: getattr(args, option.name) for option in fields(cls)}
-        return cls(**values | {"stop": tuple(args.stop or ()), "api_key": args.api_key or None})
+        api_key = args.api_key or _read_key_file(getattr(args, "api_key_file", None))
+        return cls(**values | {"stop": tuple(args.stop or ()), "api_key": api_key})
 
     def sampling_params(self) -> chat_pb2.SamplingParams:
         """The ``SamplingParams`` message these options describe."""
@@ -203,6 +208,17 @@ class TurnResult:
     """Token accounting and time to first token."""
 
 
+def _read_key_file(path: str | None) -> str | None:
+    """The key in ``path`` (first line), or None when there is no such file."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().strip() or None
+    except OSError:
+        return None
+
+
 def exit_code_for(code: grpc.StatusCode) -> int:
     """The process exit code for a gRPC status that ended the chat.
 
@@ -227,6 +243,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
         metavar="HOST:PORT",
         help=f"server address (default: ${TARGET_ENV} or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=os.environ.get(API_KEY_FILE_ENV) or DEFAULT_API_KEY_FILE,
+        metavar="FILE",
+        help=f"read the API key from FILE when no key is given (default: ${API_KEY_FILE_ENV} "
+        f"or {DEFAULT_API_KEY_FILE}, where `tokenwire serve` writes its first admin key)",
     )
     # The key defaults from the environment, and is never echoed, to keep it out of
     # shell history and --help output.
