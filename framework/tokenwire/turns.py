@@ -290,12 +290,16 @@ class TurnRunner:
                         state.reason = event.finish_reason
                         state.finished = True
                         text = ""
+                    ended = state.finished  # the engine's final event: flush every filter
                     for screen in filters:
-                        result = await (screen.flush() if state.finished else screen.feed(text))
-                        text = result.text if not state.finished else text + result.text
-                        if result.flagged_category is not None:
+                        result = await screen.feed(text)
+                        text, category = result.text, result.flagged_category
+                        if ended and category is None:
+                            tail = await screen.flush()
+                            text, category = text + tail.text, tail.flagged_category
+                        if category is not None:
                             state.reason = FinishReason.CONTENT_FILTER
-                            state.filter_category = result.flagged_category
+                            state.filter_category = category
                             state.finished = True
                             break
                     if text:

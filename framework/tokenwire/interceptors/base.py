@@ -65,10 +65,10 @@ class Interceptor(abc.ABC):
     needs (a key store, a Redis connection, a model); the server calls them.
     """
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Open resources before the server accepts calls."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release resources after the server has drained."""
 
     @abc.abstractmethod
