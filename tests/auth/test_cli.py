@@ -79,11 +79,18 @@ def test_errors_exit_non_zero(data_dir: Path, capsys: pytest.CaptureFixture[str]
     assert "tenant must be" in capsys.readouterr().err
 
 
-def test_keys_db_defaults_to_the_data_dir_and_can_be_named(data_dir: Path, tmp_path: Path) -> None:
-    """Without --keys-db the store is keys.db in store.data_dir; --keys-db overrides it."""
+def test_keys_db_follows_the_server_config(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is keys.db in store.data_dir (env or --config); --keys-db overrides it."""
     parser = argparse.ArgumentParser()
     add_keys_parser(parser.add_subparsers())
-    default = parser.parse_args(["keys", "list"])
-    named = parser.parse_args(["keys", "--keys-db", str(tmp_path / "x.db"), "list"])
-    assert str(data_dir / "keys.db") == keys_db_path(default)
+    from_env = parser.parse_args(["keys", "list"])
+    named = parser.parse_args(["keys", "list", "--keys-db", str(tmp_path / "x.db")])
+    assert str(data_dir / "keys.db") == keys_db_path(from_env)
     assert str(tmp_path / "x.db") == keys_db_path(named)
+    monkeypatch.delenv("TOKENWIRE_STORE_DATA_DIR")
+    toml = tmp_path / "tokenwire.toml"
+    toml.write_text(f'[store]\ndata_dir = "{tmp_path / "srv"}"\n')
+    from_file = parser.parse_args(["keys", "revoke", "key_0123456789abcdef", "--config", str(toml)])
+    assert str(tmp_path / "srv" / "keys.db") == keys_db_path(from_file)

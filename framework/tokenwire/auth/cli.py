@@ -2,7 +2,7 @@
 
 tokenwire keys create --tenant acme --user alice --role admin --description "laptop"
 tokenwire keys list [--tenant acme] [--all]
-tokenwire keys revoke key_3f9a0c2e4b1d7a65
+tokenwire keys revoke key_3f9a0c2e4b1d7a65 [--config tokenwire.toml | --keys-db PATH]
 
 The store is the server's (``keys.db`` in ``store.data_dir``, from ``--config`` and
 ``TOKENWIRE_*``), or ``--keys-db``. ``create`` prints the secret alone on stdout,
@@ -30,12 +30,15 @@ def add_keys_parser(subparsers: Any) -> None:
     keys = subparsers.add_parser(
         "keys", help="create, list and revoke API keys in the server's key store"
     )
-    keys.add_argument("--config", metavar="FILE", help="the server's TOML config file")
-    keys.add_argument(
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--config", metavar="FILE", help="the server's TOML config file")
+    store.add_argument(
         "--keys-db", metavar="PATH", help="key store file (default: keys.db in store.data_dir)"
     )
     sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = sub.add_parser("create", help="create a key and print its secret, once")
+    create = sub.add_parser(
+        "create", parents=[store], help="create a key and print its secret, once"
+    )
     create.add_argument("--tenant", required=True, help="the caller's tenant")
     create.add_argument("--user", required=True, help="the caller's user name")
     create.add_argument(
@@ -43,10 +46,12 @@ def add_keys_parser(subparsers: Any) -> None:
     )
     create.add_argument("--plan", default="", help="quota plan (default: 'default')")
     create.add_argument("--description", default="", help="free text to recognize the key by")
-    listing = sub.add_parser("list", help="list keys, newest first (never their secrets)")
+    listing = sub.add_parser(
+        "list", parents=[store], help="list keys, newest first (never their secrets)"
+    )
     listing.add_argument("--tenant", default="", help="only this tenant's keys")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
-    revoke = sub.add_parser("revoke", help="revoke a key by id")
+    revoke = sub.add_parser("revoke", parents=[store], help="revoke a key by id")
     revoke.add_argument("key_id", metavar="KEY_ID", help="the key's id, e.g. key_3f9a0c2e4b1d7a65")
 
 
