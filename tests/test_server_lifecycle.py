@@ -133,3 +133,14 @@ async def test_a_reflection_only_client_can_list_check_and_chat(served: RunningS
     assert "grpc.health.v1.Health" in services
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert text == "Hello, world!"
+
+
+async def test_the_default_chain_moderates_chat_input(served: RunningServer) -> None:
+    """A server built from config alone refuses flagged input with the content_filter error."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        _ = [
+            e
+            async for e in served.chat.Complete(chat_pb2.CompleteRequest(message="I will kill you"))
+        ]
+    assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+    assert "content_filter" == dict(raised.value.trailing_metadata() or ())["x-error-type"]

@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenwire.backend import BackendConfig
 from tokenwire.errors import ConfigError
+from tokenwire.moderation.config import ModerationConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -118,6 +119,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
 
 def _sections() -> Iterator[tuple[str, type[Any]]]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import structlog
 
-from tokenwire.config import LoggingConfig
 from tokenwire.errors import ConfigError
+
+if TYPE_CHECKING:  # config imports modules that log
+    from tokenwire.config import LoggingConfig
 
 __all__ = ["configure_logging", "get_logger"]
 

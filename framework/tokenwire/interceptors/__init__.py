@@ -22,4 +22,9 @@ __all__ = [
 
 def default_interceptors(config: Config) -> list[Interceptor]:
     """The interceptor chain the server runs, outermost first."""
-    return [ErrorsInterceptor()]
+    from tokenwire.interceptors.moderation import ModerationInterceptor
+
+    chain: list[Interceptor] = [ErrorsInterceptor()]
+    if config.moderation.enabled:
+        chain.append(ModerationInterceptor(config.moderation))
+    return chain
