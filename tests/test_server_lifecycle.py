@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tests.conftest import wait_until
 from tests.test_chat_service import next_event, start, text_of
 from tokenwire.interceptors import REQUEST_ID_HEADER
-from tokenwire.proto.v1 import chat_pb2, models_pb2
+from tokenwire.proto.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, models_pb2
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 
 
@@ -144,3 +145,27 @@ async def test_the_default_chain_moderates_chat_input(served: RunningServer) -> 
         ]
     assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
     assert "content_filter" == dict(raised.value.trailing_metadata() or ())["x-error-type"]
+
+
+async def test_the_default_server_is_secure_and_its_first_admin_key_works(tmp_path: Path) -> None:
+    """With auth on (the default), calls need a key; the first start writes an admin key."""
+    config = config_for_tests()
+    config = dataclasses.replace(
+        config,
+        auth=dataclasses.replace(config.auth, enabled=True, key_cache_ttl_s=0),
+        store=dataclasses.replace(config.store, data_dir=str(tmp_path)),
+    )
+    async with running_server(FakeBackend(), config) as running:
+        request = chat_pb2.CompleteRequest(message="Hi")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            _ = [e async for e in running.chat.Complete(request)]
+        assert grpc.StatusCode.UNAUTHENTICATED == raised.value.code()
+        key = (tmp_path / "admin.key").read_text().strip()
+        assert key.startswith("tw_")
+        assert 0o600 == (tmp_path / "admin.key").stat().st_mode & 0o777
+        auth = (("authorization", f"Bearer {key}"),)
+        events = [e async for e in running.chat.Complete(request, metadata=auth)]
+        assert "Hello from the fake backend." == text_of(events)
+        admin = admin_pb2_grpc.AdminServiceStub(running.channel)
+        listed = await admin.ListApiKeys(admin_pb2.ListApiKeysRequest(), metadata=auth)
+        assert 1 == len(listed.keys)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenwire import __version__, chat_client
+from tokenwire.auth.cli import add_keys_parser, run_keys
 from tokenwire.config import describe, load_config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import configure_logging
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     chat = sub.add_parser("chat", help="chat with a running server")
     chat_client.add_arguments(chat)
+    add_keys_parser(sub)
     return parser
 
 
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "keys":
+            return run_keys(args)
         return chat_client.main(args)
     except ConfigError as exc:
         print(f"tokenwire: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
@@ -119,6 +120,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Sequence
 
 import grpc
@@ -21,12 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from tokenwire.admin import ADMIN_SERVICE_NAME, add_admin_service
+from tokenwire.auth.bootstrap import admin_key_notice
 from tokenwire.backend import Backend, create_backend
 from tokenwire.chat import ChatServicer, ModelServicer
 from tokenwire.config import Config
 from tokenwire.errors import ConfigError
 from tokenwire.frontend import ChatModel, frontend_for
 from tokenwire.interceptors import Interceptor, InterceptorChain, default_interceptors
+from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 from tokenwire.stores.conversations import ConversationStore
@@ -98,13 +102,20 @@ class TokenwireServer:
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_streams,
         )
+        names = [*SERVICE_NAMES, health.SERVICE_NAME]
+        auth = next((i for i in self._interceptors if isinstance(i, AuthInterceptor)), None)
+        if auth is not None and auth.serves_keys:
+            add_admin_service(server, auth.key_store)
+            names.append(ADMIN_SERVICE_NAME)
+        if auth is not None and auth.admin_key is not None:
+            # The first start's admin key: shown once, kept only as a hash (and in its 0600 file).
+            print(admin_key_notice(auth.admin_key, auth.admin_key_file), file=sys.stderr)
         self._chat = ChatServicer(TurnRunner(models, self._store, self.config.limits))
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(models, self.config.backend.name), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [*SERVICE_NAMES, health.SERVICE_NAME]
         if cfg.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)

@@ -31,10 +31,14 @@ __all__ = ["BorrowedEngine", "RunningServer", "config_for_tests", "running_serve
 
 
 def config_for_tests(**sections: Any) -> Config:
-    """A config on 127.0.0.1:0 with an in-memory store; ``limits=LimitsConfig(...)`` etc."""
+    """A config on 127.0.0.1:0 with an in-memory store and authentication off.
+
+    Pass sections to replace, e.g. ``limits=LimitsConfig(...)``.
+    """
     config = Config()
     config = dataclasses.replace(
         config,
+        auth=dataclasses.replace(config.auth, enabled=False),
         server=dataclasses.replace(config.server, listen="127.0.0.1:0", grace_period_s=5.0),
         store=dataclasses.replace(config.store, sqlite_path=":memory:"),
     )
