@@ -207,7 +207,11 @@ async def test_converse_tokens_are_refused_per_turn(store: QuotaStore) -> None:
     ) as running:
         call = running.chat.Converse(metadata=ALICE)
         await call.write(start(params=chat_pb2.SamplingParams(max_tokens=200)))
-        await next_event(call, "finished")
+        usage = (await next_event(call, "finished")).finished.usage
+        # On Converse the turn settles just after TurnFinished is sent; let it land.
+        settled = usage.prompt_tokens + usage.completion_tokens
+        rate = Rate("{acme}:u:alice:tpm", 240, 3600.0)
+        assert settled == await eventually(lambda: used(store, rate), settled)
         await call.write(start(params=chat_pb2.SamplingParams(max_tokens=200)))
         error = (await next_event(call, "error")).error
         assert (EXHAUSTED.value[0], "resource_exhausted") == (error.code, error.error_type)
