@@ -2,13 +2,17 @@
 
     from tokenwire.testing.conformance import EngineConformance
 
+    @pytest.fixture(scope="module")
+    async def my_engine():
+        engine = MyEngine(...)
+        await engine.start()
+        yield engine
+        await engine.close()
+
     class TestMyEngine(EngineConformance):
-        @pytest.fixture(scope="class")
-        async def engine(self):
-            engine = MyEngine(...)
-            await engine.start()
-            yield engine
-            await engine.close()
+        @pytest.fixture
+        def engine(self, my_engine):
+            return my_engine
 
 Override ``prompt_ids`` if the engine needs particular token ids. Engines that
 expose a ``steps_executed`` counter also prove they stop stepping on cancel.
