@@ -1,9 +1,9 @@
 """Quota test kit: every store, a stand-in for authentication, readers for refusals.
 
 The ``store`` fixture runs a test once per store: in memory, and in the Redis
-server on 127.0.0.1:6379 under a key prefix of its own, deleted afterwards. When
-Redis is unreachable the Redis runs skip, except under CI (``CI`` set), where
-they fail: CI must prove the shared store.
+server on 127.0.0.1:6379 (or ``TOKENWIRE_TEST_REDIS_URL``) under a key prefix of
+its own, deleted afterwards. When Redis is unreachable the Redis runs skip,
+except under CI (``CI`` set), where they fail: CI must prove the shared store.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tokenwire.interceptors.quotas import QuotaInterceptor
 from tokenwire.quotas import MemoryQuotaStore, QuotaConfig, QuotaStore
 from tokenwire.quotas.redis import RedisQuotaStore
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = os.environ.get("TOKENWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PRINCIPAL_HEADER = "x-test-principal"
 STORES = ["memory", "redis"]
 T = TypeVar("T")

@@ -56,7 +56,7 @@ async def gateway(
 
 async def test_two_gateways_admit_n_requests_in_total_not_2n(redis_prefix: str) -> None:
     """With N = 5 per minute, 16 calls spread over two gateway processes: exactly 5 pass."""
-    options = ("--key-prefix", redis_prefix, "--requests-per-minute", "5")
+    options = ("--redis-url", REDIS_URL, "--key-prefix", redis_prefix, "--requests-per-minute", "5")
     async with AsyncExitStack() as stack:
         stubs = await asyncio.gather(*(stack.enter_async_context(gateway(*options)) for _ in "ab"))
         # Two calls through each gateway in turn, then twelve at once through both.
@@ -79,7 +79,8 @@ async def _code(call: Awaitable[object]) -> grpc.StatusCode:
 
 async def test_a_killed_gateways_stream_slots_expire(redis_prefix: str) -> None:
     """A gateway killed mid-stream stops renewing its lease; the slot frees within the TTL."""
-    options = ("--key-prefix", redis_prefix, "--concurrent-streams", "1", "--lease-ttl-s", "1")
+    options = ("--redis-url", REDIS_URL, "--key-prefix", redis_prefix)
+    options += ("--concurrent-streams", "1", "--lease-ttl-s", "1")
     observer = RedisQuotaStore(REDIS_URL, key_prefix=redis_prefix)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(observer.close)
