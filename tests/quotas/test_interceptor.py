@@ -254,3 +254,16 @@ async def test_an_unreachable_store_at_start_up_is_a_config_error() -> None:
     tolerant = QuotaInterceptor(dataclasses.replace(config, fail_open=True))
     await tolerant.start()
     await tolerant.close()
+
+
+async def test_disabled_quotas_count_nothing_and_need_no_store(store: QuotaStore) -> None:
+    """enabled = false admits every call uncounted, and starts without its store."""
+    config = dataclasses.replace(quotas(requests_per_minute=1), enabled=False)
+    async with running_echo_server(quota_chain(config, store)) as echo:
+        for _ in range(3):
+            await echo.stub.Unary(Request(text="x"), metadata=ALICE)
+    assert 0 == round(await store.used(Rate("{acme}:u:alice:rpm", 1, 60.0)))
+    unreachable = dataclasses.replace(config, store="redis", redis_url="redis://127.0.0.1:1/0")
+    interceptor = QuotaInterceptor(unreachable)
+    await interceptor.start()
+    await interceptor.close()

@@ -162,6 +162,8 @@ class QuotaInterceptor(Interceptor):
 
     async def start(self) -> None:
         """Connect the store; an unreachable one is a ConfigError unless ``fail_open``."""
+        if not self.config.enabled:
+            return
         try:
             await self.store.start()
         except QuotaStoreError as exc:
