@@ -219,20 +219,21 @@ class QuotaInterceptor(Interceptor):
                 # Backstop: a call cancelled before its stream is first read never runs
                 # the stream's finally; the end of the RPC releases the slot then.
                 context.add_done_callback(self._on_done(held))
-        streaming = False
         try:
             if limits.requests and not converse:
                 await self._consume(limits)
             if limits.tokens or (converse and limits.requests):
                 state.turn_hooks.append(_QuotaTurnHook(self, limits, count_turns=converse))
             result = await proceed(request, context)
-            streaming = held is not None and call.response_streaming
-        finally:
-            if held is not None and not streaming:
+        except BaseException:
+            if held is not None:
                 await self._release(held)
-        if streaming:
-            assert held is not None
+            raise
+        if held is None:
+            return result
+        if call.response_streaming:
             return self._holding(result, held)
+        await self._release(held)  # client streaming: the call is over
         return result
 
     async def _holding(self, responses: AsyncIterator[Any], held: _Held) -> AsyncIterator[Any]:
