@@ -117,7 +117,8 @@ class _Session:
             self._out.put_nowait(None)
 
     def _start(self, start: chat_pb2.StartTurn) -> None:
-        if self._turn is not None and not self._turn.done():
+        running = self._turn is not None and not self._turn.done()
+        if running and self._state is not None and not self._state.final_sent:
             self._error(
                 FailedPreconditionError(
                     "a turn is already running on this stream; send CancelTurn or wait for "

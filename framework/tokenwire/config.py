@@ -27,6 +27,7 @@ from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
+from tokenwire.quotas.config import QuotaConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -121,6 +122,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
 
 
@@ -231,6 +233,8 @@ def describe() -> str:
         lines.append(f"[{section}]  {(section_cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(section_cls):
             default = _default_of(f)
+            if isinstance(default, Mapping):
+                default = dict(default)
             env = f"{ENV_PREFIX}{section.upper()}_{f.name.upper()}"
             lines.append(f"  {f.name} = {default!r}\n      {env}: {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ class TurnState:
     first_token_at: float | None = None
     sent: list[str] = field(default_factory=list)
     finished: bool = False
+    final_sent: bool = False  # TurnFinished is on its way: the turn is over for the client
     reason: FinishReason = FinishReason.ERROR
     filter_category: str = ""
 
@@ -235,6 +236,10 @@ class TurnRunner:
                         await asyncio.shield(hook.after_turn(info, outcome))
                     except Exception:
                         _log.exception("turn hook failed after the turn", turn_id=state.turn_id)
+            # Last, after the hooks settled: a client that sees TurnFinished may start the
+            # next turn at once and must find this one's quota already refunded.
+            state.final_sent = True
+            yield response(finished=state.finished_event(state.reason))
         finally:
             self._active -= 1
             if not self._active:
@@ -322,7 +327,6 @@ class TurnRunner:
             completion_tokens=state.completion_tokens,
             ttft_ms=round(state.usage().time_to_first_token_ms, 2),
         )
-        yield response(finished=state.finished_event(state.reason))
 
     async def _save_answer(self, owner: str, state: TurnState) -> None:
         complete = state.finished and state.reason in (FinishReason.STOP, FinishReason.LENGTH)
