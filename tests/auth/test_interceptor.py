@@ -23,6 +23,7 @@ from tests.auth.conftest import (
 )
 from tokenwire.auth import AuthConfig, IssuedKey, SQLiteKeyStore
 from tokenwire.context import CallState, Principal, bind_call, current_call, reset_call
+from tokenwire.errors import ConfigError
 from tokenwire.interceptors import CallInfo, Interceptor, Proceed
 from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2
@@ -352,3 +353,29 @@ async def test_the_response_stream_is_returned_untouched(
         assert ALICE == current_call().principal
     finally:
         reset_call(token)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_method_roles_deny_a_known_caller_without_the_role_on_every_shape(
+    shape: str, key_store: SQLiteKeyStore, alice_key: IssuedKey
+) -> None:
+    """auth.method_roles: alice lacks 'echo' → PERMISSION_DENIED; with it, she passes."""
+    config = auth_config(method_roles="/tokenwire.testing.v1.EchoService/*=echo")
+    async with running_auth_server(AuthInterceptor(config, "", key_store=key_store)) as server:
+        code, details, _ = await call_shape(server, shape, bearer(alice_key.secret), refused=True)
+        assert (grpc.StatusCode.PERMISSION_DENIED, "this method requires the 'echo' role") == (
+            code,
+            details,
+        )
+        echoer = await key_store.create_key(
+            Principal(tenant="acme", user="bob", roles=frozenset({"echo"}))
+        )
+        code, _, texts = await call_shape(server, shape, bearer(echoer.secret))
+    assert grpc.StatusCode.OK == code
+    assert ECHOED[shape] == texts
+
+
+def test_method_roles_must_be_method_equals_role() -> None:
+    """A malformed method_roles rule is a ConfigError naming the expected form."""
+    with pytest.raises(ConfigError, match="METHOD=ROLE"):
+        AuthInterceptor(auth_config(method_roles="chat"), "")

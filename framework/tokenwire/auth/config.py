@@ -52,6 +52,11 @@ class AuthConfig:
         "", "where the bootstrap admin key is written (mode 0600); empty: admin.key in data_dir"
     )
     admin_role: str = _field("admin", "role required to call AdminService")
+    method_roles: str = _field(
+        "",
+        "comma-separated METHOD=ROLE rules: callers of METHOD need ROLE (a trailing * in "
+        "METHOD matches a prefix), e.g. '/tokenwire.v1.ChatService/*=chat'",
+    )
     open_methods: str = _field(
         "/grpc.health.v1.Health/*,/grpc.reflection.*",
         "comma-separated methods callable without credentials; a trailing * matches a prefix",

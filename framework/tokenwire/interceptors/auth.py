@@ -79,6 +79,7 @@ class AuthInterceptor(Interceptor):
         patterns = split_list(config.open_methods)
         self._open_exact = frozenset(p for p in patterns if not p.endswith("*"))
         self._open_prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+        self._method_roles = _parse_method_roles(config.method_roles)
         self._rules: dict[str, str | None] = {}  # method -> _OPEN, _ANY_CALLER or a role
         self._started = False
 
@@ -141,6 +142,9 @@ class AuthInterceptor(Interceptor):
             return _OPEN
         if method.startswith(f"/{ADMIN_SERVICE}/"):
             return self.config.admin_role
+        for pattern, role in self._method_roles:
+            if method == pattern or (pattern.endswith("*") and method.startswith(pattern[:-1])):
+                return role
         return _ANY_CALLER
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
@@ -175,3 +179,16 @@ class AuthInterceptor(Interceptor):
         if self._jwt is None:
             raise UnauthenticatedError("invalid credentials")
         return self._jwt.verify(token)
+
+
+def _parse_method_roles(text: str) -> tuple[tuple[str, str], ...]:
+    rules = []
+    for item in split_list(text):
+        method, sep, role = item.partition("=")
+        if not sep or not method.strip().startswith("/") or not role.strip():
+            raise ConfigError(
+                f"auth.method_roles: {item!r} is not METHOD=ROLE, "
+                "e.g. '/tokenwire.v1.ChatService/*=chat'"
+            )
+        rules.append((method.strip(), role.strip()))
+    return tuple(rules)
