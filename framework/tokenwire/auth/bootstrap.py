@@ -86,6 +86,6 @@ def admin_key_notice(issued: IssuedKey, path: str | os.PathLike[str]) -> str:
         f"Created an admin API key (id {issued.key.id}); it is shown only this once:\n\n"
         f"    {issued.secret}\n\n"
         f"It is also saved, readable only by you, in {os.fspath(path)}.\n"
-        f"Clients send it as 'authorization: Bearer <key>' (tokenwire chat reads "
-        f"TOKENWIRE_API_KEY). Create more with 'tokenwire keys create'."
+        f"Clients send it as 'authorization: Bearer <key>'; tokenwire chat reads it from "
+        f"TOKENWIRE_API_KEY or from that file. Create more with 'tokenwire keys create'."
     )
