@@ -314,10 +314,14 @@ async def test_main_runs_one_shot_from_parsed_arguments(
 # Arguments.
 
 
-def test_arguments_default_to_greedy_on_the_local_server(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_arguments_default_to_greedy_on_the_local_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     """Without flags or environment: local target, greedy, no key, interactive."""
     monkeypatch.delenv(chat_client.TARGET_ENV, raising=False)
     monkeypatch.delenv(chat_client.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(chat_client.API_KEY_FILE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no .tokenwire/admin.key left by a server run here
     args = parse()
     assert (args.question, args.target, args.api_key) == (None, "127.0.0.1:50051", None)
     assert ChatOptions.from_args(args) == ChatOptions()
