@@ -21,10 +21,8 @@ most ``ttl_s`` seconds in gateways that had just used it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import json
@@ -34,31 +32,19 @@ import secrets
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
-from typing import (
-    Any,
-    Concatenate,
-    Final,
-    ParamSpec,
-    Protocol,
-    Self,
-    TypeVar,
-    runtime_checkable,
-)
+from typing import Any, Final, Protocol, Self, runtime_checkable
 
 from tokenwire.context import Principal
 from tokenwire.errors import (
-    ConfigError,
     InvalidArgumentError,
     NotFoundError,
     UnauthenticatedError,
     UnavailableError,
 )
+from tokenwire.stores._sqlite import SQLiteDatabase, write_transaction
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -78,9 +64,6 @@ __all__ = [
     "looks_like_api_key",
     "make_principal",
 ]
-
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
 
 API_KEY_PREFIX: Final = "tw_"
 _SECRET_BYTES: Final = 32  # 43 URL-safe characters
@@ -335,12 +318,6 @@ Only ever append."""
 _COLUMNS: Final = "id, prefix, tenant, user, roles, plan, description, created_at, revoked_at"
 
 
-@dataclass(frozen=True, slots=True)
-class _Worker:
-    executor: ThreadPoolExecutor
-    conn: sqlite3.Connection
-
-
 class SQLiteKeyStore:
     """A :class:`KeyStore` in one SQLite file (created with mode 0600), or ``":memory:"``.
 
@@ -355,44 +332,26 @@ class SQLiteKeyStore:
     def __init__(
         self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
-        self._path = os.fspath(path)
+        self._db = SQLiteDatabase(
+            path,
+            migrations=MIGRATIONS,
+            name="key",
+            closed_error=KeyStoreClosedError,
+            thread_name="tokenwire-keys",
+            file_mode=0o600,
+        )
         self._clock = clock
-        self._worker: _Worker | None = None
-        self._closed = False
-        self._lifecycle = asyncio.Lock()
 
     @property
     def path(self) -> str:
         """The database file, or ``":memory:"``."""
-        return self._path
+        return self._db.path
 
     async def open(self) -> None:
-        async with self._lifecycle:
-            if self._worker is not None:
-                return
-            if self._closed:
-                raise KeyStoreClosedError("key store is closed and cannot be reopened")
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-keys")
-            opened: list[sqlite3.Connection] = []
-            try:
-                conn = await asyncio.get_running_loop().run_in_executor(
-                    executor, self._connect, opened
-                )
-            except BaseException:
-                executor.submit(_close_all, opened)
-                executor.shutdown(wait=True)
-                raise
-            self._worker = _Worker(executor, conn)
+        await self._db.open()
 
     async def close(self) -> None:
-        async with self._lifecycle:
-            worker, self._worker, self._closed = self._worker, None, True
-            if worker is None:
-                return
-            try:
-                await asyncio.get_running_loop().run_in_executor(worker.executor, worker.conn.close)
-            finally:
-                worker.executor.shutdown(wait=True)
+        await self._db.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -408,12 +367,12 @@ class SQLiteKeyStore:
 
     async def create_key(self, principal: Principal, *, description: str = "") -> IssuedKey:
         _check_description(description)
-        issued = await self._run(self._create, principal, description, None)
+        issued = await self._db.run(self._create, principal, description, None)
         assert issued is not None  # only a bootstrap may decline
         return issued
 
     async def lookup(self, secret_hash: bytes) -> ApiKey | None:
-        return await self._run(self._lookup, secret_hash)
+        return await self._db.run(self._lookup, secret_hash)
 
     async def list_keys(
         self,
@@ -427,12 +386,12 @@ class SQLiteKeyStore:
             raise InvalidArgumentError(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         before = _decode_page_token(page_token)
-        return await self._run(self._list, tenant, include_revoked, size, before)
+        return await self._db.run(self._list, tenant, include_revoked, size, before)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         if not _KEY_ID.match(key_id):
             raise NotFoundError(f"no API key {key_id!r}")
-        return await self._run(self._revoke, key_id)
+        return await self._db.run(self._revoke, key_id)
 
     async def bootstrap_key(
         self,
@@ -442,43 +401,9 @@ class SQLiteKeyStore:
         persist: Callable[[IssuedKey], None],
     ) -> IssuedKey | None:
         _check_description(description)
-        return await self._run(self._create, principal, description, persist)
-
-    # --- event-loop side -------------------------------------------------
-
-    async def _run(
-        self,
-        fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
-        *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> _T:
-        worker = self._worker
-        if worker is None:
-            state = "closed" if self._closed else "not open; call open() first"
-            raise KeyStoreClosedError(f"key store is {state}")
-        call = functools.partial(fn, worker.conn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(worker.executor, call)
+        return await self._db.run(self._create, principal, description, persist)
 
     # --- worker-thread side ------------------------------------------------
-
-    def _connect(self, opened: list[sqlite3.Connection]) -> sqlite3.Connection:
-        if self._path != ":memory:":
-            path = Path(self._path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Create the file owner-only before SQLite does (its -wal and -shm
-            # files copy these permissions).
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA busy_timeout = 5000")
-            _migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        opened.append(conn)
-        return conn
 
     def _create(
         self,
@@ -496,7 +421,7 @@ class SQLiteKeyStore:
             created_at=self._clock(),
         )
         issued = IssuedKey(key=key, secret=secret)
-        with _transaction(conn, "BEGIN IMMEDIATE"):
+        with write_transaction(conn):
             # Bootstrap: the write lock is held from this check to the commit,
             # so racing processes create one key between them.
             if persist is not None and conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone():
@@ -554,7 +479,7 @@ class SQLiteKeyStore:
         return KeyPage(keys=[_key_of(row[1:]) for row in rows], next_page_token=token)
 
     def _revoke(self, conn: sqlite3.Connection, key_id: str) -> ApiKey:
-        with _transaction(conn, "BEGIN IMMEDIATE"):
+        with write_transaction(conn):
             conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 (self._clock(), key_id),
@@ -564,11 +489,6 @@ class SQLiteKeyStore:
         if found is None:
             raise NotFoundError(f"no API key {key_id!r}")
         return _key_of(found)
-
-
-def _close_all(connections: list[sqlite3.Connection]) -> None:
-    for conn in connections:
-        conn.close()
 
 
 def _check_description(description: str) -> None:
@@ -606,31 +526,3 @@ def _decode_page_token(token: str) -> int | None:
     except (binascii.Error, UnicodeDecodeError):
         pass
     raise InvalidArgumentError("page_token is not one this server returned")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
-    conn.execute(begin)
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    for version, statements in enumerate(MIGRATIONS, start=1):
-        with _transaction(conn, "BEGIN IMMEDIATE"):
-            (current,) = conn.execute("PRAGMA user_version").fetchone()
-            if current > len(MIGRATIONS):
-                raise ConfigError(
-                    f"key database is at schema version {current}, newer than this"
-                    f" tokenwire knows ({len(MIGRATIONS)}); upgrade tokenwire"
-                )
-            if current >= version:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version}")

@@ -19,20 +19,15 @@ file has not seen yet, each in one transaction, and records progress in
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from types import TracebackType
-from typing import Concatenate, Final, ParamSpec, Self, TypeVar
+from typing import Final, Self
 
-from tokenwire.errors import ConfigError, InvalidArgumentError
+from tokenwire.errors import InvalidArgumentError
+from tokenwire.stores._sqlite import SQLiteDatabase, read_transaction, write_transaction
 from tokenwire.stores.conversations import (
     Conversation,
     StoreClosedError,
@@ -46,9 +41,6 @@ from tokenwire.stores.conversations import (
 )
 
 __all__ = ["MIGRATIONS", "SQLiteConversationStore"]
-
-_T = TypeVar("_T")
-_P = ParamSpec("_P")
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 1: conversations and their messages.
@@ -89,14 +81,6 @@ _MESSAGE_PREFIX: Final = "msg"
 _MESSAGE_COLUMNS: Final = "id, conversation_id, role, content, created_at, turn_id, complete"
 
 
-@dataclass(frozen=True, slots=True)
-class _Worker:
-    """The open connection and the one thread allowed to touch it."""
-
-    executor: ThreadPoolExecutor
-    conn: sqlite3.Connection
-
-
 class SQLiteConversationStore:
     """A :class:`~tokenwire.stores.ConversationStore` in one SQLite file.
 
@@ -121,59 +105,30 @@ class SQLiteConversationStore:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._path = os.fspath(path)
+        self._db = SQLiteDatabase(
+            path,
+            migrations=MIGRATIONS,
+            name="conversation",
+            closed_error=StoreClosedError,
+            thread_name="tokenwire-sqlite",
+        )
         self._clock = clock
-        self._worker: _Worker | None = None
-        self._closed = False
-        # Serializes open() and close() so racing calls cannot start two workers.
-        self._lifecycle = asyncio.Lock()
 
     @property
     def path(self) -> str:
         """The database file, or ``":memory:"``."""
-        return self._path
+        return self._db.path
 
     async def open(self) -> None:
         """Connect, set the pragmas and apply pending migrations. A second call is a no-op."""
-        async with self._lifecycle:
-            await self._open()
-
-    async def _open(self) -> None:
-        if self._worker is not None:
-            return
-        if self._closed:
-            raise StoreClosedError("conversation store is closed and cannot be reopened")
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-sqlite")
-        opened: list[sqlite3.Connection] = []
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect, opened)
-        except BaseException:
-            # Failed or cancelled: the connect may still finish on the worker,
-            # so close what it opened there (a connection stays on its thread).
-            executor.submit(_close_all, opened)
-            executor.shutdown(wait=True)
-            raise
-        self._worker = _Worker(executor, conn)
+        await self._db.open()
 
     async def close(self) -> None:
         """Finish queued calls, close the connection and stop the worker thread.
 
         Idempotent. Calls made after ``close()`` starts raise StoreClosedError.
         """
-        async with self._lifecycle:
-            await self._close()
-
-    async def _close(self) -> None:
-        worker, self._worker, self._closed = self._worker, None, True
-        if worker is None:
-            return
-        # Calls queued before this one still run first (one thread, FIFO);
-        # calls made from now on are refused by _run.
-        try:
-            await asyncio.get_running_loop().run_in_executor(worker.executor, worker.conn.close)
-        finally:
-            # The queue is empty by now, so this join returns at once.
-            worker.executor.shutdown(wait=True)
+        await self._db.close()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -189,13 +144,13 @@ class SQLiteConversationStore:
 
     async def create_conversation(self, owner: str, *, title: str) -> Conversation:
         """Create an empty conversation owned by ``owner``."""
-        return await self._run(self._create_conversation, owner, title)
+        return await self._db.run(self._create_conversation, owner, title)
 
     async def get_conversation(self, owner: str, conversation_id: str) -> Conversation:
         """Return ``owner``'s conversation; NotFoundError if missing, foreign or malformed."""
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._run(self._get_conversation, owner, conversation_id)
+        return await self._db.run(self._get_conversation, owner, conversation_id)
 
     async def add_message(
         self,
@@ -221,7 +176,7 @@ class SQLiteConversationStore:
             validate_message_id(message_id)
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._run(
+        return await self._db.run(
             self._add_message,
             owner,
             conversation_id,
@@ -239,46 +194,9 @@ class SQLiteConversationStore:
         validate_limit(limit)
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._run(self._list_messages, owner, conversation_id, limit)
-
-    # --- event-loop side -------------------------------------------------
-
-    async def _run(
-        self,
-        fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
-        *args: _P.args,
-        **kwargs: _P.kwargs,
-    ) -> _T:
-        """Run ``fn(conn, *args, **kwargs)`` on the worker thread."""
-        worker = self._worker
-        if worker is None:
-            if self._closed:
-                raise StoreClosedError("conversation store is closed")
-            raise StoreClosedError("conversation store is not open; call open() first")
-        call = functools.partial(fn, worker.conn, *args, **kwargs)
-        # If the awaiting task is cancelled the call still runs to commit or
-        # rollback on the worker; only its result is dropped.
-        return await asyncio.get_running_loop().run_in_executor(worker.executor, call)
+        return await self._db.run(self._list_messages, owner, conversation_id, limit)
 
     # --- worker-thread side: everything below touches the connection -------
-
-    def _connect(self, opened: list[sqlite3.Connection]) -> sqlite3.Connection:
-        if self._path != ":memory:":
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every
-        # transaction boundary is explicit.
-        conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA busy_timeout = 5000")
-            _migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        opened.append(conn)
-        return conn
 
     def _create_conversation(
         self, conn: sqlite3.Connection, owner: str, title: str
@@ -291,7 +209,7 @@ class SQLiteConversationStore:
             created_at=now,
             updated_at=now,
         )
-        with _write(conn):
+        with write_transaction(conn):
             conn.execute(
                 "INSERT INTO conversations (id, owner, title, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -324,7 +242,7 @@ class SQLiteConversationStore:
         complete: bool,
     ) -> StoredMessage:
         now = self._clock()
-        with _write(conn):
+        with write_transaction(conn):
             # The ownership check and the bump are one statement; MAX keeps
             # updated_at from stepping backwards when the clock does.
             bumped = conn.execute(
@@ -362,7 +280,7 @@ class SQLiteConversationStore:
         self, conn: sqlite3.Connection, owner: str, conversation_id: str, limit: int | None
     ) -> list[StoredMessage]:
         # One read transaction, so the ownership check and the rows agree.
-        with _read(conn):
+        with read_transaction(conn):
             owned = conn.execute(
                 "SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
                 (conversation_id, owner),
@@ -389,51 +307,3 @@ class SQLiteConversationStore:
             )
             for row in rows
         ]
-
-
-def _close_all(connections: list[sqlite3.Connection]) -> None:
-    for conn in connections:
-        conn.close()
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
-    """``BEGIN …`` then COMMIT, or ROLLBACK on any error (a failed COMMIT included)."""
-    conn.execute(begin)
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _write(conn: sqlite3.Connection) -> AbstractContextManager[None]:
-    # IMMEDIATE takes the write lock up front, so a read-then-write (seq)
-    # cannot race another writer, even one in another process.
-    return _transaction(conn, "BEGIN IMMEDIATE")
-
-
-def _read(conn: sqlite3.Connection) -> AbstractContextManager[None]:
-    return _transaction(conn, "BEGIN")
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Apply the migrations this file has not seen, one transaction each."""
-    for version, statements in enumerate(MIGRATIONS, start=1):
-        with _write(conn):
-            # Re-read under the write lock: another process may have migrated
-            # the file since we last looked.
-            (current,) = conn.execute("PRAGMA user_version").fetchone()
-            if current > len(MIGRATIONS):
-                raise ConfigError(
-                    f"conversation database is at schema version {current}, newer than"
-                    f" this tokenwire knows ({len(MIGRATIONS)}); upgrade tokenwire"
-                )
-            if current >= version:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            # PRAGMA takes no parameters; `version` is our own int.
-            conn.execute(f"PRAGMA user_version = {version}")
