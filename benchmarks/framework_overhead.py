@@ -52,13 +52,16 @@ __all__ = [
     "DEFAULT",
     "QUICK",
     "ArmResult",
+    "LoadClient",
     "OverheadReport",
     "OverheadSettings",
     "RowResult",
     "bare_server",
     "format_report",
+    "load_client",
     "main",
     "measure_overhead",
+    "run_rounds",
 ]
 
 # ASCII only: with the byte tokenizer every token is then one character and one Delta.
@@ -255,7 +258,9 @@ async def bare_server() -> AsyncIterator[str]:
         await server.stop(0)
 
 
-class _Client(Protocol):
+class LoadClient(Protocol):
+    """Runs a :class:`LoadJob` and returns what it measured."""
+
     async def run(self, job: LoadJob) -> LoadResult: ...
 
 
@@ -296,7 +301,8 @@ class _ProcessClient:
 
 
 @contextlib.asynccontextmanager
-async def _client(own_process: bool) -> AsyncIterator[_Client]:
+async def load_client(own_process: bool) -> AsyncIterator[LoadClient]:
+    """A load client in its own process (``own_process``) or on this event loop."""
     if not own_process:
         yield _SameLoopClient()
         return
@@ -305,6 +311,26 @@ async def _client(own_process: bool) -> AsyncIterator[_Client]:
         yield client
     finally:
         await client.close()
+
+
+async def run_rounds(
+    client: LoadClient, rows: Sequence[Sequence[tuple[ArmResult, LoadJob]]], rounds: int
+) -> None:
+    """Run each row's jobs once per round, adding each run to its arm.
+
+    Within a row the arms run back to back, in reverse order every other round
+    so that none always goes first; each run is recorded with this process's CPU
+    time during it.
+    """
+    for round_index in range(rounds):
+        for row in rows:
+            arms = list(row)
+            if round_index % 2:
+                arms.reverse()  # neither server always goes first
+            for arm, job in arms:
+                cpu = time.process_time()
+                run = await client.run(job)
+                arm.add(run, time.process_time() - cpu)
 
 
 async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadReport:
@@ -328,21 +354,25 @@ async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadRepo
             )
             running = await stack.enter_async_context(running_server(backend, config_for_tests()))
             tokenwire[chunk] = running.address
-        client = await stack.enter_async_context(_client(settings.client_process))
+        client = await stack.enter_async_context(load_client(settings.client_process))
         # Warm-up: imports, first-call paths and connections, not measured.
         warm = max(settings.concurrency)
         for target in (bare, *tokenwire.values()):
             await client.run(LoadJob(target, warm, 1, min(16, settings.max_tokens)))
-        for round_index in range(settings.rounds):
-            for row in rows:
-                arms = [(row.bare, bare), (row.tokenwire, tokenwire[row.tokens_per_chunk])]
-                if round_index % 2:
-                    arms.reverse()  # neither server always goes first
-                for arm, target in arms:
-                    job = LoadJob(target, row.clients, row.turns, settings.max_tokens)
-                    cpu = time.process_time()
-                    run = await client.run(job)
-                    arm.add(run, time.process_time() - cpu)
+        await run_rounds(
+            client,
+            [
+                [
+                    (arm, LoadJob(target, row.clients, row.turns, settings.max_tokens))
+                    for arm, target in (
+                        (row.bare, bare),
+                        (row.tokenwire, tokenwire[row.tokens_per_chunk]),
+                    )
+                ]
+                for row in rows
+            ],
+            settings.rounds,
+        )
     return OverheadReport(settings, rows, os.cpu_count() or 0, time.perf_counter() - started)
 
 

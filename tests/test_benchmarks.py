@@ -8,6 +8,9 @@ import math
 import pytest
 
 from benchmarks.framework_overhead import QUICK, format_report, measure_overhead
+from benchmarks.interceptor_chain import QUICK as CHAIN_QUICK
+from benchmarks.interceptor_chain import format_report as format_chain_report
+from benchmarks.interceptor_chain import measure_chain
 from benchmarks.loadgen import format_table, percentile, run_load
 from tokenwire.testing import FakeBackend, running_server
 
@@ -83,3 +86,29 @@ async def test_overhead_measures_both_servers_and_their_ratio() -> None:
         cpu = row.bare.cpu_us_per_token / row.tokenwire.cpu_us_per_token
         assert cpu == pytest.approx(row.cpu_ratio)
     assert "per-call info logging off" in format_report(report)
+
+
+async def test_interceptor_chain_measures_both_arms_and_their_ratio() -> None:
+    """The quickest chain run streams every token through both arms and reports their ratio."""
+    settings = dataclasses.replace(
+        CHAIN_QUICK,
+        concurrency=(2,),
+        max_tokens=8,
+        tokens_per_run=1,
+        min_turns=1,
+        rounds=1,
+        redis_url="",
+        client_process=False,
+    )
+    report = await measure_chain(settings)
+    assert ("none", "chain") == report.arms
+    assert 0 == report.failed_turns
+    [row] = report.rows
+    none, chain = row.arms["none"], row.arms["chain"]
+    assert [2 * 1 * 8] == [r.tokens for r in none.runs]
+    assert [2 * 1 * 8] == [r.tokens for r in chain.runs]
+    assert none.tokens_per_s > 0
+    assert chain.tokens_per_s > 0
+    assert chain.tokens_per_s / none.tokens_per_s == pytest.approx(row.ratio("chain"))
+    assert 1 - row.ratio("chain") == pytest.approx(row.cost("chain"))
+    assert "Target: the chain costs under 15%" in format_chain_report(report)
