@@ -42,19 +42,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-import grpc
-
-from benchmarks import loadgen
 from benchmarks.framework_overhead import ArmResult, load_client, run_rounds
-from benchmarks.loadgen import LoadJob, LoadResult
+from benchmarks.loadgen import LoadJob
 from tokenwire.auth.keys import make_principal
 from tokenwire.config import Config, LoggingConfig
 from tokenwire.interceptors import ErrorsInterceptor, Interceptor, default_interceptors
-from tokenwire.interceptors.auth import AUTHORIZATION_HEADER, AuthInterceptor
+from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.interceptors.moderation import ModerationInterceptor
 from tokenwire.interceptors.quotas import QuotaInterceptor
 from tokenwire.logs import configure_logging
@@ -66,7 +63,6 @@ __all__ = [
     "ARMS",
     "DEFAULT",
     "QUICK",
-    "BearerLoadJob",
     "ChainReport",
     "ChainRow",
     "ChainSettings",
@@ -217,64 +213,6 @@ class ChainReport:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class BearerLoadJob(LoadJob):
-    """A :class:`LoadJob` whose calls carry ``authorization: Bearer <key>``."""
-
-    bearer: str = ""
-
-    async def run(self) -> LoadResult:
-        """Run this load here, every call with the bearer header."""
-        with _channels_sending(((AUTHORIZATION_HEADER, f"Bearer {self.bearer}"),)):
-            return await LoadJob.run(self)
-
-
-if TYPE_CHECKING:
-    _UnaryStreamClientInterceptor = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-else:  # the runtime class is not generic
-    _UnaryStreamClientInterceptor = grpc.aio.UnaryStreamClientInterceptor
-
-
-class _MetadataInterceptor(_UnaryStreamClientInterceptor):
-    """Adds fixed metadata to every server-streaming call (once per call)."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        metadata = grpc.aio.Metadata(*self._metadata)
-        for key, value in client_call_details.metadata or ():
-            metadata.add(key, value)
-        details = grpc.aio.ClientCallDetails(
-            client_call_details.method,
-            client_call_details.timeout,
-            metadata,
-            client_call_details.credentials,
-            client_call_details.wait_for_ready,
-        )
-        return await continuation(details, request)
-
-
-@contextlib.contextmanager
-def _channels_sending(metadata: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    # run_load opens its own channels and takes no metadata: give the channels it
-    # opens meanwhile an interceptor that adds ours. Jobs run one at a time.
-    opener = loadgen._open_channel
-
-    def open_channel(target: str, own_connection: bool) -> grpc.aio.Channel:
-        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
-        interceptor = cast("grpc.aio.ClientInterceptor", _MetadataInterceptor(metadata))
-        return grpc.aio.insecure_channel(target, options=options, interceptors=[interceptor])
-
-    loadgen._open_channel = open_channel
-    try:
-        yield
-    finally:
-        loadgen._open_channel = opener
-
-
 def _quota_config(store: str, redis_url: str) -> QuotaConfig:
     return QuotaConfig(
         store=store,
@@ -381,9 +319,7 @@ async def measure_chain(settings: ChainSettings = DEFAULT) -> ChainReport:
             # Warm-up: imports, first-call paths, connections, the key cache; not measured.
             warm = max(settings.concurrency)
             for name in arms:
-                job = BearerLoadJob(
-                    addresses[name], warm, 1, min(16, settings.max_tokens), bearer=key
-                )
+                job = LoadJob(addresses[name], warm, 1, min(16, settings.max_tokens), api_key=key)
                 for code, count in (await client.run(job)).errors.items():
                     warmup_errors[code] = warmup_errors.get(code, 0) + count
             await run_rounds(
@@ -392,12 +328,12 @@ async def measure_chain(settings: ChainSettings = DEFAULT) -> ChainReport:
                     [
                         (
                             row.arms[name],
-                            BearerLoadJob(
+                            LoadJob(
                                 addresses[name],
                                 row.clients,
                                 row.turns,
                                 settings.max_tokens,
-                                bearer=key,
+                                api_key=key,
                             ),
                         )
                         for name in arms

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from tokenwire.auth.bootstrap import read_key_file
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PROMPT = "Tell me a story about a lighthouse keeper."
+DEFAULT_KEY_FILE = ".tokenwire/admin.key"
 # One channel means one HTTP/2 connection for all clients; "per-client" opens one
 # connection each (a local subchannel pool, or gRPC would share the connection).
 CHANNEL_MODES = ("shared", "per-client")
@@ -163,6 +166,7 @@ async def _client(
     request: chat_pb2.CompleteRequest,
     turns: int,
     timeout_s: float | None,
+    metadata: tuple[tuple[str, str], ...] | None,
     result: LoadResult,
     errors: Counter[str],
 ) -> None:
@@ -174,7 +178,7 @@ async def _client(
         tokens = messages = deltas = 0
         sent = clock()
         last = 0.0
-        call = stub.Complete(request, timeout=timeout_s)
+        call = stub.Complete(request, timeout=timeout_s, metadata=metadata)
         try:
             async for response in call:
                 messages += 1
@@ -216,12 +220,14 @@ async def run_load(
     model: str = "",
     timeout_s: float | None = None,
     connect_timeout_s: float = 10.0,
+    api_key: str = "",
 ) -> LoadResult:
     """Run ``clients`` concurrent clients, ``turns`` Complete calls each, against ``target``.
 
     Channels connect before the clock starts, so ``elapsed_s`` covers streaming only;
     TimeoutError if they cannot connect within ``connect_timeout_s``. A turn that
-    ends with a non-OK status is counted under its code, not raised.
+    ends with a non-OK status is counted under its code, not raised. A non-empty
+    ``api_key`` is sent with every call as ``authorization: Bearer <key>``.
     """
     if clients < 1 or turns < 1 or max_tokens < 0:
         raise ValueError("clients and turns must be >= 1 and max_tokens >= 0")
@@ -245,10 +251,11 @@ async def run_load(
             model=model,
             params=chat_pb2.SamplingParams(temperature=temperature, max_tokens=max_tokens),
         )
+        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         start = time.perf_counter()
         await asyncio.gather(
             *(
-                _client(stubs[i % count], request, turns, timeout_s, result, errors)
+                _client(stubs[i % count], request, turns, timeout_s, metadata, result, errors)
                 for i in range(clients)
             )
         )
@@ -268,10 +275,18 @@ class LoadJob:
     turns: int
     max_tokens: int
     prompt: str = DEFAULT_PROMPT
+    api_key: str = ""
 
     async def run(self) -> LoadResult:
         """Run this load here."""
-        return await run_load(self.target, self.clients, self.turns, self.max_tokens, self.prompt)
+        return await run_load(
+            self.target,
+            self.clients,
+            self.turns,
+            self.max_tokens,
+            self.prompt,
+            api_key=self.api_key,
+        )
 
 
 def serve_load_jobs(conn: Connection) -> None:
@@ -327,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one connection for all clients, or one each",
     )
     p.add_argument("--timeout-s", type=float, default=None, help="deadline of each call")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TOKENWIRE_API_KEY") or read_key_file(DEFAULT_KEY_FILE) or "",
+        help="API key sent as a bearer token (default: $TOKENWIRE_API_KEY, else the key "
+        f"`tokenwire serve` wrote to {DEFAULT_KEY_FILE}); empty: none",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     return p
 
@@ -345,6 +366,7 @@ async def _run(args: argparse.Namespace) -> list[LoadResult]:
                 channel_mode=args.channel,
                 model=args.model,
                 timeout_s=args.timeout_s,
+                api_key=args.api_key,
             )
         )
     return results
