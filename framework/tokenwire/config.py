@@ -70,6 +70,15 @@ class ServerConfig:
         True, "set SO_REUSEPORT so several gateway processes can share one port"
     )
     reflection: bool = _field(True, "serve gRPC server reflection (for grpcurl and similar tools)")
+    tls_cert_file: str = _field(
+        "", "PEM certificate chain of the server; set with tls_key_file to serve TLS"
+    )
+    tls_key_file: str = _field("", "PEM private key of the server's certificate")
+    tls_client_ca_file: str = _field(
+        "",
+        "PEM CA bundle that client certificates must chain to; set it to require client "
+        "certificates (mTLS; with auth.mtls the certificate's subject is the caller)",
+    )
 
 
 @dataclass(frozen=True, slots=True)

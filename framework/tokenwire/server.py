@@ -26,7 +26,7 @@ from tokenwire.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.auth.bootstrap import admin_key_notice
 from tokenwire.backend import Backend, create_backend
 from tokenwire.chat import ChatServicer, ModelServicer
-from tokenwire.config import Config
+from tokenwire.config import Config, ServerConfig
 from tokenwire.errors import ConfigError
 from tokenwire.frontend import ChatModel, frontend_for
 from tokenwire.interceptors import Interceptor, InterceptorChain, default_interceptors
@@ -87,7 +87,30 @@ class TokenwireServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        """Load the model, open the store, bind and start serving."""
+        """Load the model, open the store, bind and start serving.
+
+        If any step fails, what was already opened is closed again before the error
+        propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _release(self) -> None:
+        # Each part's close() is safe on a part that never opened.
+        for close in (
+            self.model.close,
+            *(i.close for i in reversed(self._interceptors)),
+            self._store.close,
+        ):
+            try:
+                await close()
+            except Exception:
+                _log.exception("closing after a failed start failed")
+
+    async def _start(self) -> None:
         await self.model.start()
         await self._store.open()
         for interceptor in self._interceptors:
@@ -120,7 +143,11 @@ class TokenwireServer:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            credentials = _server_credentials(cfg)
+            if credentials is None:
+                self.port = server.add_insecure_port(cfg.listen)
+            else:
+                self.port = server.add_secure_port(cfg.listen, credentials)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {cfg.listen!r}: {exc}") from exc
         if self.port == 0:
@@ -149,10 +176,7 @@ class TokenwireServer:
             await self._server.stop(grace)
         if self._chat is not None and not await self._chat.turns.wait_idle(_SAVE_TIMEOUT_S):
             _log.warning("turns still saving at shutdown", timeout_s=_SAVE_TIMEOUT_S)
-        await self.model.close()
-        for interceptor in reversed(self._interceptors):
-            await interceptor.close()
-        await self._store.close()
+        await self._release()
         _log.info("stopped")
 
     async def wait(self) -> None:
@@ -175,3 +199,31 @@ class TokenwireServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path!r}: {exc}") from exc
+
+
+def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config, or None for a plaintext port."""
+    if not (cfg.tls_cert_file or cfg.tls_key_file or cfg.tls_client_ca_file):
+        return None
+    if not (cfg.tls_cert_file and cfg.tls_key_file):
+        raise ConfigError("server.tls_cert_file and server.tls_key_file must be set together")
+    pair = (
+        _read_pem(cfg.tls_key_file, "server.tls_key_file"),
+        _read_pem(cfg.tls_cert_file, "server.tls_cert_file"),
+    )
+    client_ca = (
+        _read_pem(cfg.tls_client_ca_file, "server.tls_client_ca_file")
+        if cfg.tls_client_ca_file
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
