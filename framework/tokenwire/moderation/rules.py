@@ -281,6 +281,8 @@ class RuleModerator:
         # Runs of one character only matter (and are only cut) where a term could use them.
         letters = {c for term in everything for c in term.letters}
         letters |= {a for c in list(letters) for a in _LEET.get(c, "")} | {" "}
+        # Terms alone let a stream skip checks that cannot find anything new.
+        self._terms_only = not patterns
         self._runs = () if patterns else tuple(c * (_RUN + 1) for c in sorted(letters))
 
     @classmethod
@@ -348,6 +350,7 @@ class RuleStream:
         self._origin = [-1]  # for each skeleton char: index in _held of the char it came from
         self._last = ""  # the last skeleton character, and how many times in a row
         self._run = 0
+        self._flagged: Verdict | None = None  # once flagged, nothing more is released
 
     @property
     def held(self) -> str:
@@ -356,12 +359,33 @@ class RuleStream:
 
     def feed(self, text: str) -> tuple[str, Verdict]:
         """Take the next piece; return ``(text safe to release, verdict)``."""
+        if self._flagged is not None:
+            self._held += text
+            return "", self._flagged
+        rules = self._rules
+        if not self._held and rules._terms_only:
+            # Inside a word with nothing held: no term can start here (terms start
+            # after a non-word character) and none can end settled (that needs a
+            # non-word character after it), so a one-shot check of everything so far
+            # gives what the last one gave and all of it is released.
+            skeleton = text.translate(_TABLE)
+            if skeleton.isalnum() and self._chars[0].isalnum():
+                self._skip_word(skeleton)
+                return text, CLEAN
+        start = len(self._chars)
         self._append(text)
         skeleton = "".join(self._chars)
-        verdict = self._rules._verdict(skeleton, 1, final=False)
-        if verdict.flagged:
-            return "", verdict
-        hold = self._rules._hold_from(skeleton, 1)
+        # A settled term match needs a non-word character after it: with none
+        # appended, any match would have been found by an earlier feed.
+        added = skeleton[start:]
+        if rules._terms_only and (not added or added.isalnum()):
+            verdict = CLEAN
+        else:
+            verdict = rules._verdict(skeleton, 1, final=False)
+            if verdict.flagged:
+                self._flagged = verdict
+                return "", verdict
+        hold = rules._hold_from(skeleton, 1)
         if hold >= len(skeleton):
             released, self._held = self._held, ""
             self._chars, self._origin = [self._chars[-1]], [-1]
@@ -377,11 +401,20 @@ class RuleStream:
 
     def finish(self) -> tuple[str, Verdict]:
         """The answer ended: release what is held, or flag it."""
-        verdict = self._rules._verdict("".join(self._chars), 1, final=True)
+        verdict = self._flagged or self._rules._verdict("".join(self._chars), 1, final=True)
         released = "" if verdict.flagged else self._held
         self._held = ""
         self._chars, self._origin = [self._chars[-1]], [-1]
         return released, verdict
+
+    def _skip_word(self, skeleton: str) -> None:
+        """What :meth:`_append` and a full release leave, for a skeleton of word characters."""
+        last = skeleton[-1]
+        tail = len(skeleton) - len(skeleton.rstrip(last))
+        if tail == len(skeleton) and last == self._last:
+            tail += self._run
+        self._last, self._run = last, min(tail, _RUN)
+        self._chars[0] = last
 
     def _append(self, text: str) -> None:
         table, chars, origin = _TABLE, self._chars, self._origin
