@@ -143,8 +143,12 @@ class _ModerationHook:
         def report(name: str, verdict: Verdict, text: str) -> None:
             self._record(turn, "output", name, verdict, text)
 
+        # Passed checks are recorded only when the audit wants them: a check per token.
         return output_filter(
-            self._moderators, check_chars=self._config.embedding_check_chars, report=report
+            self._moderators,
+            check_chars=self._config.embedding_check_chars,
+            report=report,
+            report_passed=self._audit.all_checks,
         )
 
     async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:

@@ -43,6 +43,9 @@ class _Screen(Protocol):
     async def finish(self) -> tuple[str, Verdict]: ...
 
 
+_HELD = FilterResult("")  # nothing to send yet; shared, as most feeds of a held word return it
+
+
 def _ignore(name: str, verdict: Verdict, text: str) -> None:
     return None
 
@@ -50,21 +53,32 @@ def _ignore(name: str, verdict: Verdict, text: str) -> None:
 class _RuleScreen:
     """Incremental term matching; see :class:`~tokenwire.moderation.rules.RuleStream`."""
 
-    def __init__(self, rules: RuleModerator, report: Report) -> None:
+    def __init__(self, rules: RuleModerator, report: Report, *, report_passed: bool) -> None:
         self._stream: RuleStream = rules.stream()
         self._name = moderator_name(rules)
         self._report = report
+        self._report_passed = report_passed
 
     async def feed(self, text: str) -> tuple[str, Verdict]:
-        checked = self._stream.held + text
-        released, verdict = self._stream.feed(text)
-        self._report(self._name, verdict, checked)
+        return self.feed_now(text)
+
+    def feed_now(self, text: str) -> tuple[str, Verdict]:
+        """:meth:`feed`, synchronously (the rules never wait)."""
+        stream = self._stream
+        if self._report_passed:
+            checked = stream.held + text
+            released, verdict = stream.feed(text)
+            self._report(self._name, verdict, checked)
+            return released, verdict
+        released, verdict = stream.feed(text)
+        if verdict.flagged:  # a flagged feed releases nothing, so it holds all it checked
+            self._report(self._name, verdict, stream.held)
         return released, verdict
 
     async def finish(self) -> tuple[str, Verdict]:
         checked = self._stream.held
         released, verdict = self._stream.finish()
-        if checked:
+        if checked and (self._report_passed or verdict.flagged):
             self._report(self._name, verdict, checked)
         return released, verdict
 
@@ -72,11 +86,14 @@ class _RuleScreen:
 class _PieceScreen:
     """Holds text until a sentence ends (or ``check_chars`` are held), then checks it whole."""
 
-    def __init__(self, moderator: Moderator, check_chars: int, report: Report) -> None:
+    def __init__(
+        self, moderator: Moderator, check_chars: int, report: Report, *, report_passed: bool
+    ) -> None:
         self._moderator = moderator
         self._name = moderator_name(moderator)
         self._check_chars = check_chars
         self._report = report
+        self._report_passed = report_passed
         self._held = ""
 
     async def feed(self, text: str) -> tuple[str, Verdict]:
@@ -95,7 +112,8 @@ class _PieceScreen:
         if not piece.strip():
             return piece, CLEAN
         verdict = await self._moderator.check(piece)
-        self._report(self._name, verdict, piece)
+        if self._report_passed or verdict.flagged:
+            self._report(self._name, verdict, piece)
         return ("", verdict) if verdict.flagged else (piece, verdict)
 
     def _cut(self) -> int:
@@ -116,17 +134,29 @@ class ModerationFilter:
     def __init__(self, screens: Sequence[_Screen]) -> None:
         self._screens = tuple(screens)
         self._flagged: str | None = None
+        # With the rules alone (the usual set-up) a feed never waits.
+        self._rules = (
+            self._screens[0]
+            if len(self._screens) == 1 and isinstance(self._screens[0], _RuleScreen)
+            else None
+        )
 
     async def feed(self, text: str) -> FilterResult:
         if self._flagged is not None:
             return FilterResult("", self._flagged)
+        if self._rules is not None:
+            if text:
+                text, verdict = self._rules.feed_now(text)
+                if verdict.flagged:
+                    return self._flag(verdict)
+            return FilterResult(text) if text else _HELD
         for screen in self._screens:
             if not text:
                 break
             text, verdict = await screen.feed(text)
             if verdict.flagged:
                 return self._flag(verdict)
-        return FilterResult(text)
+        return FilterResult(text) if text else _HELD
 
     async def flush(self) -> FilterResult:
         if self._flagged is not None:
@@ -148,18 +178,24 @@ class ModerationFilter:
 
 
 def output_filter(
-    moderators: Sequence[Moderator], *, check_chars: int = 400, report: Report | None = None
+    moderators: Sequence[Moderator],
+    *,
+    check_chars: int = 400,
+    report: Report | None = None,
+    report_passed: bool = True,
 ) -> ModerationFilter:
     """A fresh filter for one answer, screening with ``moderators`` in order.
+
+    ``report`` hears every check, or only flagged ones without ``report_passed``.
 
     screen = output_filter([RuleModerator()])
     shown = (await screen.feed("Hello, wor")).text + (await screen.flush()).text
     """
     report = report or _ignore
     screens: list[_Screen] = [
-        _RuleScreen(m, report)
+        _RuleScreen(m, report, report_passed=report_passed)
         if isinstance(m, RuleModerator)
-        else _PieceScreen(m, check_chars, report)
+        else _PieceScreen(m, check_chars, report, report_passed=report_passed)
         for m in moderators
     ]
     return ModerationFilter(screens)
