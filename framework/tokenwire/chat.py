@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -49,11 +49,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Converse(
         self, request_iterator: AsyncIterator[chat_pb2.ConverseRequest], context: Context
     ) -> AsyncIterator[chat_pb2.ConverseResponse]:
+        if self.draining:
+            raise UnavailableError("server is shutting down; retry on another server")
         session = _Session(self, request_iterator)
         self._sessions.add(session)
         try:
-            async for response in session.run():
-                yield response
+            responses = session.run()
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
         finally:
             self._sessions.discard(session)
 
@@ -79,7 +83,7 @@ class _Session:
         self._reading = True
         self._closing = False
 
-    async def run(self) -> AsyncIterator[chat_pb2.ConverseResponse]:
+    async def run(self) -> AsyncGenerator[chat_pb2.ConverseResponse, None]:
         reader = asyncio.create_task(self._read())
         try:
             while (response := await self._out.get()) is not None:
@@ -135,7 +139,15 @@ class _Session:
 
     def _cancel(self, turn_id: str) -> None:
         running = self._turn is not None and not self._turn.done()
-        if running and self._state is not None and turn_id in ("", self._state.turn_id):
+        state = self._state
+        # A turn whose answer already ended is not cancelled: its TurnFinished says how.
+        if (
+            running
+            and state is not None
+            and not state.finished
+            and not state.final_sent
+            and (turn_id in ("", state.turn_id))
+        ):
             self._cancel_requested = True
             assert self._turn is not None
             self._turn.cancel()

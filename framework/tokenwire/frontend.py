@@ -16,11 +16,11 @@ A :class:`~tokenwire.backend.TextBackend` is passed through.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from tokenwire.aio import closing
 from tokenwire.backend import (
     Backend,
     ChatMessage,
@@ -118,18 +118,6 @@ class ChatModel(Protocol):
 
 
 T = TypeVar("T")
-
-
-@contextlib.asynccontextmanager
-async def closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
-    """Close ``stream`` on exit if it can be closed (async generators can), so the
-    producer behind it stops at once instead of whenever it is garbage collected."""
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 class StopMatcher:

@@ -16,11 +16,12 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tokenwire.aio import closing, finish_shielded
 from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.config import LimitsConfig
 from tokenwire.context import current_call
 from tokenwire.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
-from tokenwire.frontend import ChatModel, PreparedTurn, TextDelta, TurnParams, closing
+from tokenwire.frontend import ChatModel, PreparedTurn, TextDelta, TurnParams
 from tokenwire.hooks import OutputFilter, TurnHook, TurnInfo, TurnOutcome
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
@@ -215,10 +216,10 @@ class TurnRunner:
                     await hook.before_turn(info)
                     admitted.append(hook)
                 filters = [f for h in admitted if (f := h.output_filter(info)) is not None]
-                async for event in self._stream(
-                    request, response, state, model, turn, owner, filters
-                ):
-                    yield event
+                events = self._stream(request, response, state, model, turn, owner, filters)
+                async with closing(events):
+                    async for event in events:
+                        yield event
                 outcome = TurnOutcome(state.reason, state.prompt_tokens, state.completion_tokens)
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = TurnOutcome(
@@ -231,11 +232,8 @@ class TurnRunner:
                 )
                 raise
             finally:
-                for hook in reversed(admitted):
-                    try:
-                        await asyncio.shield(hook.after_turn(info, outcome))
-                    except Exception:
-                        _log.exception("turn hook failed after the turn", turn_id=state.turn_id)
+                # One shielded task for all hooks: a cancel must not skip any settlement.
+                await finish_shielded(self._after_turn(admitted, info, outcome))
             # Last, after the hooks settled: a client that sees TurnFinished may start the
             # next turn at once and must find this one's quota already refunded.
             state.final_sent = True
@@ -244,6 +242,15 @@ class TurnRunner:
             self._active -= 1
             if not self._active:
                 self._idle.set()
+
+    async def _after_turn(
+        self, admitted: list[TurnHook], info: TurnInfo, outcome: TurnOutcome
+    ) -> None:
+        for hook in reversed(admitted):
+            try:
+                await hook.after_turn(info, outcome)
+            except Exception:
+                _log.exception("turn hook failed after the turn", turn_id=info.turn_id)
 
     async def _stream(
         self,
@@ -318,8 +325,9 @@ class TurnRunner:
             if not state.finished:
                 state.reason = FinishReason.ERROR
         finally:
-            # Shielded: a second cancel must not lose what the user already saw.
-            await asyncio.shield(self._save_answer(owner, state))
+            # Shielded: a second cancel must not lose what the user already saw, and the
+            # turn counts as running (wait_idle) until the answer is stored.
+            await finish_shielded(self._save_answer(owner, state))
         _log.info(
             "turn finished",
             turn_id=state.turn_id,

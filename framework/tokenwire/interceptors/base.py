@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from tokenwire.aio import closing
+
 __all__ = ["CallInfo", "Interceptor", "InterceptorChain", "Proceed"]
 
 if TYPE_CHECKING:
@@ -141,8 +143,10 @@ class InterceptorChain(_ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 responses = await chain(request, context)
-                async for response in responses:
-                    yield response
+                # Closed explicitly: a cancel while grpc sends must stop the producers now.
+                async with closing(responses):
+                    async for response in responses:
+                        yield response
 
             behavior: Callable[..., Any] = stream_behavior
         else:

@@ -21,6 +21,7 @@ import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from tokenwire.aio import closing
 from tokenwire.context import CallState, bind_call
 from tokenwire.errors import TokenwireError, status_of
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
@@ -92,9 +93,10 @@ class ErrorsInterceptor(Interceptor):
     ) -> AsyncIterator[Any]:
         sent = 0
         try:
-            async for response in responses:
-                yield response
-                sent += 1
+            async with closing(responses):
+                async for response in responses:
+                    yield response
+                    sent += 1
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

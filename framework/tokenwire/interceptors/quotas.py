@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 
+from tokenwire.aio import closing
 from tokenwire.context import Principal, current_call
 from tokenwire.errors import ConfigError, ResourceExhaustedError, UnavailableError
 from tokenwire.hooks import OutputFilter, TurnInfo, TurnOutcome
@@ -238,8 +239,10 @@ class QuotaInterceptor(Interceptor):
 
     async def _holding(self, responses: AsyncIterator[Any], held: _Held) -> AsyncIterator[Any]:
         try:
-            async for response in responses:
-                yield response
+            # Closed first, so the work behind the stream has stopped when the slot frees.
+            async with closing(responses):
+                async for response in responses:
+                    yield response
         finally:
             # Before the final status goes out: a client that saw the end may open
             # its next stream at once and find the slot free.
