@@ -28,6 +28,7 @@ from tokenwire.backend import BackendConfig
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
+from tokenwire.settings import setting
 
 __all__ = [
     "ENV_PREFIX",
@@ -43,38 +44,34 @@ __all__ = [
 ENV_PREFIX = "TOKENWIRE_"
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The gRPC listener and its lifecycle."""
 
-    listen: str = _field("127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free port")
-    grace_period_s: float = _field(
+    listen: str = setting("127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free port")
+    grace_period_s: float = setting(
         30.0, "on SIGTERM/SIGINT, seconds in-flight streams get to finish before they are cut"
     )
-    drain_delay_s: float = _field(
+    drain_delay_s: float = setting(
         0.0,
         "on shutdown, seconds to report NOT_SERVING before closing the port "
         "(give load balancers time to notice; e.g. 5 on Kubernetes)",
     )
-    max_receive_message_bytes: int = _field(
+    max_receive_message_bytes: int = setting(
         1 << 20, "largest request message gRPC accepts (bigger is RESOURCE_EXHAUSTED)"
     )
-    max_concurrent_streams: int = _field(
+    max_concurrent_streams: int = setting(
         1024, "most concurrent RPCs the server accepts; further calls are refused"
     )
-    reuse_port: bool = _field(
+    reuse_port: bool = setting(
         True, "set SO_REUSEPORT so several gateway processes can share one port"
     )
-    reflection: bool = _field(True, "serve gRPC server reflection (for grpcurl and similar tools)")
-    tls_cert_file: str = _field(
+    reflection: bool = setting(True, "serve gRPC server reflection (for grpcurl and similar tools)")
+    tls_cert_file: str = setting(
         "", "PEM certificate chain of the server; set with tls_key_file to serve TLS"
     )
-    tls_key_file: str = _field("", "PEM private key of the server's certificate")
-    tls_client_ca_file: str = _field(
+    tls_key_file: str = setting("", "PEM private key of the server's certificate")
+    tls_client_ca_file: str = setting(
         "",
         "PEM CA bundle that client certificates must chain to; set it to require client "
         "certificates (mTLS; with auth.mtls the certificate's subject is the caller)",
@@ -85,26 +82,26 @@ class ServerConfig:
 class LimitsConfig:
     """Bounds on every request; violations are INVALID_ARGUMENT."""
 
-    max_message_chars: int = _field(32_000, "longest user message, in characters")
-    default_max_tokens: int = _field(
+    max_message_chars: int = setting(32_000, "longest user message, in characters")
+    default_max_tokens: int = setting(
         512, "completion tokens when a request leaves max_tokens at 0 (capped by the context)"
     )
-    max_stop_strings: int = _field(8, "most stop strings in one request")
-    max_stop_chars: int = _field(256, "longest stop string, in characters")
-    max_idempotency_key_chars: int = _field(128, "longest idempotency key")
-    max_model_name_chars: int = _field(256, "longest model name in a request")
-    max_history_messages: int = _field(
+    max_stop_strings: int = setting(8, "most stop strings in one request")
+    max_stop_chars: int = setting(256, "longest stop string, in characters")
+    max_idempotency_key_chars: int = setting(128, "longest idempotency key")
+    max_model_name_chars: int = setting(256, "longest model name in a request")
+    max_history_messages: int = setting(
         64, "most stored messages of a conversation sent to the model as history"
     )
-    system_prompt: str = _field("", "system message prepended to every conversation; empty: none")
+    system_prompt: str = setting("", "system message prepended to every conversation; empty: none")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     """Where conversations live."""
 
-    data_dir: str = _field(".tokenwire", "directory for the server's files (SQLite database)")
-    sqlite_path: str = _field(
+    data_dir: str = setting(".tokenwire", "directory for the server's files (SQLite database)")
+    sqlite_path: str = setting(
         "", "SQLite database file; empty: conversations.db in data_dir; ':memory:' keeps nothing"
     )
 
@@ -117,8 +114,8 @@ class StoreConfig:
 class LoggingConfig:
     """Structured logs."""
 
-    format: str = _field("console", "'console' for people, 'json' for log shippers")
-    level: str = _field("info", "debug, info, warning or error")
+    format: str = setting("console", "'console' for people, 'json' for log shippers")
+    level: str = setting("info", "debug, info, warning or error")
 
 
 @dataclass(frozen=True, slots=True)

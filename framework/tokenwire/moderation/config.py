@@ -8,57 +8,53 @@ embedding_threshold = 0.5
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from tokenwire.errors import ConfigError
+from tokenwire.settings import setting
 
 __all__ = ["MODERATORS", "ModerationConfig"]
 
 MODERATORS = ("rules", "embedding", "both")
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True, slots=True)
 class ModerationConfig:
     """Input and output moderation, with an audit log of its decisions."""
 
-    enabled: bool = _field(True, "moderate chat turns at all")
-    moderator: str = _field(
+    enabled: bool = setting(True, "moderate chat turns at all")
+    moderator: str = setting(
         "rules", "'rules' (terms and patterns), 'embedding' (a sentence-embedding model) or 'both'"
     )
-    input: bool = _field(True, "check the user's message before the model runs")
-    output: bool = _field(
+    input: bool = setting(True, "check the user's message before the model runs")
+    output: bool = setting(
         True, "check the answer as it streams, holding text back until it is checked"
     )
-    output_window_chars: int = _field(
+    output_window_chars: int = setting(
         64,
         "normalized characters of the answer held back for the rules' regex patterns "
         "(a pattern must match within this many); plain terms need no fixed window",
     )
-    rules_file: str = _field(
+    rules_file: str = setting(
         "", "TOML file with [categories.NAME] terms and patterns; empty: the built-in rules"
     )
-    embedding_threshold: float = _field(
+    embedding_threshold: float = setting(
         0.5,
         "cosine similarity to a category's exemplars at which the embedding moderator "
         "flags (it must also beat the safe exemplars)",
     )
-    embedding_exemplars_file: str = _field(
+    embedding_exemplars_file: str = setting(
         "", "TOML file with [categories.NAME] and [safe] examples; empty: the built-in set"
     )
-    embedding_check_chars: int = _field(
+    embedding_check_chars: int = setting(
         400,
         "the embedding moderator checks held-back output at each sentence end "
         "or after this many characters",
     )
-    audit: bool = _field(
+    audit: bool = setting(
         True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
     )
-    audit_all_checks: bool = _field(
+    audit_all_checks: bool = setting(
         False, "also log every check that passed (verbose: one line per checked output window)"
     )
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.errors import ConfigError
+from tokenwire.settings import setting
 
 __all__ = ["PLAN_FIELDS", "PlanLimits", "QuotaConfig", "parse_plan", "parse_plans"]
 
@@ -55,21 +56,17 @@ _SHORT_NAMES = {
 }
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True, slots=True)
 class PlanLimits:
     """The limits of one plan; 0 means unlimited."""
 
-    requests_per_minute: int = _field(
+    requests_per_minute: int = setting(
         0, "calls per window (each Converse StartTurn is one; the stream itself is not)"
     )
-    tokens_per_minute: int = _field(
+    tokens_per_minute: int = setting(
         0, "prompt plus completion tokens per window (reserved at max_tokens, then settled)"
     )
-    concurrent_streams: int = _field(0, "streaming calls open at once")
+    concurrent_streams: int = setting(0, "streaming calls open at once")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -162,16 +159,16 @@ def _no_tenant_plans() -> Mapping[str, str]:
 class QuotaConfig:
     """Quotas: requests, tokens and concurrent streams per principal and per tenant."""
 
-    enabled: bool = _field(True, "apply quotas; false admits every call uncounted")
-    store: str = _field(
+    enabled: bool = setting(True, "apply quotas; false admits every call uncounted")
+    store: str = setting(
         "memory", "'memory' (this process only) or 'redis' (one budget shared by all gateways)"
     )
-    redis_url: str = _field("redis://127.0.0.1:6379/0", "Redis server for store = 'redis'")
-    redis_timeout_s: float = _field(
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis server for store = 'redis'")
+    redis_timeout_s: float = setting(
         1.0, "seconds a Redis connect or command may take before the store counts as down"
     )
-    key_prefix: str = _field("tokenwire:quota:", "prefix of every Redis key the quotas use")
-    window_s: float = _field(
+    key_prefix: str = setting("tokenwire:quota:", "prefix of every Redis key the quotas use")
+    window_s: float = setting(
         60.0, "seconds the *_per_minute limits apply to (60: per minute); buckets refill evenly"
     )
     plans: Mapping[str, PlanLimits] = field(
@@ -181,25 +178,25 @@ class QuotaConfig:
             "'NAME=rpm:60 tpm:40000 streams:4,...'; 0 or absent: unlimited"
         },
     )
-    default_plan: str = _field(
+    default_plan: str = setting(
         "default", "plan for principals whose plan is not in plans (must be in plans)"
     )
     tenant_plans: Mapping[str, str] = field(
         default_factory=_no_tenant_plans,
         metadata={"help": "tenant -> plan whose limits all the tenant's principals share"},
     )
-    tenant_default_plan: str = _field(
+    tenant_default_plan: str = setting(
         "", "shared plan of tenants not in tenant_plans; empty: no tenant-wide limits"
     )
-    lease_ttl_s: float = _field(
+    lease_ttl_s: float = setting(
         30.0,
         "Redis: a stream's slot expires this long after its gateway last renewed it "
         "(renewed every third of it), so a crashed gateway's slots free within it",
     )
-    concurrency_retry_s: float = _field(
+    concurrency_retry_s: float = setting(
         1.0, "retry delay advised when all stream slots are taken (streams end unforeseeably)"
     )
-    fail_open: bool = _field(
+    fail_open: bool = setting(
         False, "when the quota store is unreachable: true admits calls, false refuses UNAVAILABLE"
     )
 
