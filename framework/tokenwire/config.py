@@ -28,7 +28,7 @@ from tokenwire.backend import BackendConfig
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
-from tokenwire.settings import setting
+from tokenwire.settings import parse_pairs, setting
 
 __all__ = [
     "ENV_PREFIX",
@@ -146,10 +146,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         origin = typing.get_origin(kind)
     try:
         if origin is not None and issubclass(origin, Mapping):
-            if isinstance(value, Mapping):
-                return {str(k): str(v) for k, v in value.items()}
-            pairs = [p.split("=", 1) for p in str(value).split(",") if p.strip()]
-            return {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, Mapping):
+                return parse_pairs(str(value), where)
+            # A table of tables (e.g. quota plans) stays nested for its section to parse.
+            as_text = typing.get_args(kind)[1:] == (str,)
+            return {str(k): str(v) if as_text else v for k, v in value.items()}
         if kind is bool:
             if isinstance(value, bool):
                 return value

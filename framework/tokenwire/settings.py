@@ -11,9 +11,19 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
-__all__ = ["setting"]
+from tokenwire.errors import ConfigError
+
+__all__ = ["parse_pairs", "setting"]
 
 
 def setting(default: Any, help: str) -> Any:
     """A dataclass field with ``default`` whose description is ``help``."""
     return field(default=default, metadata={"help": help})
+
+
+def parse_pairs(text: str, where: str, example: str = "key=value,key=value") -> dict[str, str]:
+    """``"a=1, b=2"`` → ``{"a": "1", "b": "2"}``: the environment's form of a table."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ConfigError(f"{where}: expected {example!r}, got {text!r}")
+    return {key.strip(): value.strip() for key, value in pairs}

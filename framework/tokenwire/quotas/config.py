@@ -34,7 +34,6 @@ The limits called ``*_per_minute`` hold per ``window_s`` seconds (60 by default)
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import re
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.errors import ConfigError
-from tokenwire.settings import setting
+from tokenwire.settings import parse_pairs, setting
 
 __all__ = ["PLAN_FIELDS", "PlanLimits", "QuotaConfig", "parse_plan", "parse_plans"]
 
@@ -85,22 +84,11 @@ _ITEM = re.compile(r"[\s;]+")
 
 
 def parse_plan(value: PlanLimits | Mapping[str, Any] | str, where: str = "plan") -> PlanLimits:
-    """A plan from a TOML table, a mapping, or the string form ``rpm:60 tpm:40000 streams:4``.
-
-    The string a generic config loader makes of a table (``"{'rpm': 60}"``) is read too.
-    """
+    """A plan from a TOML table, a mapping, or the string form ``rpm:60 tpm:40000 streams:4``."""
     if isinstance(value, PlanLimits):
         return value
     if isinstance(value, str):
         text = value.strip()
-        if text.startswith("{"):
-            try:
-                literal = ast.literal_eval(text)
-            except (ValueError, SyntaxError) as exc:
-                raise ConfigError(f"{where}: cannot read {value!r}: {exc}") from exc
-            if not isinstance(literal, Mapping):
-                raise ConfigError(f"{where}: expected a table, got {value!r}")
-            return parse_plan(literal, where)
         items: dict[str, Any] = {}
         for item in _ITEM.split(text):
             if not item:
@@ -138,10 +126,7 @@ def parse_plans(
 ) -> dict[str, PlanLimits]:
     """Plans by name from a TOML table of tables, or ``name=rpm:60 streams:4,other=...``."""
     if isinstance(value, str):
-        pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ConfigError(f"{where}: expected 'name=rpm:60 tpm:40000,...', got {value!r}")
-        value = {name.strip(): spec for name, spec in pairs}
+        value = parse_pairs(value, where, "name=rpm:60 tpm:40000,...")
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a table of plans, got {value!r}")
     return {str(name): parse_plan(spec, f"{where}.{name}") for name, spec in value.items()}
@@ -205,10 +190,7 @@ class QuotaConfig:
         object.__setattr__(self, "plans", types.MappingProxyType(plans))
         given: object = self.tenant_plans  # a string too, from the environment
         if isinstance(given, str):
-            pairs = [p.split("=", 1) for p in given.split(",") if p.strip()]
-            if any(len(pair) != 2 for pair in pairs):
-                raise ConfigError(f"quotas.tenant_plans: expected 'tenant=plan,...', got {given!r}")
-            given = {k.strip(): v.strip() for k, v in pairs}
+            given = parse_pairs(given, "quotas.tenant_plans", "tenant=plan,...")
         if not isinstance(given, Mapping):
             raise ConfigError(f"quotas.tenant_plans: expected a table, got {given!r}")
         tenant_plans = {str(k): str(v) for k, v in given.items()}
