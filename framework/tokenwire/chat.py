@@ -28,6 +28,10 @@ _log = get_logger("tokenwire.chat")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _shutting_down() -> UnavailableError:
+    return UnavailableError("server is shutting down; retry on another server")
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Serves Complete and Converse; :meth:`drain` ends sessions at their next idle point."""
 
@@ -40,7 +44,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.CompleteRequest, context: Context
     ) -> AsyncIterator[chat_pb2.CompleteResponse]:
         if self.draining:
-            raise UnavailableError("server is shutting down; retry on another server")
+            raise _shutting_down()
         responses = self.turns.run(request, chat_pb2.CompleteResponse, TurnState())
         async with contextlib.aclosing(responses):
             async for response in responses:
@@ -50,7 +54,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request_iterator: AsyncIterator[chat_pb2.ConverseRequest], context: Context
     ) -> AsyncIterator[chat_pb2.ConverseResponse]:
         if self.draining:
-            raise UnavailableError("server is shutting down; retry on another server")
+            raise _shutting_down()
         session = _Session(self, request_iterator)
         self._sessions.add(session)
         try:
@@ -131,7 +135,7 @@ class _Session:
             )
             return
         if self._servicer.draining:
-            self._error(UnavailableError("server is shutting down; retry on another server"))
+            self._error(_shutting_down())
             return
         self._state = TurnState()
         self._cancel_requested = False
