@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tokenwire import __version__, chat_client
+from tokenwire import __version__
+from tokenwire import client as chat_client
 from tokenwire.auth.cli import add_keys_parser, run_keys
 from tokenwire.config import describe, load_config
 from tokenwire.errors import ConfigError

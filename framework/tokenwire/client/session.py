@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TextIO, TypeAlias
 
 import grpc
 
-from tokenwire.chat_common import (
+from tokenwire.client.options import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,

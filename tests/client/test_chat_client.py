@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tokenwire import chat_client
-from tokenwire.chat_client import ChatOptions, ChatSession, LineReader
+from tokenwire import client as chat_client
+from tokenwire.client import ChatOptions, ChatSession, LineReader
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
 WORDS = ("Paris", " is", " the", " capital", " of", " France", ".")

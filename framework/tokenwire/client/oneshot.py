@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
-from tokenwire.chat_common import (
+from tokenwire.client.options import (
     API_KEY_ENV,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -43,7 +43,7 @@ from tokenwire.chat_common import (
     _write,
     exit_code_for,
 )
-from tokenwire.chat_session import ChatSession, LineReader, run_interactive
+from tokenwire.client.session import ChatSession, LineReader, run_interactive
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
 if TYPE_CHECKING:
