@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from tests.auth.conftest import auth_config, bearer, running_auth_server
 from tokenwire.auth import SQLiteKeyStore, bootstrap_admin_key, read_key_file
-from tokenwire.auth.bootstrap import admin_key_notice
+from tokenwire.auth.bootstrap import admin_key_notice, write_key_file
 from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2
 
@@ -97,3 +98,16 @@ async def test_the_notice_shows_the_key_and_where_it_is_saved(tmp_path: Path) ->
     assert issued.secret in notice
     assert issued.key.id in notice
     assert str(tmp_path / "admin.key") in notice
+
+
+def test_a_missing_key_folder_is_created_private(tmp_path: Path) -> None:
+    """Under umask 022, the key file's new folders are 0700 and the file 0600."""
+    key_file = tmp_path / "secrets" / "gateway" / "admin.key"
+    previous = os.umask(0o022)
+    try:
+        write_key_file(key_file, "tw_" + "k" * 43)
+    finally:
+        os.umask(previous)
+    paths = (key_file.parent.parent, key_file.parent, key_file)
+    assert ["0o700", "0o700", "0o600"] == [oct(stat.S_IMODE(p.stat().st_mode)) for p in paths]
+    assert "tw_" + "k" * 43 == read_key_file(key_file)

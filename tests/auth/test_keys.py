@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,12 +59,25 @@ async def test_keys_are_stored_only_as_hashes(tmp_path: Path) -> None:
     assert not any(issued.secret in str(value) for value in rows[0])
 
 
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common umask 022, under which new files are readable by everyone."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
 async def test_the_key_file_is_owner_only(tmp_path: Path) -> None:
-    """The key database is created with mode 0600 and migrated to the latest schema."""
+    """The key database (and -wal, -shm) is 0600 in a new 0700 folder, at the latest schema."""
     path = tmp_path / "sub" / "keys.db"
-    async with SQLiteKeyStore(path):
-        pass
-    assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+    async with SQLiteKeyStore(path) as store:
+        await store.create_key(ALICE)
+        files = [path, path.with_name("keys.db-wal"), path.with_name("keys.db-shm")]
+        assert ["0o600", "0o600", "0o600"] == [oct(stat.S_IMODE(f.stat().st_mode)) for f in files]
+    assert "0o700" == oct(stat.S_IMODE(path.parent.stat().st_mode))
     with sqlite3.connect(path) as conn:
         assert len(MIGRATIONS) == conn.execute("PRAGMA user_version").fetchone()[0]
     conn.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
-from collections.abc import AsyncIterator
+import stat
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -39,6 +41,20 @@ async def store() -> AsyncIterator[SQLiteConversationStore]:
     await s.open()
     yield s
     await s.close()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common umask 022, under which new files are readable by everyone."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _mode(path: Path) -> str:
+    return oct(stat.S_IMODE(path.stat().st_mode))
 
 
 def _raw(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -334,3 +350,27 @@ def test_new_id_shape() -> None:
     assert not is_valid_id(first, "msg")
     with pytest.raises(ValueError, match="prefix"):
         new_id("Bad Prefix")
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_the_database_and_its_folders_are_private(tmp_path: Path) -> None:
+    """New folders are 0700; the database and its -wal and -shm files are 0600."""
+    path = tmp_path / "data" / "tenants" / "conversations.db"
+    async with SQLiteConversationStore(path) as s:
+        await s.create_conversation("alice", title="private")
+        files = [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+        assert ["0o600", "0o600", "0o600"] == [_mode(file) for file in files]
+    assert ["0o700", "0o700"] == [_mode(path.parent.parent), _mode(path.parent)]
+
+
+@pytest.mark.usefixtures("umask_022")
+async def test_a_readable_database_is_made_private_on_open(tmp_path: Path) -> None:
+    """A database file an older release left 0644 is 0600 once opened; its folder is kept."""
+    path = tmp_path / "conversations.db"
+    path.touch(mode=0o644)
+    folder_mode = _mode(tmp_path)
+
+    async with SQLiteConversationStore(path) as s:
+        await s.create_conversation("alice", title="private")
+
+    assert ("0o600", folder_mode) == (_mode(path), _mode(tmp_path))

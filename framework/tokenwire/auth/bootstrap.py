@@ -13,14 +13,13 @@ has since been revoked or the file deleted::
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from pathlib import Path
 
 from tokenwire.auth.config import AuthConfig
 from tokenwire.auth.keys import IssuedKey, KeyStore, looks_like_api_key
 from tokenwire.context import Principal
+from tokenwire.private_files import make_private_dirs, write_private_file
 
 __all__ = [
     "BOOTSTRAP_DESCRIPTION",
@@ -53,22 +52,12 @@ async def bootstrap_admin_key(
 
 
 def write_key_file(path: str | os.PathLike[str], secret: str) -> None:
-    """Write ``secret`` to ``path`` with mode 0600, atomically (a temp file, then rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o600)  # whatever the umask
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    """Write ``secret`` to ``path`` with mode 0600, atomically (a temp file, then rename).
+
+    Missing parent directories are created with mode 0700.
+    """
+    make_private_dirs(Path(path).parent)
+    write_private_file(path, (secret + "\n").encode())
 
 
 def read_key_file(path: str | os.PathLike[str]) -> str | None:

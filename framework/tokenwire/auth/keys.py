@@ -44,7 +44,7 @@ from tokenwire.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from tokenwire.stores._sqlite import SQLiteDatabase, write_transaction
+from tokenwire.stores.sqlite_database import SQLiteDatabase, write_transaction
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -319,7 +319,10 @@ _COLUMNS: Final = "id, prefix, tenant, user, roles, plan, description, created_a
 
 
 class SQLiteKeyStore:
-    """A :class:`KeyStore` in one SQLite file (created with mode 0600), or ``":memory:"``.
+    """A :class:`KeyStore` in one SQLite file, or ``":memory:"``.
+
+    The file and its ``-wal``/``-shm`` companions are created with mode 0600, and
+    missing parent directories with 0700 (see :mod:`tokenwire.stores.sqlite_database`).
 
     One connection on one worker thread, as in
     :class:`~tokenwire.stores.sqlite.SQLiteConversationStore`; WAL mode, so several
@@ -338,7 +341,6 @@ class SQLiteKeyStore:
             name="key",
             closed_error=KeyStoreClosedError,
             thread_name="tokenwire-keys",
-            file_mode=0o600,
         )
         self._clock = clock
 

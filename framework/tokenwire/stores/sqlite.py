@@ -27,7 +27,6 @@ from types import TracebackType
 from typing import Final, Self
 
 from tokenwire.errors import InvalidArgumentError
-from tokenwire.stores._sqlite import SQLiteDatabase, read_transaction, write_transaction
 from tokenwire.stores.conversations import (
     Conversation,
     StoreClosedError,
@@ -39,6 +38,7 @@ from tokenwire.stores.conversations import (
     validate_message_id,
     validate_role,
 )
+from tokenwire.stores.sqlite_database import SQLiteDatabase, read_transaction, write_transaction
 
 __all__ = ["MIGRATIONS", "SQLiteConversationStore"]
 
@@ -84,8 +84,10 @@ _MESSAGE_COLUMNS: Final = "id, conversation_id, role, content, created_at, turn_
 class SQLiteConversationStore:
     """A :class:`~tokenwire.stores.ConversationStore` in one SQLite file.
 
-    ``path`` is a file (its parent directories are created) or ``":memory:"``
-    for a throwaway store. ``clock`` gives unix seconds; tests pass a fake one.
+    ``path`` is a file or ``":memory:"`` for a throwaway store. The file is the
+    server user's alone: created with mode 0600 (its ``-wal`` and ``-shm`` too),
+    with missing parent directories created 0700. ``clock`` gives unix seconds;
+    tests pass a fake one.
 
     Example::
 

@@ -25,6 +25,11 @@ share one file.
 Migrations are applied by ``open()``, each in one transaction, and progress is
 recorded in ``PRAGMA user_version``: migration ``n`` (1-based) brings a file to
 ``user_version = n``. Only ever append: a shipped migration never changes.
+
+The files hold every tenant's data, so they are the server user's alone: missing
+directories are created 0700, the database 0600, and its ``-wal`` and ``-shm``
+files (which SQLite creates with the database's mode) are checked after connecting.
+A file an older release left readable to others is narrowed to its owner on open.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from tokenwire.errors import ConfigError
+from tokenwire.private_files import create_private_file, make_private_dirs, restrict_to_owner
 
 __all__ = ["SQLiteDatabase", "read_transaction", "write_transaction"]
 
@@ -63,8 +69,8 @@ class SQLiteDatabase:
     "conversation store is closed" and "conversation database is at schema
     version …"); ``closed_error`` is raised, with such a message, by calls made
     before :meth:`open` or after :meth:`close`. ``thread_name`` prefixes the
-    worker thread's name. With ``file_mode`` a missing file is created with
-    those permissions before SQLite opens it. Parent directories are created.
+    worker thread's name. A missing file is created with mode 0600, and its
+    missing parent directories with 0700, before SQLite opens it.
     """
 
     def __init__(
@@ -75,14 +81,12 @@ class SQLiteDatabase:
         name: str,
         closed_error: type[Exception],
         thread_name: str,
-        file_mode: int | None = None,
     ) -> None:
         self._path = os.fspath(path)
         self._migrations = migrations
         self._name = name
         self._closed_error = closed_error
         self._thread_name = thread_name
-        self._file_mode = file_mode
         self._worker: _Worker | None = None
         self._closed = False
         # Serializes open() and close() so racing calls cannot start two workers.
@@ -154,13 +158,16 @@ class SQLiteDatabase:
     # --- worker-thread side: everything below touches the connection -------
 
     def _connect(self, opened: list[sqlite3.Connection]) -> sqlite3.Connection:
-        if self._path != ":memory:":
+        on_disk = self._path != ":memory:"
+        if on_disk:
             path = Path(self._path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if self._file_mode is not None:
-                # Create the file with these permissions before SQLite does
-                # (its -wal and -shm files copy them).
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT, self._file_mode))
+            make_private_dirs(path.parent)
+            # Created before SQLite opens it, which would use the umask's mode;
+            # SQLite gives the -wal and -shm files the database file's mode.
+            # (Not a umask around connect: the umask is process-wide, and other
+            # threads create files too.)
+            if not create_private_file(path):
+                restrict_to_owner(path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so every
         # transaction boundary is explicit.
         conn = sqlite3.connect(self._path, timeout=5.0, isolation_level=None)
@@ -170,6 +177,10 @@ class SQLiteDatabase:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 5000")
             self._migrate(conn)
+            if on_disk:
+                # They exist by now; ones left by an older release may be readable.
+                for suffix in ("-wal", "-shm"):
+                    restrict_to_owner(self._path + suffix)
         except BaseException:
             conn.close()
             raise
