@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.auth.conftest import auth_config, bearer
 from tokenwire.auth import IssuedKey, SQLiteKeyStore
-from tokenwire.auth.mtls import parse_subject, principal_from_auth_context
+from tokenwire.auth.mtls import principal_from_auth_context
 from tokenwire.context import Principal, current_call
 from tokenwire.interceptors import CallInfo, ErrorsInterceptor, Interceptor, InterceptorChain
 from tokenwire.interceptors.auth import AuthInterceptor
@@ -172,30 +172,75 @@ async def test_certificates_are_ignored_when_mtls_is_off(
     assert (raised.value.details() or "").startswith("missing credentials")
 
 
-def test_a_subject_without_an_organization_is_in_the_default_tenant() -> None:
-    """No O in the subject: tenant 'default'; no TLS or no CN: no principal."""
-    tls = {"transport_security_type": [b"ssl"]}
-    only_cn = tls | {"x509_common_name": [b"dave"], "x509_subject": [b"CN=dave"]}
-    assert Principal("default", "dave") == principal_from_auth_context(only_cn)
-    assert None is principal_from_auth_context(tls)
-    insecure = {"transport_security_type": [b"insecure"], "x509_common_name": [b"dave"]}
+def _auth_context(pki: Pki, subject: x509.Name, **extra: list[bytes]) -> dict[str, list[bytes]]:
+    """What gRPC puts in ``context.auth_context()`` for a TLS client with this subject."""
+    _, cert = pki.client(subject)
+    return {"transport_security_type": [b"ssl"], "x509_pem_cert": [cert], **extra}
+
+
+def test_a_subject_without_an_organization_is_in_the_default_tenant(pki: Pki) -> None:
+    """No O in the subject: tenant 'default'; no TLS, no certificate or no CN: no principal."""
+    assert Principal("default", "dave") == principal_from_auth_context(
+        _auth_context(pki, _name(CN="dave"))
+    )
+    assert None is principal_from_auth_context({"transport_security_type": [b"ssl"]})
+    insecure = _auth_context(pki, _name(CN="dave")) | {"transport_security_type": [b"insecure"]}
     assert None is principal_from_auth_context(insecure)
-    slash = tls | {"x509_common_name": [b"eve"], "x509_subject": [b"CN=eve,O=a/b"]}
-    assert None is principal_from_auth_context(slash)
+    assert None is principal_from_auth_context(_auth_context(pki, _name(O="acme")))
+    assert None is principal_from_auth_context(_auth_context(pki, _name(CN="eve", O="a/b")))
 
 
 @pytest.mark.parametrize(
-    ("subject", "attributes"),
+    ("subject", "expected"),
     [
-        ("CN=alice,O=acme", [("CN", "alice"), ("O", "acme")]),
+        (_name(CN="alice=x", O="Acme, Inc."), Principal("Acme, Inc.", "alice=x")),
+        (_name(CN="café", O="ml+ops"), Principal("ml+ops", "café")),
+        (_name(CN=r"back\slash", O="#23"), Principal("#23", r"back\slash")),
         (
-            r"CN=alice=x,OU=ml\+ops,O=Acme\, Inc.",
-            [("CN", "alice=x"), ("OU", "ml+ops"), ("O", "Acme, Inc.")],
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "first"),
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ml"),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "second"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "frank"),
+                ]
+            ),
+            Principal("first", "frank"),
         ),
-        (r"CN=caf\C3\A9+UID=7", [("CN", "café"), ("UID", "7")]),
-        ("", []),
+        (
+            x509.Name(
+                [
+                    x509.RelativeDistinguishedName(
+                        [
+                            x509.NameAttribute(NameOID.COMMON_NAME, "grace"),
+                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "acme"),
+                        ]
+                    )
+                ]
+            ),
+            Principal("acme", "grace"),
+        ),
     ],
 )
-def test_subjects_parse_as_rfc4514(subject: str, attributes: list[tuple[str, str]]) -> None:
-    """Escaped commas, plus signs and hex-escaped UTF-8 in subjects are read correctly."""
-    assert attributes == parse_subject(subject)
+def test_the_subject_is_read_from_the_certificate(
+    pki: Pki, subject: x509.Name, expected: Principal
+) -> None:
+    """CN and the first O are taken verbatim from the certificate, whatever characters they hold."""
+    assert expected == principal_from_auth_context(_auth_context(pki, subject))
+
+
+def test_the_rendered_subject_is_not_trusted(pki: Pki) -> None:
+    """The certificate decides; gRPC's x509_subject and x509_common_name strings are ignored."""
+    context = _auth_context(
+        pki,
+        _name(CN="carol", O="acme"),
+        x509_common_name=[b"mallory"],
+        x509_subject=[b"CN=mallory,O=evil"],
+    )
+    assert Principal("acme", "carol") == principal_from_auth_context(context)
+
+
+def test_a_malformed_certificate_names_no_one() -> None:
+    """Bytes that are not a PEM certificate give no principal rather than an error."""
+    context = {"transport_security_type": [b"ssl"], "x509_pem_cert": [b"not a certificate"]}
+    assert None is principal_from_auth_context(context)

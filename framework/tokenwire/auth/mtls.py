@@ -1,27 +1,31 @@
 """mTLS: the caller is the subject of its verified client certificate.
 
-The mapping: the certificate's common name (CN) is the user, its first
-organization (O) the tenant ("default" when it has none); roles come from
-``auth.mtls_roles``, the plan is "default". A certificate ``CN=alice,O=acme`` is
-``Principal(tenant="acme", user="alice")``.
+The mapping: the certificate's common name (CN) is the user, its organization
+(O) the tenant ("default" when it has none), the first of each in the order the
+certificate lists them; roles come from ``auth.mtls_roles``, the plan is
+"default". A certificate ``CN=alice,O=acme`` is ``Principal(tenant="acme", user="alice")``.
 
 gRPC puts the peer's certificate in ``context.auth_context()`` only on a TLS
 port; it has verified it against the trusted CAs when the port was created with
 ``grpc.ssl_server_credentials(..., require_client_auth=True)`` (Python's API has
 no "request but don't verify" mode, so a certificate present here is verified).
+The subject is read from that certificate (``x509_pem_cert``) with
+:mod:`cryptography`, attribute by attribute, rather than from gRPC's one-line
+rendering of it, so escaped commas, plus signs and UTF-8 in names need no parsing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID, ObjectIdentifier
+
 from tokenwire.auth.keys import make_principal
 from tokenwire.context import Principal
 from tokenwire.errors import InvalidArgumentError
 
-__all__ = ["parse_subject", "principal_from_auth_context"]
-
-_HEX = frozenset("0123456789abcdefABCDEF")
+__all__ = ["principal_from_auth_context"]
 
 
 def principal_from_auth_context(
@@ -30,44 +34,27 @@ def principal_from_auth_context(
     """The principal of a TLS peer's client certificate; None without one (or a usable CN)."""
     if [b"ssl"] != list(auth_context.get("transport_security_type", ())):
         return None
-    names = list(auth_context.get("x509_common_name", ()))
-    if not names:
+    certificates = list(auth_context.get("x509_pem_cert", ()))
+    if not certificates:
         return None
-    subjects = list(auth_context.get("x509_subject", ()))
-    attributes = parse_subject(subjects[0].decode("utf-8", "replace")) if subjects else []
-    tenant = next((value for kind, value in attributes if kind == "O"), "default")
     try:
-        return make_principal(tenant, names[0].decode("utf-8", "replace"), roles)
+        subject = x509.load_pem_x509_certificate(certificates[0]).subject
+        user = _first(subject, NameOID.COMMON_NAME)
+        tenant = _first(subject, NameOID.ORGANIZATION_NAME)
+    except ValueError:  # not a certificate, or a subject that does not decode
+        return None
+    if user is None:
+        return None
+    try:
+        return make_principal("default" if tenant is None else tenant, user, roles)
     except InvalidArgumentError:
         return None
 
 
-def parse_subject(subject: str) -> list[tuple[str, str]]:
-    """``"CN=alice,O=Acme\\, Inc."`` → ``[("CN", "alice"), ("O", "Acme, Inc.")]`` (RFC 4514)."""
-    attributes: list[tuple[str, str]] = []
-    kind: str | None = None
-    buf = bytearray()
-    i = 0
-    while i < len(subject):
-        char = subject[i]
-        if char == "\\" and i + 1 < len(subject):
-            pair = subject[i + 1 : i + 3]
-            if len(pair) == 2 and all(c in _HEX for c in pair):
-                buf.append(int(pair, 16))  # \HH: one byte of UTF-8
-                i += 3
-            else:
-                buf += subject[i + 1].encode()
-                i += 2
-            continue
-        if char == "=" and kind is None:
-            kind, buf = buf.decode("utf-8", "replace").strip(), bytearray()
-        elif char in ",+":
-            if kind is not None:
-                attributes.append((kind, buf.decode("utf-8", "replace")))
-            kind, buf = None, bytearray()
-        else:
-            buf += char.encode()
-        i += 1
-    if kind is not None:
-        attributes.append((kind, buf.decode("utf-8", "replace")))
-    return attributes
+def _first(subject: x509.Name, oid: ObjectIdentifier) -> str | None:
+    """The value of the subject's first ``oid`` attribute, in certificate order."""
+    attributes = subject.get_attributes_for_oid(oid)
+    if not attributes:
+        return None
+    value = attributes[0].value  # bytes only for bit-string types, never CN or O
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
