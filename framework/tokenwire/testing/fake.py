@@ -3,7 +3,8 @@
 It speaks bytes (token ids 0..255 are UTF-8 bytes, see
 :class:`tokenwire.tokenizers.ByteTokenizer`), so the real frontend, templates
 and detokenizer run on top of it. It answers with ``reply`` (repeated while
-``endless``), records every request, and can fail or stall on demand.
+``endless``) up to the first of the request's stop token ids, records every
+request, and can fail or stall on demand.
 
     backend = FakeBackend(reply="Hello, world!", token_delay_s=0.01)
 """
@@ -101,6 +102,7 @@ class FakeBackend:
         self.requests.append(log)
         self.running += 1
         prompt = len(request.prompt_token_ids)
+        stopped = False
         try:
             while True:
                 n = len(self.reply)
@@ -115,11 +117,23 @@ class FakeBackend:
                     await asyncio.sleep(self.token_delay_s * want)
                 start = log.tokens_sent
                 ids = tuple(self.reply[(start + i) % n] for i in range(want))
+                stop_at = next(
+                    (i for i, token in enumerate(ids) if token in request.stop_token_ids), None
+                )
+                if stop_at is not None:  # the stop token ends the answer and is not sent
+                    self.steps_executed += stop_at + 1
+                    log.tokens_sent += stop_at
+                    if stop_at:
+                        yield Chunk(ids[:stop_at])
+                    stopped = True
+                    break
                 self.steps_executed += want
                 log.tokens_sent += want
                 yield Chunk(ids)
             reason = (
-                FinishReason.LENGTH if log.tokens_sent >= request.max_tokens else FinishReason.STOP
+                FinishReason.STOP
+                if stopped or log.tokens_sent < request.max_tokens
+                else FinishReason.LENGTH
             )
             log.finished = reason
             yield Chunk((), reason, prompt, log.tokens_sent)
