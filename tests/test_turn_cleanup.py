@@ -6,23 +6,20 @@ import asyncio
 import dataclasses
 import gc
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import pytest
 
 from tests.conftest import wait_until
 from tests.test_chat_service import next_event, start
-from tokenwire.context import current_call
-from tokenwire.hooks import OutputFilter, TurnInfo, TurnOutcome
-from tokenwire.interceptors import CallInfo, ErrorsInterceptor, Interceptor, Proceed
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, config_for_tests, running_server
+from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
 
 class RecordingHook:
-    """A turn hook that records its settlement, optionally slowly."""
+    """A turn policy that records its settlement, optionally slowly."""
 
     def __init__(self, name: str, log: list[tuple[str, ...]], fake: FakeBackend, delay: float):
         self.name, self.log, self.fake, self.delay = name, log, fake, delay
@@ -36,17 +33,6 @@ class RecordingHook:
     async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
         await asyncio.sleep(self.delay)
         self.log.append((self.name, outcome.finish_reason.value, f"engine={self.fake.running}"))
-
-
-class HookInterceptor(Interceptor):
-    """Registers a :class:`RecordingHook` on every call."""
-
-    def __init__(self, hook: RecordingHook) -> None:
-        self.hook = hook
-
-    async def intercept(self, proceed: Proceed, request: Any, context: Any, call: CallInfo) -> Any:
-        current_call().turn_hooks.append(self.hook)
-        return await proceed(request, context)
 
 
 @pytest.fixture
@@ -66,8 +52,7 @@ async def test_a_client_gone_while_the_server_writes_stops_and_saves_before_sett
     fake = FakeBackend(reply="x", endless=True, tokens_per_chunk=4000, context_length=10**7)
     store = SQLiteConversationStore(":memory:")
     hook = RecordingHook("hook", log, fake, 0.0)
-    chain = [ErrorsInterceptor(), HookInterceptor(hook)]
-    async with running_server(fake, store=store, interceptors=chain) as running:
+    async with running_server(fake, store=store, policies=[hook]) as running:
         request = chat_pb2.CompleteRequest(
             message="go", params=chat_pb2.SamplingParams(max_tokens=5_000_000)
         )
@@ -88,8 +73,7 @@ async def test_a_cancel_during_settlement_still_settles_every_hook() -> None:
     fake = FakeBackend(reply="ab")
     outer = RecordingHook("outer", log, fake, 0.0)
     inner = RecordingHook("inner", log, fake, 0.5)
-    chain = [ErrorsInterceptor(), HookInterceptor(outer), HookInterceptor(inner)]
-    async with running_server(fake, interceptors=chain) as running:
+    async with running_server(fake, policies=[outer, inner]) as running:
         call = running.chat.Complete(chat_pb2.CompleteRequest(message="go"), timeout=0.25)
         with pytest.raises(grpc.aio.AioRpcError):
             _ = [event async for event in call]
@@ -103,8 +87,7 @@ async def test_cancel_after_the_answer_ended_reports_how_it_ended() -> None:
     fake = FakeBackend(reply="hello")
     store = SQLiteConversationStore(":memory:")
     hook = RecordingHook("slow", log, fake, 0.3)
-    chain = [ErrorsInterceptor(), HookInterceptor(hook)]
-    async with running_server(fake, store=store, interceptors=chain) as running:
+    async with running_server(fake, store=store, policies=[hook]) as running:
         call = running.chat.Converse()
         await call.write(start("go"))
         started = (await next_event(call, "started")).started

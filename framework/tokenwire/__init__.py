@@ -6,6 +6,8 @@ asyncio.run(TokenwireServer(load_config()).serve())
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from tokenwire.backend import (
     BackendConfig,
     Capabilities,
@@ -22,8 +24,10 @@ from tokenwire.backend import (
     TokenizerSource,
     create_backend,
 )
-from tokenwire.config import Config, load_config
-from tokenwire.server import TokenwireServer
+
+if TYPE_CHECKING:
+    from tokenwire.config import Config, load_config
+    from tokenwire.server import TokenwireServer
 
 __all__ = [
     "BackendConfig",
@@ -46,3 +50,17 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_LAZY = {"Config": "tokenwire.config", "load_config": "tokenwire.config"}
+_LAZY["TokenwireServer"] = "tokenwire.server"
+
+
+def __getattr__(name: str) -> Any:
+    # The server and its configuration import grpc; a backend that imports the
+    # contract (tokenwire.backend, tokenwire.errors) must not pull them in.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

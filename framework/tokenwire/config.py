@@ -25,10 +25,10 @@ from typing import Any
 
 from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
+from tokenwire.config_fields import parse_pairs, setting
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
-from tokenwire.settings import parse_pairs, setting
 
 __all__ = [
     "ENV_PREFIX",
@@ -64,7 +64,19 @@ class ServerConfig:
         1024, "most concurrent RPCs the server accepts; further calls are refused"
     )
     reuse_port: bool = setting(
-        True, "set SO_REUSEPORT so several gateway processes can share one port"
+        False,
+        "set SO_REUSEPORT so several gateway processes can share one port (off: a second "
+        "server started on a busy port by mistake fails instead of taking a share)",
+    )
+    coalesce_chunks: int = setting(
+        16,
+        "most engine chunks already waiting that one Delta carries when a client reads "
+        "slower than the engine writes; 1 sends one Delta per chunk",
+    )
+    converse_outbox_messages: int = setting(
+        16,
+        "responses a Converse stream holds for a client that is not reading; then its "
+        "turn waits (deltas of a turn merge while they wait)",
     )
     reflection: bool = setting(True, "serve gRPC server reflection (for grpcurl and similar tools)")
     tls_cert_file: str = setting(
@@ -87,8 +99,8 @@ class LimitsConfig:
         512, "completion tokens when a request leaves max_tokens at 0 (capped by the context)"
     )
     max_stop_strings: int = setting(8, "most stop strings in one request")
-    max_stop_chars: int = setting(256, "longest stop string, in characters")
-    max_idempotency_key_chars: int = setting(128, "longest idempotency key")
+    max_stop_bytes: int = setting(256, "longest stop string, in UTF-8 bytes")
+    max_idempotency_key_bytes: int = setting(128, "longest idempotency key, in UTF-8 bytes")
     max_model_name_chars: int = setting(256, "longest model name in a request")
     max_history_messages: int = setting(
         64, "most stored messages of a conversation sent to the model as history"

@@ -1,37 +1,45 @@
-"""Per-call state, passed through contextvars (each gRPC call runs in its own task).
+"""Per-call state, passed through a contextvar (each gRPC call runs in its own task).
 
-from tokenwire.context import current_call
-current_call().principal.user
+The errors interceptor binds a :class:`CallState` for every call; authentication
+fills in who is calling. Reading it outside a bound call is a bug of the server's
+assembly, so :func:`current_call` raises instead of inventing a caller::
+
+    from tokenwire.context import current_call
+    current_call().principal        # None until authentication ran
 """
 
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tokenwire.hooks import TurnHook
+from tokenwire.errors import InternalError, UnauthenticatedError
 
-__all__ = ["ANONYMOUS", "CallState", "Principal", "bind_call", "current_call", "reset_call"]
+if TYPE_CHECKING:
+    from tokenwire.auth.principal import Principal
+
+__all__ = [
+    "CallState",
+    "Credential",
+    "bind_call",
+    "current_call",
+    "current_principal",
+    "reset_call",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: set by authentication, read by quotas, stores and logs."""
+class Credential:
+    """What a call authenticated with, so a long-lived stream can check it again per turn.
 
-    tenant: str
-    user: str
-    roles: frozenset[str] = frozenset()
-    plan: str = "default"
+    ``kind`` is "api_key" (``key_hash`` set), "jwt" (``token`` set) or "mtls".
+    Kept in memory for the call only; never logged.
+    """
 
-    @property
-    def owner(self) -> str:
-        """The key that owns this caller's conversations."""
-        return f"{self.tenant}/{self.user}"
-
-
-ANONYMOUS = Principal(tenant="default", user="anonymous")
+    kind: str
+    key_hash: bytes = b""
+    token: str = ""
 
 
 @dataclass(slots=True)
@@ -40,9 +48,8 @@ class CallState:
 
     request_id: str
     method: str
-    principal: Principal = ANONYMOUS
-    turn_hooks: list[TurnHook] = field(default_factory=list)  # see tokenwire.hooks
-    extra: dict[str, object] = field(default_factory=dict)
+    principal: Principal | None = None  # None: no authentication ran (the turn is refused)
+    credential: Credential | None = None
 
 
 _CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -51,9 +58,23 @@ _CALL: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
 
 
 def current_call() -> CallState:
-    """The state of the call being served; a detached default outside any call."""
+    """The state of the call being served.
+
+    Raises :class:`InternalError` outside a bound call: a server whose chain does not
+    start with the errors interceptor must not serve anything.
+    """
     state = _CALL.get()
-    return state if state is not None else CallState(request_id="", method="")
+    if state is None:
+        raise InternalError("no call state is bound: the errors interceptor did not run")
+    return state
+
+
+def current_principal() -> Principal:
+    """Who is calling; raises UNAUTHENTICATED when no authentication ran for this call."""
+    principal = current_call().principal
+    if principal is None:
+        raise UnauthenticatedError("the call was not authenticated")
+    return principal
 
 
 def bind_call(state: CallState) -> contextvars.Token[CallState | None]:

@@ -11,32 +11,38 @@ A :class:`~tokenwire.backend.TextBackend` is passed through.
     turn = model.prepare([ChatMessage("user", "Hi")], TurnParams(max_tokens=32))
     async for event in model.stream(turn, request_id="r1"):
         ...  # TextDelta(text, token_count) ..., then TurnEnd(finish_reason, usage)
+
+The turn runner uses :meth:`ChatModel.answer` instead: the backend's own chunk
+stream and a synchronous decoder, so no generator sits between engine and client.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-from tokenwire.aio import closing
 from tokenwire.backend import (
     Backend,
     ChatMessage,
+    Chunk,
     Engine,
     FinishReason,
     GenerateRequest,
     LoadReport,
     SamplingParams,
     TextBackend,
+    TextChunk,
     TextRequest,
 )
 from tokenwire.config import LimitsConfig
 from tokenwire.errors import ConfigError, InternalError, InvalidArgumentError
+from tokenwire.streams import closing
 from tokenwire.tokenizers import Tokenizer, load_tokenizer
 
 __all__ = [
+    "Answer",
     "ChatModel",
     "EngineFrontend",
     "PreparedTurn",
@@ -94,6 +100,24 @@ class TurnEnd:
     completion_tokens: int
 
 
+Decoded = tuple[str, int, "TurnEnd | None"]
+"""What one backend chunk decodes to: new text, the tokens it covers, the end (or None)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A turn's answer as the backend streams it, and how to decode each chunk.
+
+    ``chunks`` is the backend's own iterator (close it to stop the work);
+    ``decode`` turns one chunk into :data:`Decoded`. Text held back (a
+    character's first bytes, a possible stop string's start) comes with a later
+    chunk, together with the tokens it covers.
+    """
+
+    chunks: AsyncIterator[object]
+    decode: Callable[[object], Decoded]
+
+
 class ChatModel(Protocol):
     """What the chat service needs of a served model."""
 
@@ -116,8 +140,20 @@ class ChatModel(Protocol):
 
     def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
 
+    def answer(self, turn: PreparedTurn, request_id: str) -> Answer: ...
 
-T = TypeVar("T")
+
+async def _stream(answer: Answer, name: str, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+    """The events of an answer, one per chunk that has text or ends it."""
+    async with closing(answer.chunks):
+        async for chunk in answer.chunks:
+            text, count, end = answer.decode(chunk)
+            if text:
+                yield TextDelta(text, count)
+            if end is not None:
+                yield end
+                return
+    raise InternalError(f"backend {name!r} ended request {request_id} without a final chunk")
 
 
 class StopMatcher:
@@ -227,10 +263,12 @@ class EngineFrontend:
         )
         return PreparedTurn(tuple(messages), params, max_tokens, len(ids), tuple(ids))
 
-    async def stream(
-        self, turn: PreparedTurn, request_id: str
-    ) -> AsyncIterator[TextDelta | TurnEnd]:
+    def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
         """Stream the answer; closing this iterator stops the engine's work."""
+        return _stream(self.answer(turn, request_id), self.name, request_id)
+
+    def answer(self, turn: PreparedTurn, request_id: str) -> Answer:
+        """The engine's chunks for ``turn`` and their decoder (detokenizer, stop strings)."""
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=turn.prompt_token_ids,
@@ -238,30 +276,42 @@ class EngineFrontend:
             sampling=turn.params.sampling(),
             stop_token_ids=self.tokenizer.eos_token_ids,
         )
-        step = self.tokenizer.detokenizer().step
-        stops = StopMatcher(turn.params.stop)
-        completion = 0
-        uncounted = 0  # tokens whose text is still held back
-        chunks = self._engine.generate(request)
-        async with closing(chunks):
-            async for chunk in chunks:
-                completion += len(chunk.token_ids)
-                uncounted += len(chunk.token_ids)
-                text, stopped = stops.feed("".join([step(t) for t in chunk.token_ids]))
-                if stopped or chunk.finish_reason is not None:
-                    text += "" if stopped else stops.flush()
-                    if text:
-                        yield TextDelta(text, uncounted)
-                    reason = FinishReason.STOP if stopped else chunk.finish_reason
-                    assert reason is not None
-                    yield TurnEnd(reason, turn.prompt_tokens, chunk.completion_tokens or completion)
-                    return
-                if text:
-                    yield TextDelta(text, uncounted)
-                    uncounted = 0
-        raise InternalError(
-            f"engine {self.name!r} ended request {request_id} without a final chunk"
-        )
+        decoder = _EngineDecoder(self.tokenizer.detokenizer().step, turn)
+        return Answer(self._engine.generate(request), decoder.decode)  # type: ignore[arg-type]
+
+
+class _EngineDecoder:
+    """Detokenizes one answer's chunks and cuts it at the first stop string."""
+
+    __slots__ = ("_completion", "_prompt", "_step", "_stops", "_uncounted")
+
+    def __init__(self, step: Callable[[int], str], turn: PreparedTurn) -> None:
+        self._step = step
+        self._stops = StopMatcher(turn.params.stop) if turn.params.stop else None
+        self._prompt = turn.prompt_tokens
+        self._completion = 0
+        self._uncounted = 0  # tokens whose text is still held back
+
+    def decode(self, chunk: Chunk) -> Decoded:
+        ids = chunk.token_ids
+        self._completion += len(ids)
+        self._uncounted += len(ids)
+        step = self._step
+        text = step(ids[0]) if len(ids) == 1 else "".join([step(t) for t in ids])
+        stopped = False
+        if self._stops is not None:
+            text, stopped = self._stops.feed(text)
+        if stopped or chunk.finish_reason is not None:
+            if not stopped and self._stops is not None:
+                text += self._stops.flush()
+            reason = FinishReason.STOP if stopped else chunk.finish_reason
+            assert reason is not None
+            completion = chunk.completion_tokens or self._completion
+            return text, self._uncounted, TurnEnd(reason, self._prompt, completion)
+        if not text:
+            return "", 0, None
+        count, self._uncounted = self._uncounted, 0
+        return text, count, None
 
 
 class TextFrontend:
@@ -297,27 +347,27 @@ class TextFrontend:
         max_tokens = params.max_tokens or min(self._limits.default_max_tokens, self.context_length)
         return PreparedTurn(tuple(messages), params, max_tokens, 0)
 
-    async def stream(
-        self, turn: PreparedTurn, request_id: str
-    ) -> AsyncIterator[TextDelta | TurnEnd]:
+    def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
+        """Stream the answer; closing this iterator stops the backend's work."""
+        return _stream(self.answer(turn, request_id), self.name, request_id)
+
+    def answer(self, turn: PreparedTurn, request_id: str) -> Answer:
+        """The backend's text chunks for ``turn``, passed through."""
         request = TextRequest(
             request_id, turn.messages, turn.max_tokens, turn.params.sampling(), turn.params.stop
         )
-        chunks = self._backend.generate_text(request)
         completion = 0
-        async with closing(chunks):
-            async for chunk in chunks:
-                completion += chunk.token_count
-                if chunk.text:
-                    yield TextDelta(chunk.text, chunk.token_count)
-                if chunk.finish_reason is not None:
-                    yield TurnEnd(
-                        chunk.finish_reason,
-                        chunk.prompt_tokens,
-                        chunk.completion_tokens or completion,
-                    )
-                    return
-        raise InternalError(f"backend {self.name!r} ended request {request_id} without finishing")
+
+        def decode(chunk: TextChunk) -> Decoded:
+            nonlocal completion
+            completion += chunk.token_count
+            if chunk.finish_reason is None:
+                return chunk.text, chunk.token_count, None
+            total = chunk.completion_tokens or completion
+            end = TurnEnd(chunk.finish_reason, chunk.prompt_tokens, total)
+            return chunk.text, chunk.token_count, end
+
+        return Answer(self._backend.generate_text(request), decode)  # type: ignore[arg-type]
 
 
 def frontend_for(backend: Backend, limits: LimitsConfig) -> ChatModel:

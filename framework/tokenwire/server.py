@@ -15,27 +15,28 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tokenwire.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.auth.bootstrap import admin_key_notice
 from tokenwire.backend import Backend, create_backend
-from tokenwire.chat import ChatServicer, ModelServicer
 from tokenwire.config import Config, ServerConfig
 from tokenwire.errors import ConfigError
 from tokenwire.frontend import ChatModel, frontend_for
-from tokenwire.interceptors import Interceptor, InterceptorChain, default_interceptors
-from tokenwire.interceptors.auth import AuthInterceptor
+from tokenwire.interceptors import Interceptor, InterceptorChain
 from tokenwire.logs import get_logger
+from tokenwire.pipeline import build_pipeline
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
+from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
+from tokenwire.services.chat import ChatServicer
+from tokenwire.services.models import ModelServicer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
-from tokenwire.turns import TurnRunner
+from tokenwire.turns.policy import TurnPolicy
+from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["SERVICE_NAMES", "TokenwireServer"]
 
@@ -50,8 +51,11 @@ _SAVE_TIMEOUT_S = 5.0  # cut turns get this long to store what they sent
 class TokenwireServer:
     """A gRPC chat server built from configuration and optional ready-made parts.
 
-    Pass ``backend``, ``store`` or ``interceptors`` to replace what the
-    configuration would build (tests, embedding in another program).
+    Pass ``backend``, ``store``, ``interceptors`` or ``policies`` to replace what
+    the configuration would build (tests, embedding in another program). A chain
+    must start with the errors interceptor and hold an authentication interceptor
+    (:func:`tokenwire.pipeline.check_chain`), or the server refuses to be built;
+    the turn policies stay those of the configuration unless ``policies`` is given.
     """
 
     def __init__(
@@ -61,15 +65,16 @@ class TokenwireServer:
         backend: Backend | None = None,
         store: ConversationStore | None = None,
         interceptors: Sequence[Interceptor] | None = None,
+        policies: Sequence[TurnPolicy] | None = None,
     ) -> None:
         self.config = config
+        self.pipeline = build_pipeline(config, interceptors=interceptors, policies=policies)
+        self._interceptors = list(self.pipeline.interceptors)
+        self._policies = list(self.pipeline.policies)
         self._backend = backend if backend is not None else create_backend(config.backend)
         self.model: ChatModel = frontend_for(self._backend, config.limits)
         self._store = store or SQLiteConversationStore(config.store.resolved_sqlite_path())
-        self._interceptors = (
-            list(interceptors) if interceptors is not None else default_interceptors(config)
-        )
-        self._health = HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -102,6 +107,7 @@ class TokenwireServer:
         # Each part's close() is safe on a part that never opened.
         for close in (
             self.model.close,
+            *(_closer(p) for p in reversed(self._policies)),
             *(i.close for i in reversed(self._interceptors)),
             self._store.close,
         ):
@@ -115,6 +121,10 @@ class TokenwireServer:
         await self._store.open()
         for interceptor in self._interceptors:
             await interceptor.start()
+        for policy in self._policies:
+            start = getattr(policy, "start", None)
+            if start is not None:
+                await start()
         models = {self.model.name: self.model}
         cfg = self.config.server
         server = grpc.aio.server(
@@ -126,14 +136,21 @@ class TokenwireServer:
             maximum_concurrent_rpcs=cfg.max_concurrent_streams,
         )
         names = [*SERVICE_NAMES, health.SERVICE_NAME]
-        auth = next((i for i in self._interceptors if isinstance(i, AuthInterceptor)), None)
+        auth = self.pipeline.auth
         if auth is not None and auth.serves_keys:
             add_admin_service(server, auth.key_store)
             names.append(ADMIN_SERVICE_NAME)
         if auth is not None and auth.admin_key is not None:
             # The first start's admin key: shown once, kept only as a hash (and in its 0600 file).
             print(admin_key_notice(auth.admin_key, auth.admin_key_file), file=sys.stderr)
-        self._chat = ChatServicer(TurnRunner(models, self._store, self.config.limits))
+        runner = TurnRunner(
+            models,
+            self._store,
+            self.config.limits,
+            self._policies,
+            coalesce_chunks=cfg.coalesce_chunks,
+        )
+        self._chat = ChatServicer(runner, outbox_limit=cfg.converse_outbox_messages)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(models, self.config.backend.name), server
@@ -157,6 +174,12 @@ class TokenwireServer:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("serving", address=self.address, model=self.model.name)
+        if auth is not None and not auth.config.enabled:
+            _log.warning(
+                "authentication is OFF: every caller is served as default/anonymous and "
+                "all of them share one set of conversations; set auth.enabled = true",
+                address=self.address,
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and shut down; safe to call more than once (later calls wait)."""
@@ -199,6 +222,17 @@ class TokenwireServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _closer(policy: TurnPolicy) -> Callable[[], Awaitable[None]]:
+    close = getattr(policy, "close", None)
+    if close is not None:
+        return close  # type: ignore[no-any-return]
+
+    async def nothing() -> None:
+        return None
+
+    return nothing
 
 
 def _read_pem(path: str, what: str) -> bytes:

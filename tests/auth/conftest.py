@@ -20,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from tokenwire.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.auth import AuthConfig, IssuedKey, SQLiteKeyStore, make_principal
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.interceptors import ErrorsInterceptor, Interceptor, InterceptorChain
-from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2_grpc
+from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.testing.echo import EchoServicer, echo_pb2, echo_pb2_grpc
 
 if TYPE_CHECKING:

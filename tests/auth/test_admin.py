@@ -7,7 +7,7 @@ import pytest
 
 from tests.auth.conftest import auth_config, bearer, running_auth_server
 from tokenwire.auth import IssuedKey, SQLiteKeyStore
-from tokenwire.interceptors.auth import AuthInterceptor
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2
 from tokenwire.testing.echo import echo_pb2
 

@@ -12,7 +12,7 @@ import pytest
 from tests.auth.conftest import auth_config, bearer, running_auth_server
 from tokenwire.auth import SQLiteKeyStore, bootstrap_admin_key, read_key_file
 from tokenwire.auth.bootstrap import admin_key_notice, write_key_file
-from tokenwire.interceptors.auth import AuthInterceptor
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2
 
 

@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.auth.conftest import SigningKeys, auth_config, bearer, make_token
 from tokenwire.auth import IssuedKey, SQLiteKeyStore, make_principal
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.interceptors import ErrorsInterceptor
-from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.proto.v1 import chat_pb2, models_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, running_server

@@ -22,10 +22,11 @@ from tests.auth.conftest import (
     running_auth_server,
 )
 from tokenwire.auth import AuthConfig, IssuedKey, SQLiteKeyStore
-from tokenwire.context import CallState, Principal, bind_call, current_call, reset_call
+from tokenwire.auth.interceptor import AuthInterceptor
+from tokenwire.auth.principal import Principal
+from tokenwire.context import CallState, bind_call, current_call, reset_call
 from tokenwire.errors import ConfigError
 from tokenwire.interceptors import CallInfo, Interceptor, Proceed
-from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.proto.v1 import admin_pb2
 from tokenwire.testing.echo import echo_pb2
 

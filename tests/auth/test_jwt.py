@@ -26,7 +26,7 @@ from tests.auth.conftest import (
     write_jwks,
 )
 from tokenwire.auth.jwt import JWKS_RELOAD_S, JWTVerifier
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.errors import ConfigError, UnauthenticatedError
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tokenwire.auth import CachingKeyStore, IssuedKey, SQLiteKeyStore, make_principal
 from tokenwire.auth.keys import MIGRATIONS, authenticate_api_key, hash_api_key, looks_like_api_key
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 
 ALICE = Principal("acme", "alice", frozenset({"reader"}), "pro")

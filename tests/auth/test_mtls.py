@@ -18,10 +18,11 @@ from cryptography.x509.oid import NameOID
 
 from tests.auth.conftest import auth_config, bearer
 from tokenwire.auth import IssuedKey, SQLiteKeyStore
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.auth.mtls import principal_from_auth_context
-from tokenwire.context import Principal, current_call
+from tokenwire.auth.principal import Principal
+from tokenwire.context import current_call
 from tokenwire.interceptors import CallInfo, ErrorsInterceptor, Interceptor, InterceptorChain
-from tokenwire.interceptors.auth import AuthInterceptor
 from tokenwire.testing.echo import EchoServicer, echo_pb2, echo_pb2_grpc
 
 

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 from tokenwire.errors import ConfigError, InternalError
-from tokenwire.interceptors import ErrorsInterceptor
-from tokenwire.interceptors.moderation import ModerationInterceptor
 from tokenwire.moderation import EmbeddingModerator, ModerationConfig, RuleModerator, Verdict
 from tokenwire.moderation.embedding import (
     DEFAULT_EXEMPLARS,
@@ -19,6 +17,7 @@ from tokenwire.moderation.embedding import (
     load_exemplars,
     model_dir,
 )
+from tokenwire.moderation.policy import ModerationPolicy
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.testing import FakeBackend, running_server
 
@@ -150,13 +149,10 @@ async def test_checks_run_off_the_event_loop(embedding: EmbeddingModerator) -> N
 async def test_output_is_cut_at_the_flagged_sentence(embedding: EmbeddingModerator) -> None:
     """On a real server the answer stops before the unsafe sentence; earlier ones were shown."""
     reply = f"Sure thing. {UNSAFE} Have a nice day."
-    interceptors = [
-        ErrorsInterceptor(),
-        ModerationInterceptor(
-            ModerationConfig(moderator="embedding"), moderator=Borrowed(embedding)
-        ),
-    ]
-    async with running_server(FakeBackend(reply=reply), interceptors=interceptors) as running:
+    policy = ModerationPolicy(
+        ModerationConfig(moderator="embedding"), moderator=Borrowed(embedding)
+    )
+    async with running_server(FakeBackend(reply=reply), policies=[policy]) as running:
         request = chat_pb2.CompleteRequest(message="Tell me something nice.")
         events = [e async for e in running.chat.Complete(request)]
     assert "Sure thing. " == "".join(e.delta.text for e in events if e.HasField("delta"))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tokenwire.hooks import FilterResult, OutputFilter
 from tokenwire.moderation import CLEAN, Moderator, RuleModerator, Verdict, output_filter
+from tokenwire.turns.policy import FilterResult, OutputFilter
 
 
 class WordModerator:

@@ -20,11 +20,12 @@ import pytest
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 
-from tokenwire.context import Principal, current_call
+from tokenwire.auth.principal import Principal
+from tokenwire.context import current_call
 from tokenwire.interceptors import ErrorsInterceptor
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
-from tokenwire.interceptors.quotas import QuotaInterceptor
 from tokenwire.quotas import MemoryQuotaStore, QuotaConfig, QuotaStore
+from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.quotas.redis import RedisQuotaStore
 
 REDIS_URL = os.environ.get("TOKENWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -108,6 +109,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
 class PrincipalFromMetadata(Interceptor):
     """Stands in for authentication: ``x-test-principal: TENANT/USER[/PLAN]``."""
 
+    authenticates = True
+
     async def intercept(
         self,
         proceed: Proceed,
@@ -119,6 +122,9 @@ class PrincipalFromMetadata(Interceptor):
             if key == PRINCIPAL_HEADER and isinstance(value, str):
                 tenant, user, *plan = value.split("/")
                 current_call().principal = Principal(tenant, user, plan=plan[0] if plan else "")
+                break
+        else:
+            current_call().principal = Principal("default", "anonymous")
         return await proceed(request, context)
 
 

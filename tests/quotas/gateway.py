@@ -2,7 +2,7 @@
 
     python -m tests.quotas.gateway --key-prefix P --requests-per-minute 5
 
-It serves the echo service behind the errors and quota interceptors, with the
+It serves the echo service behind the errors, (anonymous) auth and quota interceptors, with the
 Redis quota store, on a free port of 127.0.0.1; prints that port on one line;
 and serves until its standard input closes or it is signalled.
 """
@@ -13,11 +13,13 @@ import argparse
 import asyncio
 import sys
 
+from tokenwire.auth.config import AuthConfig
+from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.config import LoggingConfig
 from tokenwire.interceptors import ErrorsInterceptor
-from tokenwire.interceptors.quotas import QuotaInterceptor
 from tokenwire.logs import configure_logging
 from tokenwire.quotas import PlanLimits, QuotaConfig
+from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.testing.echo import running_echo_server
 
 
@@ -48,7 +50,8 @@ async def serve(config: QuotaConfig) -> None:
     quotas = QuotaInterceptor(config)
     await quotas.start()
     try:
-        async with running_echo_server([ErrorsInterceptor(), quotas]) as echo:
+        anonymous = AuthInterceptor(AuthConfig(enabled=False), "")
+        async with running_echo_server([ErrorsInterceptor(), anonymous, quotas]) as echo:
             print(echo.address.rsplit(":", 1)[1], flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     finally:

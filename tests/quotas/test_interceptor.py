@@ -19,8 +19,8 @@ from tests.quotas.conftest import (
 )
 from tokenwire.errors import ConfigError, PermissionDeniedError
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
-from tokenwire.interceptors.quotas import QuotaInterceptor
 from tokenwire.quotas import PlanLimits, QuotaConfig, QuotaStore, Rate, Slot
+from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.quotas.redis import RedisQuotaStore
 from tokenwire.testing.echo import echo_pb2, running_echo_server
 

@@ -1,7 +1,7 @@
 """Authentication: API keys, JWT bearer tokens and mTLS client certificates.
 
-The interceptor that uses them is :class:`tokenwire.interceptors.auth.AuthInterceptor`;
-the AdminService that manages keys is :mod:`tokenwire.admin`; the ``tokenwire keys``
+The call-level half is :class:`tokenwire.auth.interceptor.AuthInterceptor`;
+the AdminService that manages keys is :mod:`tokenwire.services.admin`; the ``tokenwire keys``
 command is :mod:`tokenwire.auth.cli`.
 
     async with SQLiteKeyStore(AuthConfig().resolved_keys_db(".tokenwire")) as store:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenwire.auth.config import AuthConfig
 from tokenwire.auth.keys import IssuedKey, KeyStore, looks_like_api_key
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.private_files import make_private_dirs, write_private_file
 
 __all__ = [

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenwire.settings import setting
+from tokenwire.config_fields import setting
 
 __all__ = ["AuthConfig", "split_list"]
 

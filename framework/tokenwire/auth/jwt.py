@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from tokenwire.auth.config import AuthConfig, split_list
 from tokenwire.auth.keys import make_principal
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.errors import ConfigError, InvalidArgumentError, UnauthenticatedError
 from tokenwire.logs import get_logger
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, runtime_checkable
 
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.errors import (
     InvalidArgumentError,
     NotFoundError,

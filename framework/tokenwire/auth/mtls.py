@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from tokenwire.auth.keys import make_principal
-from tokenwire.context import Principal
+from tokenwire.auth.principal import Principal
 from tokenwire.errors import InvalidArgumentError
 
 __all__ = ["principal_from_auth_context"]

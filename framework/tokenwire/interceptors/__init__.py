@@ -1,12 +1,18 @@
-"""Interceptors around every RPC, and the one place their order is declared.
-
-Order, outermost first: errors + logging → auth → quotas → moderation.
+"""Call-level interceptors: the framework (one ``intercept`` for all four RPC shapes) and
+errors + logging. Authentication and quotas keep their interceptors in their own
+packages (:mod:`tokenwire.auth.interceptor`, :mod:`tokenwire.quotas.interceptor`);
+:mod:`tokenwire.pipeline` declares the chain's order.
 """
 
 from __future__ import annotations
 
-from tokenwire.config import Config
-from tokenwire.interceptors.base import CallInfo, Interceptor, InterceptorChain, Proceed
+from tokenwire.interceptors.base import (
+    CallInfo,
+    Interceptor,
+    InterceptorChain,
+    Proceed,
+    UndecodableRequest,
+)
 from tokenwire.interceptors.errors import REQUEST_ID_HEADER, ErrorsInterceptor
 
 __all__ = [
@@ -16,21 +22,5 @@ __all__ = [
     "Interceptor",
     "InterceptorChain",
     "Proceed",
-    "default_interceptors",
+    "UndecodableRequest",
 ]
-
-
-def default_interceptors(config: Config) -> list[Interceptor]:
-    """The interceptor chain the server runs, outermost first."""
-    from tokenwire.interceptors.auth import AuthInterceptor
-    from tokenwire.interceptors.moderation import ModerationInterceptor
-    from tokenwire.interceptors.quotas import QuotaInterceptor
-
-    chain: list[Interceptor] = [ErrorsInterceptor()]
-    # Disabled auth still runs: callers are anonymous and AdminService stays refused.
-    chain.append(AuthInterceptor(config.auth, config.store.data_dir))
-    if config.quotas.enabled:
-        chain.append(QuotaInterceptor(config.quotas))
-    if config.moderation.enabled:
-        chain.append(ModerationInterceptor(config.moderation))
-    return chain

@@ -25,13 +25,14 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 
-from tokenwire.aio import closing
+from tokenwire.errors import InvalidArgumentError
+from tokenwire.streams import closing
 
-__all__ = ["CallInfo", "Interceptor", "InterceptorChain", "Proceed"]
+__all__ = ["CallInfo", "Interceptor", "InterceptorChain", "Proceed", "UndecodableRequest"]
 
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -39,6 +40,34 @@ else:  # the runtime class is not generic
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 Proceed = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """Stands in for a request message that did not parse (say, invalid UTF-8 in a string).
+
+    A unary request like this is refused with INVALID_ARGUMENT before the handler
+    runs; in a request stream it reaches the handler, which reports it and goes on
+    with the next message.
+    """
+
+    message: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # google.protobuf.message.DecodeError, whatever the runtime
+            return UndecodableRequest(
+                "the request could not be decoded: it is not a valid message of this "
+                "method's request type (string fields must hold valid UTF-8)"
+            )
+
+    return deserialize
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +94,12 @@ class Interceptor(abc.ABC):
 
     ``start`` and ``close`` (optional) open and release what the interceptor
     needs (a key store, a Redis connection, a model); the server calls them.
+    An interceptor that names the caller (sets ``current_call().principal``
+    on every call it admits) says so with ``authenticates = True``: a server
+    refuses a chain without one.
     """
+
+    authenticates: ClassVar[bool] = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Open resources before the server accepts calls."""
@@ -128,6 +162,8 @@ class InterceptorChain(_ServerInterceptor):
             inner, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
 
         async def innermost(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, UndecodableRequest):
+                raise InvalidArgumentError(request.message)
             result = inner(request, context)
             # Unary-response handlers are coroutines; streaming ones return async iterators.
             return result if call.response_streaming else await result
@@ -153,7 +189,7 @@ class InterceptorChain(_ServerInterceptor):
             behavior = chain
         wrapped: grpc.RpcMethodHandler[Any, Any] = factory(
             behavior,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         return wrapped

@@ -20,18 +20,25 @@ import grpc
 import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from tokenwire.aio import closing
 from tokenwire.context import CallState, bind_call
-from tokenwire.errors import TokenwireError, status_of
+from tokenwire.errors import Code, TokenwireError, status_of
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.logs import get_logger
+from tokenwire.streams import closing
 
-__all__ = ["REQUEST_ID_HEADER", "ErrorsInterceptor"]
+__all__ = ["REQUEST_ID_HEADER", "ErrorsInterceptor", "grpc_code"]
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _log = get_logger("tokenwire.rpc")
+_GRPC_CODES = {int(code.value[0]): code for code in grpc.StatusCode}
+
+
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The grpc status code of one of our :class:`~tokenwire.errors.Code` values."""
+    return _GRPC_CODES[int(code)]
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -41,8 +48,9 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
-def _status_details(code: grpc.StatusCode, message: str, exc: Exception) -> bytes:
-    status = status_pb2.Status(code=code.value[0], message=message)
+def _status(code: Code, message: str, exc: Exception) -> grpc.Status:
+    """The call's final status with google.rpc details (RetryInfo, QuotaFailure, ...)."""
+    status = status_pb2.Status(code=int(code), message=message)
     retry_after_s = exc.retry_after_s if isinstance(exc, TokenwireError) else None
     if retry_after_s is not None:
         seconds = max(0.0, retry_after_s)
@@ -50,12 +58,12 @@ def _status_details(code: grpc.StatusCode, message: str, exc: Exception) -> byte
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         status.details.append(detail)
-    if isinstance(exc, TokenwireError) and code is not grpc.StatusCode.INTERNAL:
+    if isinstance(exc, TokenwireError) and code is not Code.INTERNAL:
         for message_detail in exc.details:
             detail = any_pb2.Any()
             detail.Pack(message_detail)
             status.details.append(detail)
-    return bytes(status.SerializeToString())
+    return rpc_status.to_status(status)
 
 
 class ErrorsInterceptor(Interceptor):
@@ -118,15 +126,15 @@ class ErrorsInterceptor(Interceptor):
         fields = {"code": code.name, "error_type": error_type, "duration_ms": _ms(start)}
         if sent is not None:
             fields["messages"] = sent
-        if code is grpc.StatusCode.INTERNAL:
+        if code is Code.INTERNAL:
             _log.error("rpc failed", exc_info=exc, **fields)
         else:
             _log.info("rpc refused", reason=message, **fields)
-        details = _status_details(code, message, exc)
+        status = _status(code, message, exc)
         await context.abort(
-            code,
-            message,
-            trailing_metadata=(("x-error-type", error_type), ("grpc-status-details-bin", details)),
+            status.code,
+            status.details,
+            trailing_metadata=(("x-error-type", error_type), *status.trailing_metadata),
         )
         raise AssertionError("context.abort returned")  # pragma: no cover
 

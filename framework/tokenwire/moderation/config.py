@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenwire.config_fields import setting
 from tokenwire.errors import ConfigError
-from tokenwire.settings import setting
 
 __all__ = ["MODERATORS", "ModerationConfig"]
 

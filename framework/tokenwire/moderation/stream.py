@@ -23,9 +23,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from tokenwire.hooks import FilterResult
 from tokenwire.moderation.base import CLEAN, Moderator, Verdict, moderator_name
 from tokenwire.moderation.rules import RuleModerator, RuleStream
+from tokenwire.turns.policy import FilterResult
 
 __all__ = ["ModerationFilter", "Report", "output_filter"]
 

@@ -42,8 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenwire.config_fields import parse_pairs, setting
 from tokenwire.errors import ConfigError
-from tokenwire.settings import parse_pairs, setting
 
 __all__ = ["PLAN_FIELDS", "PlanLimits", "QuotaConfig", "parse_plan", "parse_plans"]
 

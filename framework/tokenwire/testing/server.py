@@ -22,6 +22,7 @@ from tokenwire.proto.v1 import chat_pb2_grpc, models_pb2_grpc
 from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.turns.policy import TurnPolicy
 
 if TYPE_CHECKING:  # typed async stubs exist only in the .pyi files
     from tokenwire.proto.v1.chat_pb2_grpc import ChatServiceAsyncStub
@@ -92,14 +93,20 @@ async def running_server(
     *,
     store: ConversationStore | None = None,
     interceptors: Sequence[Interceptor] | None = None,
+    policies: Sequence[TurnPolicy] | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Start a server around ``backend`` on a free port; stop it (grace 0) on exit."""
+    """Start a server around ``backend`` on a free port; stop it (grace 0) on exit.
+
+    ``interceptors`` and ``policies`` replace the ones ``config`` declares (see
+    :mod:`tokenwire.pipeline`).
+    """
     config = config or config_for_tests()
     server = TokenwireServer(
         config,
         backend=backend,
         store=store or SQLiteConversationStore(":memory:"),
         interceptors=interceptors,
+        policies=policies,
     )
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)

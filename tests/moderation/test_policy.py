@@ -1,4 +1,4 @@
-"""ModerationInterceptor on a real server: input refused before the model, output cut unseen."""
+"""ModerationPolicy on a real server: input refused before the model, output cut unseen."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from tokenwire.context import Principal, current_call
+from tokenwire.auth.principal import Principal
+from tokenwire.context import current_call
 from tokenwire.errors import ConfigError
 from tokenwire.interceptors import ErrorsInterceptor, Interceptor
 from tokenwire.interceptors.base import CallInfo, Proceed
-from tokenwire.interceptors.moderation import ModerationInterceptor, build_moderators
 from tokenwire.moderation import EmbeddingModerator, ModerationConfig, RuleModerator
+from tokenwire.moderation.policy import ModerationPolicy, build_moderators
 from tokenwire.proto.v1 import chat_pb2, models_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, RunningServer, running_server
@@ -35,6 +36,8 @@ TERM_START = FLAGGED_REPLY.index("I will")
 class AsAlice(Interceptor):
     """Stands in for authentication: every call is alice of tenant acme."""
 
+    authenticates = True
+
     async def intercept(
         self,
         proceed: Proceed,
@@ -46,13 +49,12 @@ class AsAlice(Interceptor):
         return await proceed(request, context)
 
 
-def chain(config: ModerationConfig | None = None, **kwargs: Any) -> list[Interceptor]:
-    """The interceptors under test, in the declared order."""
-    return [
-        ErrorsInterceptor(),
-        AsAlice(),
-        ModerationInterceptor(config or ModerationConfig(), **kwargs),
-    ]
+def chain(config: ModerationConfig | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``running_server`` arguments: alice's calls, moderated by the policy under test."""
+    return {
+        "interceptors": [ErrorsInterceptor(), AsAlice()],
+        "policies": [ModerationPolicy(config or ModerationConfig(), **kwargs)],
+    }
 
 
 async def complete(running: RunningServer, message: str) -> list[chat_pb2.CompleteResponse]:
@@ -98,7 +100,7 @@ def log_level(level: int) -> Iterator[None]:
 async def test_flagged_input_on_complete_is_refused_before_the_backend() -> None:
     """A flagged message is INVALID_ARGUMENT, error_type content_filter; the engine never runs."""
     fake = FakeBackend(reply="never sent")
-    async with running_server(fake, interceptors=chain()) as running:
+    async with running_server(fake, **chain()) as running:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await complete(running, FLAGGED_INPUT)
     assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
@@ -110,7 +112,7 @@ async def test_flagged_input_on_complete_is_refused_before_the_backend() -> None
 async def test_flagged_input_on_converse_is_a_turn_error_and_the_stream_stays_open() -> None:
     """On Converse a flagged message is a TurnError with filter_category; the next turn runs."""
     fake = FakeBackend(reply="Hello there.")
-    async with running_server(fake, interceptors=chain()) as running:
+    async with running_server(fake, **chain()) as running:
         call = running.chat.Converse()
         await call.write(start(FLAGGED_INPUT))
         error = (await next_event(call, "error")).error
@@ -131,7 +133,7 @@ async def test_flagged_output_on_complete_is_cut_before_the_term_and_stored_as_s
     """Streamed byte by byte, no delta carries any of the term; the store holds what was shown."""
     store = SQLiteConversationStore(":memory:")
     fake = FakeBackend(reply=FLAGGED_REPLY)
-    async with running_server(fake, store=store, interceptors=chain()) as running:
+    async with running_server(fake, store=store, **chain()) as running:
         events = await complete(running, "Tell me a story.")
         started, finished = events[0].started, events[-1].finished
         messages = await store.list_messages(OWNER, started.conversation_id)
@@ -150,9 +152,7 @@ async def test_flagged_output_on_complete_is_cut_before_the_term_and_stored_as_s
 async def test_flagged_output_on_converse_ends_the_turn_and_the_stream_stays_open() -> None:
     """On Converse the cut turn finishes with CONTENT_FILTER; the session goes on."""
     store = SQLiteConversationStore(":memory:")
-    async with running_server(
-        FakeBackend(reply=FLAGGED_REPLY), store=store, interceptors=chain()
-    ) as running:
+    async with running_server(FakeBackend(reply=FLAGGED_REPLY), store=store, **chain()) as running:
         call = running.chat.Converse()
         await call.write(start("Tell me a story."))
         started = (await next_event(call, "started")).started
@@ -185,7 +185,7 @@ async def test_flagged_output_on_converse_ends_the_turn_and_the_stream_stays_ope
 )
 async def test_obfuscated_output_is_cut(reply: str) -> None:
     """Obfuscated terms in the answer are caught while streaming and never shown."""
-    async with running_server(FakeBackend(reply=reply), interceptors=chain()) as running:
+    async with running_server(FakeBackend(reply=reply), **chain()) as running:
         events = await complete(running, "Hi")
     assert "Okay: " == "".join(deltas(events))
     assert "violence" == events[-1].finished.filter_category
@@ -194,7 +194,7 @@ async def test_obfuscated_output_is_cut(reply: str) -> None:
 async def test_clean_output_passes_unchanged() -> None:
     """A clean answer, innocent look-alikes included, arrives exactly as generated."""
     reply = "Sure! Killer whales show real skill; Scunthorpe is in England. I will help you."
-    async with running_server(FakeBackend(reply=reply), interceptors=chain()) as running:
+    async with running_server(FakeBackend(reply=reply), **chain()) as running:
         events = await complete(running, "Tell me about orcas and skills.")
     assert reply == "".join(deltas(events))
     assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
@@ -211,7 +211,7 @@ async def test_rules_file_from_config_is_used(tmp_path: Path) -> None:
     path.write_text('[categories.spoilers]\nterms = ["rosebud is a sled"]\n')
     config = ModerationConfig(rules_file=str(path))
     fake = FakeBackend(reply="Fine: Rosebud is a SLED.")
-    async with running_server(fake, interceptors=chain(config)) as running:
+    async with running_server(fake, **chain(config)) as running:
         events = await complete(running, "I will kill you")  # not in this rule set
     assert "Fine: " == "".join(deltas(events))
     assert "spoilers" == events[-1].finished.filter_category
@@ -220,9 +220,7 @@ async def test_rules_file_from_config_is_used(tmp_path: Path) -> None:
 async def test_input_and_output_switch_separately() -> None:
     """input=False lets a flagged message through; output is still screened."""
     config = ModerationConfig(input=False)
-    async with running_server(
-        FakeBackend(reply=FLAGGED_REPLY), interceptors=chain(config)
-    ) as running:
+    async with running_server(FakeBackend(reply=FLAGGED_REPLY), **chain(config)) as running:
         events = await complete(running, FLAGGED_INPUT)
     assert chat_pb2.FINISH_REASON_CONTENT_FILTER == events[-1].finished.finish_reason
 
@@ -230,16 +228,14 @@ async def test_input_and_output_switch_separately() -> None:
 async def test_disabled_moderation_passes_everything() -> None:
     """enabled=False: no checks on input or output."""
     config = ModerationConfig(enabled=False)
-    async with running_server(
-        FakeBackend(reply=FLAGGED_REPLY), interceptors=chain(config)
-    ) as running:
+    async with running_server(FakeBackend(reply=FLAGGED_REPLY), **chain(config)) as running:
         events = await complete(running, FLAGGED_INPUT)
     assert FLAGGED_REPLY == "".join(deltas(events))
 
 
 async def test_non_chat_calls_pass_through() -> None:
     """ModelService is untouched by moderation."""
-    async with running_server(FakeBackend(), interceptors=chain()) as running:
+    async with running_server(FakeBackend(), **chain()) as running:
         models = await running.models.ListModels(models_pb2.ListModelsRequest())
     assert ["fake"] == [m.name for m in models.models]
 
@@ -263,7 +259,7 @@ async def test_given_moderator_replaces_the_configured_ones() -> None:
             return Verdict(True, "all", 0.5)
 
     everything = Everything()
-    async with running_server(FakeBackend(), interceptors=chain(moderator=everything)) as running:
+    async with running_server(FakeBackend(), **chain(moderator=everything)) as running:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await complete(running, "Hello")
         assert everything.started
@@ -288,9 +284,9 @@ def test_build_moderators_follows_the_config() -> None:
     ],
 )
 def test_bad_config_is_refused_up_front(changes: dict[str, Any]) -> None:
-    """An invalid setting is a ConfigError when the interceptor is built."""
+    """An invalid setting is a ConfigError when the policy is built."""
     with pytest.raises(ConfigError):
-        ModerationInterceptor(dataclasses.replace(ModerationConfig(), **changes))
+        ModerationPolicy(dataclasses.replace(ModerationConfig(), **changes))
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -298,7 +294,7 @@ def test_bad_config_is_refused_up_front(changes: dict[str, Any]) -> None:
 
 async def test_flagged_decisions_are_audited_without_the_text() -> None:
     """Input and output flags are logged with principal, category, direction and a hash only."""
-    async with running_server(FakeBackend(reply=FLAGGED_REPLY), interceptors=chain()) as running:
+    async with running_server(FakeBackend(reply=FLAGGED_REPLY), **chain()) as running:
         with capture_logs() as logs:
             with pytest.raises(grpc.aio.AioRpcError):
                 await complete(running, FLAGGED_INPUT)
@@ -325,7 +321,7 @@ async def test_flagged_decisions_are_audited_without_the_text() -> None:
 async def test_audit_off_logs_nothing() -> None:
     """audit=False: no audit records, the refusal still happens."""
     config = ModerationConfig(audit=False)
-    async with running_server(FakeBackend(), interceptors=chain(config)) as running:
+    async with running_server(FakeBackend(), **chain(config)) as running:
         with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError):
             await complete(running, FLAGGED_INPUT)
     assert [] == audit_records(logs)
@@ -334,7 +330,7 @@ async def test_audit_off_logs_nothing() -> None:
 async def test_audit_all_checks_logs_passes_too() -> None:
     """audit_all_checks=True also records checks that passed, at info level."""
     config = ModerationConfig(audit_all_checks=True)
-    async with running_server(FakeBackend(reply="Hello."), interceptors=chain(config)) as running:
+    async with running_server(FakeBackend(reply="Hello."), **chain(config)) as running:
         with log_level(logging.INFO), capture_logs() as logs:
             await complete(running, "Hi there")
     records = audit_records(logs)

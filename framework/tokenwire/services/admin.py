@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tokenwire.auth.keys import ApiKey, KeyStore, make_principal
-from tokenwire.context import current_call
+from tokenwire.context import current_principal
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import admin_pb2, admin_pb2_grpc
 
@@ -64,7 +64,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             key_tenant=principal.tenant,
             key_user=principal.user,
             key_roles=sorted(principal.roles),
-            by=current_call().principal.owner,
+            by=current_principal().owner,
         )
         return admin_pb2.CreateApiKeyResponse(key=api_key_message(issued.key), secret=issued.secret)
 
@@ -86,7 +86,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RevokeApiKeyRequest, context: Context
     ) -> admin_pb2.RevokeApiKeyResponse:
         key = await self.key_store.revoke_key(request.id)
-        _audit.info("api key revoked", key_id=key.id, by=current_call().principal.owner)
+        _audit.info("api key revoked", key_id=key.id, by=current_principal().owner)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_message(key))
 
 

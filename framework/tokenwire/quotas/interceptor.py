@@ -10,7 +10,9 @@ Runs after authentication (it reads ``current_call().principal``). For each call
   ``StartTurn`` counts one instead (the stream itself is free);
 * **tokens**: each chat turn reserves ``prompt_tokens + max_tokens`` before it
   runs and settles to ``prompt_tokens + completion_tokens`` when it ends
-  (finished, cancelled, failed or cut by a filter), through a turn hook.
+  (finished, cancelled, failed or cut by a filter): that, and counting each
+  ``Converse`` turn, is the turn-level half, :class:`~tokenwire.quotas.policy.QuotaPolicy`,
+  which shares this interceptor's store and limits.
 
 A request is counted once it passes the request limit, even if its token
 reservation is then refused. Refusals raise ``ResourceExhaustedError`` with a
@@ -39,10 +41,9 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2
 
-from tokenwire.aio import closing
-from tokenwire.context import Principal, current_call
+from tokenwire.auth.principal import Principal
+from tokenwire.context import current_principal
 from tokenwire.errors import ConfigError, ResourceExhaustedError, UnavailableError
-from tokenwire.hooks import OutputFilter, TurnInfo, TurnOutcome
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
@@ -56,8 +57,9 @@ from tokenwire.quotas.store import (
     Slot,
     Verdict,
 )
+from tokenwire.streams import closing
 
-__all__ = ["EXEMPT_SERVICES", "QuotaInterceptor"]
+__all__ = ["CONVERSE_METHOD", "EXEMPT_SERVICES", "QuotaInterceptor", "QuotaLimits"]
 
 _log = get_logger("tokenwire.quotas")
 
@@ -68,7 +70,9 @@ EXEMPT_SERVICES = frozenset(
         "grpc.reflection.v1alpha.ServerReflection",
     }
 )
-_CONVERSE = "/{}/Converse".format(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name)
+CONVERSE_METHOD = "/{}/Converse".format(
+    chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+)
 _REQUESTS, _TOKENS, _STREAMS = "requests_per_minute", "tokens_per_minute", "concurrent_streams"
 _CACHE_LIMIT = 10_000  # principals whose keys are kept precomputed
 _STORE_RETRY_S = 1.0
@@ -80,7 +84,7 @@ def _tag(tenant: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Limits:
+class QuotaLimits:
     """A principal's quotas, with store keys and QuotaFailure subjects precomputed."""
 
     requests: tuple[Rate, ...] = ()
@@ -97,7 +101,7 @@ class _Limits:
 
 def _build_limits(
     principal: Principal, user: PlanLimits, tenant: PlanLimits, window_s: float
-) -> _Limits:
+) -> QuotaLimits:
     tag = _tag(principal.tenant)
     scopes = (
         (user, f"{tag}:u:{principal.user}", f"principal:{principal.tenant}/{principal.user}"),
@@ -115,7 +119,7 @@ def _build_limits(
         if limits.concurrent_streams:
             slots.append(Slot(f"{key}:streams", limits.concurrent_streams))
             slot_subjects.append(subject)
-    return _Limits(
+    return QuotaLimits(
         tuple(requests),
         tuple(request_subjects),
         tuple(tokens),
@@ -158,13 +162,18 @@ class QuotaInterceptor(Interceptor):
             store = create_quota_store(config)
         self.store = store
         self._exempt = frozenset(exempt_services)
-        self._cache: dict[tuple[str, str, str], _Limits] = {}
+        self._cache: dict[tuple[str, str, str], QuotaLimits] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._started = False
 
     async def start(self) -> None:
-        """Connect the store; an unreachable one is a ConfigError unless ``fail_open``."""
-        if not self.config.enabled:
+        """Connect the store; an unreachable one is a ConfigError unless ``fail_open``.
+
+        Safe to call twice (the chain and the quota policy share this interceptor).
+        """
+        if not self.config.enabled or self._started:
             return
+        self._started = True
         try:
             await self.store.start()
         except QuotaStoreError as exc:
@@ -177,12 +186,15 @@ class QuotaInterceptor(Interceptor):
 
     async def close(self) -> None:
         """Close the store if this interceptor opened it."""
+        if not self._started:
+            return
+        self._started = False
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._owns_store:
             await self.store.close()
 
-    def _limits_for(self, principal: Principal) -> _Limits:
+    def limits_for(self, principal: Principal) -> QuotaLimits:
         """The quotas that apply to ``principal`` (cached)."""
         cache_key = (principal.tenant, principal.user, principal.plan)
         limits = self._cache.get(cache_key)
@@ -208,11 +220,10 @@ class QuotaInterceptor(Interceptor):
     ) -> Any:
         if not self.config.enabled or call.service in self._exempt:
             return await proceed(request, context)
-        state = current_call()
-        limits = self._limits_for(state.principal)
+        limits = self.limits_for(current_principal())
         if limits.unlimited:
             return await proceed(request, context)
-        converse = call.method == _CONVERSE
+        converse = call.method == CONVERSE_METHOD
         held: _Held | None = None
         if limits.slots and (call.request_streaming or call.response_streaming):
             held = await self._acquire(limits)
@@ -221,10 +232,8 @@ class QuotaInterceptor(Interceptor):
                 # the stream's finally; the end of the RPC releases the slot then.
                 context.add_done_callback(self._on_done(held))
         try:
-            if limits.requests and not converse:
-                await self._consume(limits)
-            if limits.tokens or (converse and limits.requests):
-                state.turn_hooks.append(_QuotaTurnHook(self, limits, count_turns=converse))
+            if limits.requests and not converse:  # a Converse turn counts in QuotaPolicy
+                await self.consume(limits)
             result = await proceed(request, context)
         except BaseException:
             if held is not None:
@@ -255,7 +264,7 @@ class QuotaInterceptor(Interceptor):
 
         return done
 
-    async def _acquire(self, limits: _Limits) -> _Held | None:
+    async def _acquire(self, limits: QuotaLimits) -> _Held | None:
         try:
             verdict, lease = await self.store.acquire(limits.slots)
         except QuotaStoreError as exc:
@@ -290,7 +299,8 @@ class QuotaInterceptor(Interceptor):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _consume(self, limits: _Limits) -> None:
+    async def consume(self, limits: QuotaLimits) -> None:
+        """Count one request, or raise RESOURCE_EXHAUSTED."""
         try:
             verdict = await self.store.consume(limits.requests, 1)
         except QuotaStoreError as exc:
@@ -299,7 +309,8 @@ class QuotaInterceptor(Interceptor):
         if not verdict.allowed:
             raise _refusal(_REQUESTS, limits.requests, limits.request_subjects, verdict)
 
-    async def _reserve(self, limits: _Limits, amount: int) -> Reservation | None:
+    async def reserve(self, limits: QuotaLimits, amount: int) -> Reservation | None:
+        """Reserve ``amount`` tokens, or raise RESOURCE_EXHAUSTED (None: store down, open)."""
         try:
             verdict, reservation = await self.store.reserve(limits.tokens, amount)
         except QuotaStoreError as exc:
@@ -309,7 +320,8 @@ class QuotaInterceptor(Interceptor):
             raise _refusal(_TOKENS, limits.tokens, limits.token_subjects, verdict, amount=amount)
         return reservation
 
-    async def _settle(self, reservation: Reservation, actual: int) -> None:
+    async def settle(self, reservation: Reservation, actual: int) -> None:
+        """Settle a reservation to the tokens really used; never raises."""
         try:
             await self.store.settle(reservation, actual)
         except QuotaStoreError as exc:
@@ -327,40 +339,6 @@ class QuotaInterceptor(Interceptor):
         raise UnavailableError(
             "quotas cannot be checked right now; retry shortly", retry_after_s=_STORE_RETRY_S
         ) from exc
-
-
-class _QuotaTurnHook:
-    """Per-turn quotas of one call: counts Converse turns, reserves and settles tokens."""
-
-    __slots__ = ("_count_turns", "_limits", "_owner", "_reservations")
-
-    def __init__(self, owner: QuotaInterceptor, limits: _Limits, *, count_turns: bool) -> None:
-        self._owner = owner
-        self._limits = limits
-        self._count_turns = count_turns
-        self._reservations: dict[str, Reservation] = {}
-
-    async def before_turn(self, turn: TurnInfo) -> None:
-        """Count the turn (on Converse) and reserve its most tokens, or refuse it."""
-        limits = self._limits
-        if self._count_turns and limits.requests:
-            await self._owner._consume(limits)
-        if limits.tokens:
-            reservation = await self._owner._reserve(limits, turn.prompt_tokens + turn.max_tokens)
-            if reservation is not None:
-                self._reservations[turn.turn_id] = reservation
-
-    def output_filter(self, turn: TurnInfo) -> OutputFilter | None:
-        """Quotas do not look at the answer's text."""
-        return None
-
-    async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
-        """Settle the reservation to the tokens the turn really used."""
-        reservation = self._reservations.pop(turn.turn_id, None)
-        if reservation is not None:
-            await self._owner._settle(
-                reservation, outcome.prompt_tokens + outcome.completion_tokens
-            )
 
 
 def _refusal(

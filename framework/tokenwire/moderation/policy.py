@@ -1,28 +1,21 @@
 """Moderation on every chat turn: the user's message first, then the answer as it streams.
 
-For ChatService calls the interceptor registers a turn hook. ``before_turn``
+Moderation is a turn policy only (it has no call-level half). ``before_turn``
 checks the user's message with each moderator in order (rules first: they cost
 microseconds) and refuses a flagged one with :class:`ContentFilteredError`
 (INVALID_ARGUMENT, ``error_type`` "content_filter"; a ``TurnError`` with
 ``filter_category`` on Converse) before anything is stored or generated. The
 answer goes through a fresh :func:`~tokenwire.moderation.stream.output_filter`
 per turn, so flagged text is never sent and the stored answer is exactly what
-the client saw. Every flagged decision goes to the audit log. Other services
-pass through untouched.
+the client saw. Flagged decisions go to the audit log (every check with
+``moderation.audit_all_checks``).
 
-    ModerationInterceptor(ModerationConfig(moderator="both"))
+    ModerationPolicy(ModerationConfig(moderator="both"))
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
-from tokenwire.context import current_call
 from tokenwire.errors import ContentFilteredError, UnavailableError
-from tokenwire.hooks import OutputFilter, TurnInfo, TurnOutcome
-from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.moderation import (
     EmbeddingModerator,
     ModerationAudit,
@@ -33,11 +26,9 @@ from tokenwire.moderation import (
     moderator_name,
     output_filter,
 )
-from tokenwire.proto.v1 import chat_pb2
+from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
-__all__ = ["ModerationInterceptor", "build_moderators"]
-
-_CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+__all__ = ["ModerationPolicy", "build_moderators"]
 
 
 def build_moderators(config: ModerationConfig) -> list[Moderator]:
@@ -61,7 +52,7 @@ def build_moderators(config: ModerationConfig) -> list[Moderator]:
     return moderators
 
 
-class ModerationInterceptor(Interceptor):
+class ModerationPolicy:
     """Checks chat input and output with the configured moderators (or ``moderator``)."""
 
     def __init__(self, config: ModerationConfig, *, moderator: Moderator | None = None) -> None:
@@ -69,7 +60,7 @@ class ModerationInterceptor(Interceptor):
         self.config = config
         self._given = moderator
         self._moderators: tuple[Moderator, ...] = ()
-        self._hook: _ModerationHook | None = None
+        self._ready = False
         self._audit = ModerationAudit(enabled=config.audit, all_checks=config.audit_all_checks)
 
     @property
@@ -79,7 +70,7 @@ class ModerationInterceptor(Interceptor):
 
     async def start(self) -> None:
         """Build and start the moderators (loads the embedding model, if configured)."""
-        if not self.config.enabled or self._hook is not None:
+        if not self.config.enabled or self._ready:
             return
         moderators = [self._given] if self._given is not None else build_moderators(self.config)
         started: list[Moderator] = []
@@ -93,42 +84,20 @@ class ModerationInterceptor(Interceptor):
             await _close(started)
             raise
         self._moderators = tuple(moderators)
-        self._hook = _ModerationHook(self.config, self._moderators, self._audit)
+        self._ready = True
 
     async def close(self) -> None:
         """Release the moderators."""
-        moderators, self._moderators, self._hook = self._moderators, (), None
+        moderators, self._moderators, self._ready = self._moderators, (), False
         await _close(list(moderators))
 
-    async def intercept(
-        self,
-        proceed: Proceed,
-        request: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
-        call: CallInfo,
-    ) -> Any:
-        if self.config.enabled and call.service == _CHAT_SERVICE:
-            if self._hook is None:  # fail closed: never serve chat unmoderated
-                raise UnavailableError("moderation is not ready; retry shortly")
-            current_call().turn_hooks.append(self._hook)
-        return await proceed(request, context)
-
-
-class _ModerationHook:
-    """The per-turn part; one instance serves every call (each turn gets its own filter)."""
-
-    def __init__(
-        self,
-        config: ModerationConfig,
-        moderators: tuple[Moderator, ...],
-        audit: ModerationAudit,
-    ) -> None:
-        self._config = config
-        self._moderators = moderators
-        self._audit = audit
-
     async def before_turn(self, turn: TurnInfo) -> None:
-        if not self._config.input:
+        """Refuse a flagged message before anything is stored or generated."""
+        if not self.config.enabled:
+            return
+        if not self._ready:  # fail closed: never serve chat unmoderated
+            raise UnavailableError("moderation is not ready; retry shortly")
+        if not self.config.input:
             return
         for moderator in self._moderators:
             verdict = await moderator.check(turn.message)
@@ -137,7 +106,8 @@ class _ModerationHook:
                 raise ContentFilteredError(verdict.category)
 
     def output_filter(self, turn: TurnInfo) -> OutputFilter | None:
-        if not self._config.output or not self._moderators:
+        """A fresh filter for this turn's answer, or None when output is not checked."""
+        if not self.config.enabled or not self.config.output or not self._moderators:
             return None
 
         def report(name: str, verdict: Verdict, text: str) -> None:
@@ -146,12 +116,13 @@ class _ModerationHook:
         # Passed checks are recorded only when the audit wants them: a check per token.
         return output_filter(
             self._moderators,
-            check_chars=self._config.embedding_check_chars,
+            check_chars=self.config.embedding_check_chars,
             report=report,
             report_passed=self._audit.all_checks,
         )
 
     async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
+        """Nothing to settle."""
         return None
 
     def _record(

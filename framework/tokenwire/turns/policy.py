@@ -1,21 +1,22 @@
-"""Turn hooks: how interceptors take part in each chat turn, on every RPC shape.
+"""Turn policies: per-turn work that quotas, moderation and authentication do.
 
-A Converse stream carries many turns, so per-turn policy (token quotas, input and
-output moderation) cannot live at the call boundary alone. An interceptor that
-cares registers a :class:`TurnHook` on the call's state
-(``current_call().turn_hooks``); the turn runner then, for every turn:
+A Converse stream carries many turns, so per-turn policy cannot live at the call
+boundary. The server hands the turn runner its policies explicitly (declared in
+:mod:`tokenwire.pipeline`, next to the interceptor chain); a turn never runs
+without them. For every turn the runner:
 
-1. calls ``before_turn`` once the prompt is tokenized and bounded, before
-   anything is stored or generated — raising a ``TokenwireError`` refuses the
-   turn (a status on Complete, a ``TurnError`` on Converse);
-2. passes the answer's text through each hook's ``output_filter`` before it is
+1. calls ``before_turn`` once the prompt is tokenized and bounded and capacity is
+   reserved, before anything is stored or generated: raising a
+   ``TokenwireError`` refuses the turn (a status on Complete, a ``TurnError`` on
+   Converse) and nothing is stored;
+2. passes the answer's text through each policy's ``output_filter`` before it is
    sent *or stored*, so what the client saw and what the store holds are equal;
    a filter that flags text ends the turn with FINISH_REASON_CONTENT_FILTER;
-3. calls ``after_turn`` exactly once for every hook whose ``before_turn``
+3. calls ``after_turn`` exactly once for every policy whose ``before_turn``
    succeeded, with the exact usage, however the turn ended (finished, cancelled,
-   failed, cut by a filter, client gone).
+   failed, cut by a filter, client gone), newest first.
 
-Hooks run in chain order (outermost interceptor first).
+``start`` and ``close`` (optional) open and release what a policy needs.
 """
 
 from __future__ import annotations
@@ -23,23 +24,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from tokenwire.auth.principal import Principal
 from tokenwire.backend import FinishReason
-from tokenwire.context import Principal
+from tokenwire.context import CallState
 
-__all__ = ["FilterResult", "OutputFilter", "TurnHook", "TurnInfo", "TurnOutcome"]
+__all__ = ["FilterResult", "OutputFilter", "TurnInfo", "TurnOutcome", "TurnPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
 class TurnInfo:
-    """A turn that passed validation and fits the model's context."""
+    """A turn that passed validation, fits the model's context and holds capacity."""
 
     turn_id: str
-    method: str  # the RPC, e.g. "/tokenwire.v1.ChatService/Converse"
+    call: CallState  # the call the turn runs on: method, request id, credential
     principal: Principal
     model: str
     message: str  # the user's new message
     prompt_tokens: int  # exact: template and history included
     max_tokens: int  # resolved: the most completion tokens this turn may use
+
+    @property
+    def method(self) -> str:
+        """The RPC, e.g. ``/tokenwire.v1.ChatService/Converse``."""
+        return self.call.method
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +81,8 @@ class OutputFilter(Protocol):
 
 
 @runtime_checkable
-class TurnHook(Protocol):
-    """Per-turn participation of an interceptor; see the module docstring."""
+class TurnPolicy(Protocol):
+    """Per-turn participation of a feature; see the module docstring."""
 
     async def before_turn(self, turn: TurnInfo) -> None:
         """Admit the turn, or raise a TokenwireError to refuse it."""

@@ -39,7 +39,8 @@ from tokenwire.auth.keys import (
     looks_like_api_key,
 )
 from tokenwire.auth.mtls import principal_from_auth_context
-from tokenwire.context import Principal, current_call
+from tokenwire.auth.principal import ANONYMOUS, Principal
+from tokenwire.context import Credential, current_call
 from tokenwire.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
 from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.logs import get_logger
@@ -51,6 +52,7 @@ ADMIN_SERVICE: Final = "tokenwire.v1.AdminService"
 _OPEN: Final = None  # a method that needs no credentials
 _ANY_CALLER: Final = ""  # a method any authenticated caller may call
 _log = get_logger("tokenwire.auth")
+_MTLS: Final = Credential("mtls")
 
 
 class AuthInterceptor(Interceptor):
@@ -61,6 +63,8 @@ class AuthInterceptor(Interceptor):
     as :attr:`key_store` for the AdminService, so revocations made there take
     effect at once.
     """
+
+    authenticates = True
 
     def __init__(
         self, config: AuthConfig, data_dir: str, *, key_store: KeyStore | None = None
@@ -127,12 +131,14 @@ class AuthInterceptor(Interceptor):
             rule = self._rules[call.method] = self._rule_for(call.method)
         if rule is _OPEN:
             return await proceed(request, context)
-        principal = await self._authenticate(context) if self.config.enabled else None
         state = current_call()
-        if principal is not None:
-            state.principal = principal
+        if self.config.enabled:
+            principal, state.credential = await self._authenticate(context)
             structlog.contextvars.bind_contextvars(tenant=principal.tenant, user=principal.user)
-        if rule and rule not in state.principal.roles:
+        else:
+            principal = ANONYMOUS  # said loudly at start: authentication is off
+        state.principal = principal
+        if rule and rule not in principal.roles:
             raise PermissionDeniedError(f"this method requires the {rule!r} role")
         return await proceed(request, context)
 
@@ -147,19 +153,33 @@ class AuthInterceptor(Interceptor):
                 return role
         return _ANY_CALLER
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
-        header = None
-        for key, value in context.invocation_metadata() or ():
-            if key == AUTHORIZATION_HEADER:
-                header = value
-                break
+    async def recheck(self, credential: Credential) -> None:
+        """Check a call's credential again (a long-lived stream, before each turn).
+
+        Raises UNAUTHENTICATED once an API key is revoked (seen within
+        ``auth.key_cache_ttl_s``) or a token has expired.
+        """
+        if credential.kind == "api_key":
+            found = await self.key_store.lookup(credential.key_hash)
+            if found is None or not found.active:
+                raise UnauthenticatedError("invalid credentials: the API key was revoked")
+        elif credential.kind == "jwt" and self._jwt is not None:
+            self._jwt.verify(credential.token)
+
+    async def _authenticate(
+        self, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[Principal, Credential]:
+        headers = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_HEADER]
+        if len(headers) > 1:
+            raise UnauthenticatedError("invalid credentials: send one authorization header")
+        header = headers[0] if headers else None
         if header is None:
             if self.config.mtls:
                 principal = principal_from_auth_context(
                     context.auth_context(), roles=self._mtls_roles
                 )
                 if principal is not None:
-                    return principal
+                    return principal, _MTLS
             raise UnauthenticatedError(
                 "missing credentials: send 'authorization: Bearer <API key or token>'"
             )
@@ -170,15 +190,16 @@ class AuthInterceptor(Interceptor):
         if token.startswith(API_KEY_PREFIX):
             if not self.config.api_keys or not looks_like_api_key(token):
                 raise UnauthenticatedError("invalid credentials")
-            found = await self.key_store.lookup(hash_api_key(token))
+            key_hash = hash_api_key(token)
+            found = await self.key_store.lookup(key_hash)
             if found is None or not found.active:
                 if found is not None:  # worth a line in the log: a revoked key still in use
                     _log.info("revoked api key refused", key_id=found.id)
                 raise UnauthenticatedError("invalid credentials")
-            return found.principal
+            return found.principal, Credential("api_key", key_hash=key_hash)
         if self._jwt is None:
             raise UnauthenticatedError("invalid credentials")
-        return self._jwt.verify(token)
+        return self._jwt.verify(token), Credential("jwt", token=token)
 
 
 def _parse_method_roles(text: str) -> tuple[tuple[str, str], ...]:

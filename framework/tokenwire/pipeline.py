@@ -1,0 +1,111 @@
+"""The one place that declares what every call and every turn passes through.
+
+Two levels, in a fixed order:
+
+* **interceptors**, per call, outermost first: errors + logging (binds the call
+  state, maps every error to a status) → authentication (who is calling, may
+  they call this method) → quotas (requests and stream slots);
+* **turn policies**, per turn, in order: credentials checked again (a
+  long-lived stream's key may be revoked) → quotas (count the turn, reserve and
+  settle tokens) → moderation (the message in, the answer out).
+
+The server hands the policies to the turn runner itself, so a turn never runs
+without them, whatever chain a program assembles. A chain it cannot serve
+safely is refused at start (:func:`check_chain`)::
+
+    pipeline = build_pipeline(config)
+    server = grpc.aio.server(interceptors=[InterceptorChain(pipeline.interceptors)])
+    runner = TurnRunner(models, store, config.limits, pipeline.policies)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenwire.auth.interceptor import AuthInterceptor
+from tokenwire.auth.policy import CredentialPolicy
+from tokenwire.config import Config
+from tokenwire.errors import ConfigError
+from tokenwire.interceptors.base import Interceptor
+from tokenwire.interceptors.errors import ErrorsInterceptor
+from tokenwire.moderation.policy import ModerationPolicy
+from tokenwire.quotas.interceptor import QuotaInterceptor
+from tokenwire.quotas.policy import QuotaPolicy
+from tokenwire.turns.policy import TurnPolicy
+
+__all__ = ["Pipeline", "build_pipeline", "check_chain"]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """The interceptor chain (outermost first) and the turn policies (in order)."""
+
+    interceptors: tuple[Interceptor, ...]
+    policies: tuple[TurnPolicy, ...]
+
+    @property
+    def auth(self) -> AuthInterceptor | None:
+        """The chain's AuthInterceptor; None when another interceptor authenticates."""
+        return next((i for i in self.interceptors if isinstance(i, AuthInterceptor)), None)
+
+
+def build_pipeline(
+    config: Config,
+    *,
+    interceptors: Sequence[Interceptor] | None = None,
+    policies: Sequence[TurnPolicy] | None = None,
+) -> Pipeline:
+    """The chain and policies ``config`` asks for.
+
+    ``interceptors`` replaces the chain (it must still pass :func:`check_chain`);
+    the turn policies are still those of ``config`` unless ``policies`` replaces
+    them too: a custom chain never turns quotas or moderation off.
+    """
+    quotas = QuotaInterceptor(config.quotas) if config.quotas.enabled else None
+    auth: AuthInterceptor | None
+    if interceptors is None:
+        auth = AuthInterceptor(config.auth, config.store.data_dir)
+        chain: list[Interceptor] = [ErrorsInterceptor(), auth]
+        if quotas is not None:
+            chain.append(quotas)
+    else:
+        chain = list(interceptors)
+        check_chain(chain)
+        auth = next((i for i in chain if isinstance(i, AuthInterceptor)), None)
+        given = next((i for i in chain if isinstance(i, QuotaInterceptor)), None)
+        quotas = given if given is not None else quotas
+    if policies is None:
+        turn_policies: list[TurnPolicy] = []
+        if auth is not None:  # another authenticating interceptor checks its own
+            turn_policies.append(CredentialPolicy(auth))
+        if quotas is not None:
+            turn_policies.append(QuotaPolicy(quotas))
+        if config.moderation.enabled:
+            turn_policies.append(ModerationPolicy(config.moderation))
+    else:
+        turn_policies = list(policies)
+    return Pipeline(tuple(chain), tuple(turn_policies))
+
+
+def check_chain(chain: Sequence[Interceptor]) -> None:
+    """Refuse a chain the server cannot serve safely, with a ConfigError saying why.
+
+    The errors interceptor must come first (it binds the call state that
+    everything after reads, and maps errors to statuses), and an interceptor that
+    authenticates (``authenticates = True``, like :class:`AuthInterceptor`) must
+    follow it: it names the caller whose conversations and quotas a turn uses
+    (with ``auth.enabled = false`` the AuthInterceptor names everyone anonymous,
+    and the server says so at start).
+    """
+    if not chain or not isinstance(chain[0], ErrorsInterceptor):
+        raise ConfigError(
+            "the interceptor chain must start with ErrorsInterceptor(), e.g. "
+            "[ErrorsInterceptor(), AuthInterceptor(config.auth, data_dir), ...]"
+        )
+    if not any(i.authenticates for i in chain[1:]):
+        raise ConfigError(
+            "the interceptor chain has no interceptor that authenticates: every turn "
+            "needs a caller; "
+            "use AuthInterceptor(AuthConfig(enabled=False), data_dir) to serve anonymously"
+        )

@@ -1,0 +1,113 @@
+"""A turn on plain types: what comes in, what goes out, and what it did so far.
+
+The turn runner never builds protobuf messages: the service at the edge turns a
+request into a :class:`TurnRequest` and hands the runner a :class:`TurnEvents`
+that encodes each event as the RPC's own response message, so no layer between
+the engine and gRPC copies an event twice::
+
+    class CompleteEvents:                       # in tokenwire.services
+        def delta(self, text, token_count):
+            return CompleteResponse(delta=Delta(text=text, token_count=token_count))
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from tokenwire.backend import FinishReason
+from tokenwire.frontend import TurnParams
+
+__all__ = ["Finished", "Started", "TurnEvents", "TurnRequest", "TurnState", "Usage"]
+
+Out = TypeVar("Out", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """One user turn, as the client asked for it (validated by the runner)."""
+
+    message: str
+    conversation_id: str = ""  # empty: a new conversation
+    params: TurnParams = field(default_factory=TurnParams)
+    model: str = ""  # empty: the default model
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The turn is admitted and the user's message stored."""
+
+    turn_id: str
+    conversation_id: str
+    message_id: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token accounting of a turn."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """How the turn ended."""
+
+    turn_id: str
+    finish_reason: FinishReason
+    usage: Usage
+    filter_category: str = ""
+
+
+class TurnEvents(Protocol[Out]):
+    """Encodes a turn's events as the messages its RPC sends."""
+
+    def started(self, event: Started) -> Out:
+        """TurnStarted."""
+        ...
+
+    def delta(self, text: str, token_count: int) -> Out:
+        """New answer text covering ``token_count`` completion tokens."""
+        ...
+
+    def finished(self, event: Finished) -> Out:
+        """TurnFinished."""
+        ...
+
+
+@dataclass(slots=True)
+class TurnState:
+    """What a running turn has done so far; read by the caller on cancel or failure."""
+
+    received_at: float = field(default_factory=time.perf_counter)
+    turn_id: str = field(default_factory=lambda: f"turn_{uuid.uuid4().hex}")
+    conversation_id: str = ""
+    message_id: str = ""  # set once the turn started: TurnStarted went out
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    sent: list[str] = field(default_factory=list)
+    finished: bool = False  # the answer ended (engine, stop string or filter)
+    final_sent: bool = False  # TurnFinished is on its way: the turn is over for the client
+    reason: FinishReason = FinishReason.ERROR
+    filter_category: str = ""
+
+    def usage(self) -> Usage:
+        """Token accounting so far."""
+        ttft = 0.0 if self.first_token_at is None else self.first_token_at - self.received_at
+        return Usage(self.prompt_tokens, self.completion_tokens, ttft * 1000)
+
+    def finished_event(self, reason: FinishReason | None = None) -> Finished:
+        """The Finished event for this turn (``reason`` overrides the recorded one)."""
+        return Finished(
+            self.turn_id,
+            self.reason if reason is None else reason,
+            self.usage(),
+            self.filter_category,
+        )

@@ -1,0 +1,412 @@
+"""One chat turn, shared by ``Complete`` and ``Converse``: validate, admit, store, stream, settle.
+
+The order is the contract:
+
+1. validate the request in full and reserve engine capacity, atomically (no
+   await between the check and the reservation), so a burst never gets past
+   the engine's ``max_batch`` and an admitted turn is never refused later;
+2. build the prompt (history, template, context bounds) and run every
+   policy's ``before_turn`` (credentials, quotas, input moderation);
+3. only then store the user's message and send TurnStarted;
+4. stream the answer through the policies' output filters; the assistant's
+   message is written when the turn ends, complete or (cancelled, failed) with
+   exactly the text the client was sent;
+5. give back the capacity, settle every admitted policy, then send TurnFinished.
+
+A refusal at steps 1-2 leaves nothing stored and sends no TurnStarted.
+
+The streaming loop is the hot path: it iterates the backend's own chunks (no
+generator in between), decodes each synchronously, and merges chunks that are
+already waiting into one message when the client reads slower than the engine
+writes (at most ``coalesce_chunks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import TypeVar
+
+from tokenwire.backend import ChatMessage, FinishReason
+from tokenwire.config import LimitsConfig
+from tokenwire.context import CallState
+from tokenwire.errors import (
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
+from tokenwire.frontend import ChatModel, PreparedTurn, TurnParams
+from tokenwire.logs import get_logger
+from tokenwire.stores.conversations import ConversationStore
+from tokenwire.streams import Pending, finish_shielded, poll_next
+from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState
+from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome, TurnPolicy
+
+__all__ = ["Capacity", "TurnRunner", "validate_params", "validate_request"]
+
+_log = get_logger("tokenwire.turns")
+_TITLE_CHARS = 80
+_RETRY_AFTER_S = 1.0
+Out = TypeVar("Out")
+
+
+def validate_params(params: TurnParams, limits: LimitsConfig) -> None:
+    """Check sampling parameters; raises InvalidArgumentError naming the field."""
+    if not (math.isfinite(params.temperature) and 0.0 <= params.temperature <= 2.0):
+        raise InvalidArgumentError(f"temperature must be in [0, 2], got {params.temperature}")
+    if not (math.isfinite(params.top_p) and 0.0 <= params.top_p <= 1.0):
+        raise InvalidArgumentError(f"top_p must be in [0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise InvalidArgumentError(f"top_k must be >= 0, got {params.top_k}")
+    if params.max_tokens < 0:
+        raise InvalidArgumentError(f"max_tokens must be >= 0, got {params.max_tokens}")
+    if len(params.stop) > limits.max_stop_strings:
+        raise InvalidArgumentError(
+            f"at most {limits.max_stop_strings} stop strings are allowed, got {len(params.stop)}"
+        )
+    for stop in params.stop:
+        size = len(stop.encode())
+        if not stop or size > limits.max_stop_bytes:
+            raise InvalidArgumentError(
+                f"each stop string must be 1 to {limits.max_stop_bytes} bytes, got {size}"
+            )
+
+
+def validate_request(request: TurnRequest, limits: LimitsConfig) -> None:
+    """Check a turn's fields against ``limits``; raises InvalidArgumentError naming the field."""
+    if not request.message.strip():
+        raise InvalidArgumentError("message must not be empty")
+    if len(request.message) > limits.max_message_chars:
+        raise InvalidArgumentError(
+            f"message is {len(request.message)} characters; the limit is {limits.max_message_chars}"
+        )
+    if len(request.idempotency_key.encode()) > limits.max_idempotency_key_bytes:
+        raise InvalidArgumentError(
+            f"idempotency_key must be at most {limits.max_idempotency_key_bytes} bytes"
+        )
+    if len(request.model) > limits.max_model_name_chars:
+        raise InvalidArgumentError(
+            f"model name must be at most {limits.max_model_name_chars} characters"
+        )
+    validate_params(request.params, limits)
+
+
+class Capacity:
+    """The turns one model may run at once; reserved before anything is stored.
+
+    ``reserve`` checks and counts in one synchronous step, so concurrent turns
+    cannot both take the last place.
+    """
+
+    __slots__ = ("limit", "model", "used")
+
+    def __init__(self, model: str, limit: int) -> None:
+        self.model = model
+        self.limit = max(1, limit)
+        self.used = 0
+
+    def reserve(self) -> None:
+        """Take a place, or raise ResourceExhaustedError (with a retry delay)."""
+        if self.used >= self.limit:
+            raise ResourceExhaustedError(
+                f"model {self.model!r} is at capacity ({self.used} answers running); retry shortly",
+                retry_after_s=_RETRY_AFTER_S,
+            )
+        self.used += 1
+
+    def release(self) -> None:
+        """Give a place back."""
+        self.used -= 1
+
+
+class TurnRunner:
+    """Runs turns against the served models, the conversation store and the policies.
+
+    ``policies`` are every turn's policies, in order (see
+    :mod:`tokenwire.turns.policy`); the server passes the ones
+    :mod:`tokenwire.pipeline` declares.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ChatModel],
+        store: ConversationStore,
+        limits: LimitsConfig,
+        policies: Sequence[TurnPolicy],
+        *,
+        coalesce_chunks: int = 16,
+    ) -> None:
+        if not models:
+            raise ValueError("at least one model is required")
+        self._models = dict(models)
+        self._default = next(iter(self._models.values()))
+        self._capacity = {
+            name: Capacity(name, model.backend.capabilities.max_batch)
+            for name, model in self._models.items()
+        }
+        self._store = store
+        self._limits = limits
+        self._policies = tuple(policies)
+        self._coalesce = max(1, coalesce_chunks)
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def policies(self) -> tuple[TurnPolicy, ...]:
+        """The policies every turn runs through, in order."""
+        return self._policies
+
+    def capacity(self, model: str = "") -> Capacity:
+        """The capacity counter of ``model`` (the default model when empty)."""
+        return self._capacity[model or self._default.name]
+
+    @property
+    def active(self) -> int:
+        """Turns running or saving their answer."""
+        return self._active
+
+    async def wait_idle(self, limit_s: float) -> bool:
+        """Wait until no turn is running (or saving its answer); False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), limit_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _model(self, name: str) -> ChatModel:
+        if not name:
+            return self._default
+        model = self._models.get(name)
+        if model is None:
+            raise NotFoundError(f"model {name!r} is not served here; ListModels names the models")
+        return model
+
+    async def _prepare(self, request: TurnRequest, model: ChatModel, owner: str) -> PreparedTurn:
+        messages: list[ChatMessage] = []
+        if self._limits.system_prompt:
+            messages.append(ChatMessage("system", self._limits.system_prompt))
+        if request.conversation_id:
+            await self._store.get_conversation(owner, request.conversation_id)
+            history = await self._store.list_messages(
+                owner, request.conversation_id, limit=self._limits.max_history_messages
+            )
+            messages.extend(ChatMessage(m.role, m.content) for m in history if m.content)
+        messages.append(ChatMessage("user", request.message))
+        return model.prepare(messages, request.params)
+
+    async def run(
+        self,
+        request: TurnRequest,
+        call: CallState,
+        events: TurnEvents[Out],
+        state: TurnState | None = None,
+    ) -> AsyncGenerator[Out, None]:
+        """Stream one turn as ``events.started(...)``, ``events.delta(...)``, ... messages.
+
+        Errors before TurnStarted leave nothing stored. Closing the iterator (cancel)
+        leaves an incomplete assistant message holding exactly the text sent.
+        """
+        state = state if state is not None else TurnState()
+        self._active += 1
+        self._idle.clear()
+        try:
+            principal = call.principal
+            if principal is None:  # fail closed: never serve a turn as nobody in particular
+                raise UnauthenticatedError("the call was not authenticated")
+            validate_request(request, self._limits)
+            model = self._model(request.model)
+            capacity = self._capacity[model.name]
+            capacity.reserve()  # atomic with the checks above: no await in between
+            reserved = True
+            try:
+                turn = await self._prepare(request, model, principal.owner)
+                state.prompt_tokens = turn.prompt_tokens
+                info = TurnInfo(
+                    turn_id=state.turn_id,
+                    call=call,
+                    principal=principal,
+                    model=model.name,
+                    message=request.message,
+                    prompt_tokens=turn.prompt_tokens,
+                    max_tokens=turn.max_tokens,
+                )
+                admitted: list[TurnPolicy] = []
+                outcome = TurnOutcome(FinishReason.ERROR, turn.prompt_tokens, 0)
+                try:
+                    for policy in self._policies:
+                        await policy.before_turn(info)
+                        admitted.append(policy)
+                    filters = [f for p in admitted if (f := p.output_filter(info)) is not None]
+                    yield events.started(await self._begin(request, state, model, principal.owner))
+                    try:
+                        async for out in self._answer(events, state, model, turn, filters):
+                            yield out
+                    finally:
+                        capacity.release()  # the engine stream is closed: the place is free
+                        reserved = False
+                        # Shielded: a second cancel must not lose what the user already saw,
+                        # and the turn counts as running (wait_idle) until it is stored.
+                        await finish_shielded(self._save_answer(principal.owner, state))
+                    outcome = TurnOutcome(
+                        state.reason, state.prompt_tokens, state.completion_tokens
+                    )
+                except BaseException as exc:  # GeneratorExit and CancelledError: cancelled
+                    cancelled = not isinstance(exc, Exception)
+                    outcome = TurnOutcome(
+                        FinishReason.CANCELLED if cancelled else FinishReason.ERROR,
+                        state.prompt_tokens,
+                        state.completion_tokens,
+                        None if cancelled else exc,
+                    )
+                    raise
+                finally:
+                    # One shielded task for all policies: a cancel must not skip a settlement.
+                    await finish_shielded(self._after_turn(admitted, info, outcome))
+            finally:
+                if reserved:
+                    capacity.release()
+            _log.info(
+                "turn finished",
+                turn_id=state.turn_id,
+                finish_reason=state.reason.value,
+                completion_tokens=state.completion_tokens,
+                ttft_ms=round(state.usage().time_to_first_token_ms, 2),
+            )
+            # Last, after the policies settled: a client that sees TurnFinished may start
+            # the next turn at once and must find this one's quota refunded.
+            state.final_sent = True
+            yield events.finished(state.finished_event())
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _begin(
+        self, request: TurnRequest, state: TurnState, model: ChatModel, owner: str
+    ) -> Started:
+        conversation_id = request.conversation_id
+        if not conversation_id:
+            title = " ".join(request.message.split())[:_TITLE_CHARS]
+            conversation_id = (await self._store.create_conversation(owner, title=title)).id
+        await self._store.add_message(
+            owner, conversation_id, role="user", content=request.message, turn_id=state.turn_id
+        )
+        state.conversation_id = conversation_id
+        state.message_id = f"msg_{uuid.uuid4().hex}"
+        _log.info(
+            "turn started",
+            turn_id=state.turn_id,
+            conversation_id=conversation_id,
+            model=model.name,
+            prompt_tokens=state.prompt_tokens,
+        )
+        return Started(state.turn_id, conversation_id, state.message_id, model.name)
+
+    async def _answer(
+        self,
+        events: TurnEvents[Out],
+        state: TurnState,
+        model: ChatModel,
+        turn: PreparedTurn,
+        filters: list[OutputFilter],
+    ) -> AsyncGenerator[Out, None]:
+        answer = model.answer(turn, state.turn_id)
+        chunks, decode = answer.chunks, answer.decode
+        limit = self._coalesce
+        pending: Pending[object] | None = None
+        held = 0  # tokens whose text a filter holds back
+        try:
+            while True:
+                if pending is not None:
+                    chunk = await pending
+                    pending = None
+                else:
+                    chunk = await chunks.__anext__()
+                text, count, end = decode(chunk)
+                merged = 1
+                failure: Exception | None = None
+                # Chunks already waiting go out with this one: a client reading slower
+                # than the engine writes gets fewer, larger messages; one that keeps up
+                # (the next chunk is not ready yet) gets every chunk on its own.
+                while end is None and merged < limit:
+                    try:
+                        ready, item = poll_next(chunks)
+                    except Exception as exc:  # the engine failed: send what came first
+                        failure = exc
+                        break
+                    if not ready:
+                        pending = item  # type: ignore[assignment]
+                        break
+                    more, more_count, end = decode(item)
+                    text += more
+                    count += more_count
+                    merged += 1
+                held += count
+                if end is not None:
+                    state.completion_tokens = end.completion_tokens
+                    state.prompt_tokens = end.prompt_tokens or state.prompt_tokens
+                    state.reason = end.finish_reason
+                    state.finished = True
+                else:
+                    state.completion_tokens += count
+                for screen in filters:
+                    result = await screen.feed(text)
+                    text, category = result.text, result.flagged_category
+                    if state.finished and category is None:
+                        tail = await screen.flush()
+                        text, category = text + tail.text, tail.flagged_category
+                    if category is not None:
+                        state.reason = FinishReason.CONTENT_FILTER
+                        state.filter_category = category
+                        state.finished = True
+                        break
+                if text:
+                    if state.first_token_at is None:
+                        state.first_token_at = time.perf_counter()
+                    state.sent.append(text)
+                    yield events.delta(text, held)
+                    held = 0
+                if state.finished:
+                    return
+                if failure is not None:
+                    raise failure
+        except StopAsyncIteration:
+            raise InternalError(
+                f"model {model.name!r} ended turn {state.turn_id} without a final chunk"
+            ) from None
+        finally:
+            if pending is not None:
+                await finish_shielded(pending.abandon())
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _after_turn(
+        self, admitted: list[TurnPolicy], info: TurnInfo, outcome: TurnOutcome
+    ) -> None:
+        for policy in reversed(admitted):
+            try:
+                await policy.after_turn(info, outcome)
+            except Exception:
+                _log.exception("turn policy failed after the turn", turn_id=info.turn_id)
+
+    async def _save_answer(self, owner: str, state: TurnState) -> None:
+        complete = state.finished and state.reason in (FinishReason.STOP, FinishReason.LENGTH)
+        try:
+            await self._store.add_message(
+                owner,
+                state.conversation_id,
+                role="assistant",
+                content="".join(state.sent),
+                turn_id=state.turn_id,
+                message_id=state.message_id,
+                complete=complete,
+            )
+        except Exception:
+            _log.exception("storing the answer failed", turn_id=state.turn_id)
