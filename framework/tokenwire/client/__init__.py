@@ -16,32 +16,34 @@ The coroutines work from code too::
     from tokenwire.client import ask
 
     result = await ask("127.0.0.1:50051", "Hi!", out=sys.stdout)
+
+``command`` holds the command line, ``oneshot`` the one-shot question,
+``session`` the interactive session, ``options`` how turns are asked, and
+``results`` what a turn and a chat end with and how they are printed.
 """
 
 from __future__ import annotations
 
-from tokenwire.client.oneshot import (
-    API_KEY_ENV,
+from tokenwire.client.command import (
     API_KEY_FILE_ENV,
     DEFAULT_API_KEY_FILE,
     DEFAULT_TARGET,
+    TARGET_ENV,
+    add_arguments,
+    main,
+)
+from tokenwire.client.oneshot import ask, run_one_shot
+from tokenwire.client.options import API_KEY_ENV, ChatOptions
+from tokenwire.client.results import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_INVALID_ARGUMENT,
     EXIT_OK,
     EXIT_UNAVAILABLE,
-    TARGET_ENV,
-    ChatOptions,
-    ChatSession,
-    LineReader,
     TurnResult,
-    add_arguments,
-    ask,
     exit_code_for,
-    main,
-    run_interactive,
-    run_one_shot,
 )
+from tokenwire.client.session import ChatSession, LineReader, run_interactive
 
 __all__ = [
     "API_KEY_ENV",

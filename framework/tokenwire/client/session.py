@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, TextIO, TypeAlias
 
 import grpc
 
-from tokenwire.client.options import (
+from tokenwire.client.options import ChatOptions
+from tokenwire.client.results import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    ChatOptions,
     TurnResult,
-    _report_failure,
-    _report_finish,
-    _write,
     exit_code_for,
+    report_failure,
+    report_finish,
+    write_flushed,
 )
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
@@ -155,10 +155,10 @@ class ChatSession:
                 elif message and (exit_code := await self._run_turn(message)) != EXIT_OK:
                     return exit_code
             # End of input or Ctrl-C at the prompt: leave the shell on a fresh line.
-            _write(self._out, "\n")
+            write_flushed(self._out, "\n")
             return exit_code
         except grpc.aio.AioRpcError as error:
-            _report_failure(self._err, error.code(), error.details() or "", self._target)
+            report_failure(self._err, error.code(), error.details() or "", self._target)
             exit_code = exit_code_for(error.code())
             return exit_code
         finally:
@@ -167,9 +167,9 @@ class ChatSession:
     def _command(self, command: str) -> None:
         if command == "/new":
             self._conversation_id = ""
-            _write(self._err, "[new conversation]\n")
+            write_flushed(self._err, "[new conversation]\n")
         else:
-            _write(
+            write_flushed(
                 self._err,
                 f"unknown command {command}; /new starts a new conversation, /quit quits\n",
             )
@@ -177,7 +177,7 @@ class ChatSession:
     async def _prompt(self, read_line: LineReader) -> str | None:
         if self._quit.is_set():
             return None
-        _write(self._out, "you> ")
+        write_flushed(self._out, "you> ")
         reading = asyncio.ensure_future(read_line())
         quitting = asyncio.ensure_future(self._quit.wait())
         try:
@@ -208,12 +208,12 @@ class ChatSession:
                 timer.cancel()
             turn.task.cancel()
         if turn.task.cancelled():  # A second Ctrl-C: the user gave up on the turn.
-            _write(self._out, "\n")
-            _write(self._err, "[interrupted]\n")
+            write_flushed(self._out, "\n")
+            write_flushed(self._err, "[interrupted]\n")
             return EXIT_INTERRUPTED
         error = turn.task.exception()
         if isinstance(error, _StreamFailure):
-            _report_failure(self._err, error.code, error.details, self._target)
+            report_failure(self._err, error.code, error.details, self._target)
             return EXIT_FAILURE if error.code is None else exit_code_for(error.code)
         if error is not None:
             raise error
@@ -238,18 +238,18 @@ class ChatSession:
                 # The server keeps the history under this id; the next turn names it.
                 self._conversation_id = started.conversation_id or self._conversation_id
                 turn.answering = True
-                _write(self._out, "bot> ")
+                write_flushed(self._out, "bot> ")
                 if turn.cancel_note is not None:
                     await self._send_cancel(turn)
             elif event == "delta":
                 texts.append(response.delta.text)
-                _write(self._out, response.delta.text)
+                write_flushed(self._out, response.delta.text)
             elif event in ("finished", "error"):
                 if turn.answering:
-                    _write(self._out, "\n")
+                    write_flushed(self._out, "\n")
                 if event == "error":
                     error = response.error
-                    _write(self._err, f"error: {_code_name(error.code)}: {error.message}\n")
+                    write_flushed(self._err, f"error: {_code_name(error.code)}: {error.message}\n")
                     return
                 result = TurnResult(
                     text="".join(texts),
@@ -259,7 +259,7 @@ class ChatSession:
                     model=started.model,
                     usage=response.finished.usage,
                 )
-                _report_finish(
+                report_finish(
                     self._err, result, cancel_note=turn.cancel_note, verbose=self._options.verbose
                 )
                 return
