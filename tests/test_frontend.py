@@ -61,31 +61,57 @@ async def frontend() -> EngineFrontend:
     return model
 
 
-def test_default_max_tokens_is_capped_by_the_context(frontend: EngineFrontend) -> None:
-    """max_tokens 0 takes the configured default, capped by the room left in the context."""
+# "<|user|>hi\n<|assistant|>" is 24 bytes: 24 tokens of the byte tokenizer.
+HI_PROMPT_TOKENS = 24
+ROOM = 128 - HI_PROMPT_TOKENS
+
+
+def test_prompt_is_the_templated_conversation(frontend: EngineFrontend) -> None:
+    """The prompt is the byte tokenizer's template of the messages, one token per byte."""
     turn = frontend.prepare([ChatMessage("user", "hi")], TurnParams())
-    assert 128 - turn.prompt_tokens == turn.max_tokens
+    assert (list(b"<|user|>hi\n<|assistant|>"), HI_PROMPT_TOKENS) == (
+        list(turn.prompt_token_ids),
+        turn.prompt_tokens,
+    )
+
+
+def test_default_max_tokens_is_capped_by_the_context(frontend: EngineFrontend) -> None:
+    """max_tokens 0 takes the configured default (1000), capped by the 104 tokens left."""
+    turn = frontend.prepare([ChatMessage("user", "hi")], TurnParams())
+    assert ROOM == turn.max_tokens
 
 
 def test_max_tokens_that_fills_the_context_exactly_is_allowed(frontend: EngineFrontend) -> None:
     """A max_tokens that uses exactly the room left is accepted; one more is refused."""
-    prompt = frontend.prepare([ChatMessage("user", "hi")], TurnParams()).prompt_tokens
-    room = 128 - prompt
-    assert (
-        room
-        == frontend.prepare([ChatMessage("user", "hi")], TurnParams(max_tokens=room)).max_tokens
-    )
-    with pytest.raises(InvalidArgumentError, match=f"only {room} tokens are left"):
-        frontend.prepare([ChatMessage("user", "hi")], TurnParams(max_tokens=room + 1))
+    turn = frontend.prepare([ChatMessage("user", "hi")], TurnParams(max_tokens=ROOM))
+    assert ROOM == turn.max_tokens
+    with pytest.raises(InvalidArgumentError, match=f"only {ROOM} tokens are left"):
+        frontend.prepare([ChatMessage("user", "hi")], TurnParams(max_tokens=ROOM + 1))
 
 
-async def test_stream_counts_every_token_once(frontend: EngineFrontend) -> None:
-    """Token counts of the deltas add up to the completion tokens, held-back text included."""
-    turn = frontend.prepare([ChatMessage("user", "hi")], TurnParams(stop=("89",)))
+@pytest.mark.parametrize(
+    ("stop", "shown", "delta_tokens"),
+    [
+        ("89", "01234567", 8),  # the stop string's two tokens are in no Delta
+        ("8x", "0123456789", 10),  # "8" held back, then sent with "9"
+        ("9x", "0123456789", 10),  # "9" held back to the end, then flushed
+    ],
+)
+async def test_stream_counts_every_token_once(
+    frontend: EngineFrontend, stop: str, shown: str, delta_tokens: int
+) -> None:
+    """Deltas count each token they show once, held-back text included; usage counts all ten."""
+    turn = frontend.prepare([ChatMessage("user", "hi")], TurnParams(stop=(stop,)))
     events = [event async for event in frontend.stream(turn, "r1")]
     deltas = [e for e in events if isinstance(e, TextDelta)]
     end = events[-1]
     assert isinstance(end, TurnEnd)
-    assert "01234567" == "".join(d.text for d in deltas)
-    assert FinishReason.STOP == end.finish_reason
-    assert sum(d.token_count for d in deltas) <= end.completion_tokens
+    assert (shown, delta_tokens) == (
+        "".join(d.text for d in deltas),
+        sum(d.token_count for d in deltas),
+    )
+    assert (FinishReason.STOP, HI_PROMPT_TOKENS, 10) == (
+        end.finish_reason,
+        end.prompt_tokens,
+        end.completion_tokens,
+    )
