@@ -12,6 +12,7 @@ import contextlib
 import gc
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,17 @@ async def test_answer_is_cut_at_the_context_length(tiny: TorchEngine) -> None:
     assert (4, FinishReason.LENGTH) == (len(_tokens(chunks)), chunks[-1].finish_reason)
 
 
+async def test_load_reports_the_decode_rate_just_measured(tiny: TorchEngine) -> None:
+    """A fresh engine reports 0 tokens/s; after 8 steps, at least 8 over the time they took."""
+    assert 0.0 == tiny.load().tokens_per_second
+    began = time.monotonic()  # the clock the engine times its steps with
+    chunks = await _collect(tiny, _request([1, 2, 3], 8))
+    rate = tiny.load().tokens_per_second
+    elapsed = time.monotonic() - began
+    assert (8, 8) == (len(_tokens(chunks)), tiny.steps_executed)
+    assert rate >= 8 / elapsed
+
+
 async def test_torch_failure_is_an_internal_error(tiny: TorchEngine) -> None:
     """An exception inside a step ends the request with a chained InternalError."""
     with pytest.raises(InternalError) as info:
@@ -504,7 +516,6 @@ async def test_concurrent_requests_match_solo(
     solo = [_tokens(await _collect(smollm, _request(p, 10))) for p in (france, story)]
     together = await asyncio.gather(*(_collect(smollm, _request(p, 10)) for p in (france, story)))
     assert solo == [_tokens(chunks) for chunks in together]
-    assert smollm.load().tokens_per_second > 0
 
 
 @pytest.mark.model
