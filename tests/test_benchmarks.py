@@ -28,8 +28,28 @@ async def test_run_load_counts_every_token_of_every_turn() -> None:
     # One token per Delta, plus TurnStarted and TurnFinished per turn.
     assert clients * turns * (max_tokens + 2) == result.messages
     assert clients * turns * (max_tokens - 1) == len(result.itl_s)
-    assert result.tokens_per_s > 0
     assert "errors" in format_table([result])
+
+
+async def test_run_load_times_a_paced_backend() -> None:
+    """At 50 ms a token, each TTFT and token lasts 50 ms or more, bounding the rate too."""
+    delay_s, clients, turns, max_tokens = 0.05, 2, 2, 3
+    backend = FakeBackend(reply="abc", endless=True, token_delay_s=delay_s)
+    async with running_server(backend) as running:
+        result = await run_load(running.address, clients, turns, max_tokens, "Hi")
+    assert (clients * turns, clients * turns * max_tokens) == (
+        result.completed_turns,
+        result.tokens,
+    )
+    assert clients * turns == len(result.ttft_s)
+    assert min(result.ttft_s) >= delay_s
+    assert result.ttft_p50_ms >= delay_s * 1000
+    # Each turn lasts its TTFT plus its token gaps: at least max_tokens delays.
+    assert clients * turns * (max_tokens - 1) == len(result.itl_s)
+    assert sum(result.ttft_s) + sum(result.itl_s) >= clients * turns * max_tokens * delay_s
+    # Each client's turns run one after another.
+    assert result.elapsed_s >= turns * max_tokens * delay_s
+    assert result.tokens_per_s <= clients / delay_s
 
 
 async def test_run_load_weighs_coalesced_deltas_by_their_tokens() -> None:
