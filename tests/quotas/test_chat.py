@@ -215,7 +215,10 @@ async def test_converse_tokens_are_refused_per_turn(store: QuotaStore) -> None:
         await call.write(start(params=chat_pb2.SamplingParams(max_tokens=200)))
         error = (await next_event(call, "error")).error
         assert (EXHAUSTED.value[0], "resource_exhausted") == (error.code, error.error_type)
-        assert error.retry_after_s > 0
+        # The second turn (a new conversation, so the same prompt) reserves prompt + 200
+        # and lacks what exceeds 240; one token refills every 3600 / 240 = 15 s.
+        lacking = settled + usage.prompt_tokens + 200 - 240
+        assert lacking * 15.0 - 1.0 < error.retry_after_s <= lacking * 15.0 + 0.001
         await call.write(start(params=chat_pb2.SamplingParams(max_tokens=2)))
         await next_event(call, "finished")  # a smaller turn still fits
         await call.done_writing()
