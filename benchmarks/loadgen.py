@@ -26,11 +26,11 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 
+from benchmarks.measure import finite, parse_counts
 from tokenwire.auth.bootstrap import read_key_file
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
@@ -41,7 +41,6 @@ __all__ = [
     "main",
     "percentile",
     "run_load",
-    "serve_load_jobs",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -124,15 +123,11 @@ class LoadResult:
             "deltas": self.deltas,
             "tokens_per_s": round(self.tokens_per_s, 1),
             "messages_per_s": round(self.messages_per_s, 1),
-            "ttft_p50_ms": _round(self.ttft_p50_ms),
-            "ttft_p99_ms": _round(self.ttft_p99_ms),
-            "itl_p50_ms": _round(self.itl_p50_ms),
-            "itl_p99_ms": _round(self.itl_p99_ms),
+            "ttft_p50_ms": finite(self.ttft_p50_ms, 3),
+            "ttft_p99_ms": finite(self.ttft_p99_ms, 3),
+            "itl_p50_ms": finite(self.itl_p50_ms, 3),
+            "itl_p99_ms": finite(self.itl_p99_ms, 3),
         }
-
-
-def _round(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 3)
 
 
 def _ms(value: float) -> str:
@@ -289,34 +284,6 @@ class LoadJob:
         )
 
 
-def serve_load_jobs(conn: Connection) -> None:
-    """A client process's main: run each :class:`LoadJob` received, send back its result.
-
-    ``None`` ends it. A failed job is answered with a one-line description instead.
-    It lives here, in an importable module, so a spawned process can find it.
-    """
-
-    async def serve() -> None:
-        while (job := await asyncio.to_thread(conn.recv)) is not None:
-            try:
-                conn.send(await job.run())
-            except Exception as exc:  # reported to the parent, which raises it
-                conn.send(f"{type(exc).__name__}: {exc}")
-
-    with conn:
-        asyncio.run(serve())
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected N or N,N,...: {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"client counts must be >= 1: {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m benchmarks.loadgen``."""
     p = argparse.ArgumentParser(
@@ -325,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=DEFAULT_TARGET, help="HOST:PORT of a running server")
     p.add_argument(
         "--clients",
-        type=_counts,
-        default=[8],
+        type=parse_counts,
+        default=(8,),
         metavar="N[,N...]",
         help="concurrent clients; a list runs once per value, one table row each",
     )

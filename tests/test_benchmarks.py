@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +14,23 @@ from benchmarks.interceptor_chain import QUICK as CHAIN_QUICK
 from benchmarks.interceptor_chain import format_report as format_chain_report
 from benchmarks.interceptor_chain import measure_chain
 from benchmarks.loadgen import format_table, percentile, run_load
-from tokenwire.testing import FakeBackend, running_server
+from benchmarks.measure import parse_counts
+from benchmarks.servers import bench_backend, full_chain_config, full_chain_server
+from tokenwire.config import Config, ServerConfig
+from tokenwire.testing import FakeBackend, config_for_tests, running_server
+
+
+def _one_delta_per_chunk() -> Config:
+    """A test config whose server sends every engine chunk as its own Delta."""
+    base = config_for_tests()
+    return config_for_tests(server=dataclasses.replace(base.server, coalesce_chunks=1))
 
 
 async def test_run_load_counts_every_token_of_every_turn() -> None:
     """2 clients x 2 turns of an endless reply stream exactly clients*turns*max_tokens tokens."""
     clients, turns, max_tokens = 2, 2, 6
-    async with running_server(FakeBackend(reply="abc", endless=True)) as running:
+    backend = FakeBackend(reply="abc", endless=True)
+    async with running_server(backend, _one_delta_per_chunk()) as running:
         result = await run_load(running.address, clients, turns, max_tokens, "Hi")
     assert clients * turns * max_tokens == result.tokens
     assert clients * turns == result.completed_turns
@@ -54,7 +66,8 @@ async def test_run_load_times_a_paced_backend() -> None:
 
 async def test_run_load_weighs_coalesced_deltas_by_their_tokens() -> None:
     """A Delta of k tokens adds k inter-token samples, each its gap divided by k."""
-    async with running_server(FakeBackend(reply="abcd", endless=True, tokens_per_chunk=4)) as r:
+    backend = FakeBackend(reply="abcd", endless=True, tokens_per_chunk=4)
+    async with running_server(backend, _one_delta_per_chunk()) as r:
         result = await run_load(r.address, clients=1, turns=2, max_tokens=8, prompt="Hi")
     assert 2 * 2 == result.deltas
     assert 2 * 8 == result.tokens
@@ -83,11 +96,11 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 async def test_overhead_measures_both_servers_and_their_ratio() -> None:
-    """The quickest overhead run gives both servers a positive rate and their ratio."""
+    """The quickest overhead run streams every token of every row through both servers."""
     settings = dataclasses.replace(
         QUICK,
         concurrency=(2,),
-        max_tokens=8,
+        max_tokens=40,
         tokens_per_run=1,
         min_turns=1,
         rounds=1,
@@ -95,16 +108,27 @@ async def test_overhead_measures_both_servers_and_their_ratio() -> None:
         client_process=False,
     )
     report = await measure_overhead(settings)
-    assert [(2, 1), (2, 4)] == [(row.clients, row.tokens_per_chunk) for row in report.rows]
+    default = ServerConfig().coalesce_chunks
+    assert [(2, 1, default), (2, 1, 1), (2, 4, default)] == [
+        (row.clients, row.tokens_per_chunk, row.coalesce_chunks) for row in report.rows
+    ]
+    assert 0 == report.failed_turns
     for row in report.rows:
-        assert 0 == row.failed_turns
-        assert [2 * 1 * 8] == [r.tokens for r in row.bare.runs]
-        assert [2 * 1 * 8] == [r.tokens for r in row.tokenwire.runs]
-        assert row.bare.tokens_per_s > 0
-        assert row.tokenwire.tokens_per_s > 0
+        assert [2 * 1 * 40] == [r.tokens for r in row.bare.runs]
+        assert [2 * 1 * 40] == [r.tokens for r in row.tokenwire.runs]
+        # The floor sends one message per token and nothing else.
+        assert [2 * 1 * 40] == [r.messages for r in row.bare.runs]
         assert row.tokenwire.tokens_per_s / row.bare.tokens_per_s == pytest.approx(row.ratio)
         cpu = row.bare.cpu_us_per_token / row.tokenwire.cpu_us_per_token
         assert cpu == pytest.approx(row.cpu_ratio)
+        [run], [cpu_s] = row.tokenwire.runs, row.tokenwire.cpu_s
+        assert cpu_s / run.messages * 1e6 == pytest.approx(row.tokenwire.cpu_us_per_message)
+        ttft = row.tokenwire.ttft_p50_ms / row.bare.ttft_p50_ms
+        assert ttft == pytest.approx(row.ttft_ratio)
+    merged, per_message, _ = (row.tokenwire.runs[0].messages for row in report.rows)
+    assert merged < per_message
+    assert "QuotaInterceptor" in report.pipeline
+    assert "ModerationPolicy" in report.pipeline
     assert "per-call info logging off" in format_report(report)
 
 
@@ -122,13 +146,39 @@ async def test_interceptor_chain_measures_both_arms_and_their_ratio() -> None:
     )
     report = await measure_chain(settings)
     assert ("none", "chain") == report.arms
+    assert "ErrorsInterceptor -> AuthInterceptor; per turn: none" == report.pipelines["none"]
+    assert (
+        "ErrorsInterceptor -> AuthInterceptor -> QuotaInterceptor; "
+        "per turn: CredentialPolicy -> QuotaPolicy -> ModerationPolicy"
+    ) == report.pipelines["chain"]
     assert 0 == report.failed_turns
     [row] = report.rows
     none, chain = row.arms["none"], row.arms["chain"]
     assert [2 * 1 * 8] == [r.tokens for r in none.runs]
     assert [2 * 1 * 8] == [r.tokens for r in chain.runs]
+    # coalesce_chunks = 1: one Delta per token, plus TurnStarted and TurnFinished.
+    assert [2 * 1 * (8 + 2)] == [r.messages for r in none.runs]
     assert none.tokens_per_s > 0
     assert chain.tokens_per_s > 0
     assert chain.tokens_per_s / none.tokens_per_s == pytest.approx(row.ratio("chain"))
     assert 1 - row.ratio("chain") == pytest.approx(row.cost("chain"))
-    assert "Target: the chain costs under 15%" in format_chain_report(report)
+    assert "Target: the pipeline costs under 15%" in format_chain_report(report)
+
+
+async def test_full_chain_server_refuses_a_pipeline_without_every_part(tmp_path: Path) -> None:
+    """A config that turns moderation off is not the full chain: the benchmark stops."""
+    config = full_chain_config(str(tmp_path))
+    config = dataclasses.replace(
+        config, moderation=dataclasses.replace(config.moderation, enabled=False)
+    )
+    with pytest.raises(RuntimeError, match="ModerationPolicy"):
+        async with full_chain_server(bench_backend(1, 1), config):
+            pass
+
+
+def test_parse_counts_reads_a_list_of_positive_counts() -> None:
+    """ "1,16,64" is three counts; zero or words are refused as argparse errors."""
+    assert (1, 16, 64) == parse_counts("1,16,64")
+    for text in ("0", "1,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_counts(text)
