@@ -82,7 +82,9 @@ def build_pipeline(
         if quotas is not None:
             turn_policies.append(QuotaPolicy(quotas))
         if config.moderation.enabled:
-            turn_policies.append(ModerationPolicy(config.moderation))
+            turn_policies.append(
+                ModerationPolicy(config.moderation, data_dir=config.store.data_dir)
+            )
     else:
         turn_policies = list(policies)
     return Pipeline(tuple(chain), tuple(turn_policies))

@@ -116,6 +116,8 @@ class Pending(Generic[T]):
             yielded = self._step.throw(GeneratorExit)
         except (GeneratorExit, StopIteration, StopAsyncIteration):
             return
+        except RuntimeError:  # the step already ended (it was awaited): nothing to undo
+            return
         except Exception:
             _log.exception("closing a stream in the middle of a step failed")
             return

@@ -26,6 +26,7 @@ from tokenwire.moderation import (
     moderator_name,
     output_filter,
 )
+from tokenwire.moderation.audit import audit_key_path
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
 __all__ = ["ModerationPolicy", "build_moderators"]
@@ -55,13 +56,20 @@ def build_moderators(config: ModerationConfig) -> list[Moderator]:
 class ModerationPolicy:
     """Checks chat input and output with the configured moderators (or ``moderator``)."""
 
-    def __init__(self, config: ModerationConfig, *, moderator: Moderator | None = None) -> None:
+    def __init__(
+        self,
+        config: ModerationConfig,
+        *,
+        moderator: Moderator | None = None,
+        data_dir: str | None = None,
+    ) -> None:
         config.validate()
         self.config = config
         self._given = moderator
+        self._data_dir = data_dir  # where the audit log's key lives; None: a key per process
         self._moderators: tuple[Moderator, ...] = ()
         self._ready = False
-        self._audit = ModerationAudit(enabled=config.audit, all_checks=config.audit_all_checks)
+        self._audit = ModerationAudit(enabled=False)
 
     @property
     def moderators(self) -> tuple[Moderator, ...]:
@@ -72,6 +80,10 @@ class ModerationPolicy:
         """Build and start the moderators (loads the embedding model, if configured)."""
         if not self.config.enabled or self._ready:
             return
+        key_file = audit_key_path(self._data_dir) if self._data_dir is not None else None
+        self._audit = ModerationAudit(
+            enabled=self.config.audit, all_checks=self.config.audit_all_checks, key_file=key_file
+        )
         moderators = [self._given] if self._given is not None else build_moderators(self.config)
         started: list[Moderator] = []
         try:

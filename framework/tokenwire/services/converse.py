@@ -1,11 +1,12 @@
 """One ``Converse`` session: a reader task takes the client's actions; turns run one at a time.
 
 Responses wait for the client in a bounded outbox: a client that stops reading
-stops its own session (the turn waits, the reader stops taking requests, gRPC
-flow control holds the client back), never the server's memory. While the
-client is behind, consecutive deltas of the running turn merge into one message
-instead of queueing one per chunk; a client that keeps up gets every delta on
-its own.
+stops its own session (once gRPC's send window is full the outbox fills, the
+turn waits and stops pulling from the engine, the reader stops taking requests
+and gRPC flow control holds the client back), never the server's memory. While
+the client is behind, consecutive deltas of the running turn merge into one
+message (up to ``MERGE_TOKENS`` tokens) instead of queueing one per chunk; a
+client that keeps up gets every delta on its own.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from tokenwire.turns.events import TurnState
 if TYPE_CHECKING:
     from tokenwire.turns.runner import TurnRunner
 
-__all__ = ["ConverseSession", "Outbox", "shutting_down"]
+__all__ = ["MERGE_TOKENS", "ConverseSession", "Outbox", "shutting_down"]
 
 _log = get_logger("tokenwire.converse")
 _EVENTS = ConverseEvents()
+MERGE_TOKENS = 256
+"""Most tokens one waiting delta takes in by merging; then the turn waits for the client."""
 
 
 def shutting_down() -> UnavailableError:
@@ -47,7 +50,8 @@ class Outbox:
     """A session's responses on their way to the client: bounded, deltas merge while waiting.
 
     ``put`` waits while ``limit`` messages wait already, unless the new message is a
-    delta that merges into a waiting one. ``get`` returns None once closed and empty.
+    delta that merges into a waiting one (holding fewer than :data:`MERGE_TOKENS`
+    tokens). ``get`` returns None once closed and empty.
     """
 
     __slots__ = ("_closed", "_getter", "_items", "_limit", "_space")
@@ -67,7 +71,11 @@ class Outbox:
         items = self._items
         if items:
             last = items[-1]
-            if response.HasField("delta") and last.HasField("delta"):
+            if (
+                response.HasField("delta")
+                and last.HasField("delta")
+                and last.delta.token_count < MERGE_TOKENS
+            ):
                 last.delta.text += response.delta.text
                 last.delta.token_count += response.delta.token_count
                 return

@@ -8,6 +8,7 @@ async with running_server(FakeBackend()) as running:
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ __all__ = ["BorrowedEngine", "RunningServer", "config_for_tests", "running_serve
 
 
 def config_for_tests(**sections: Any) -> Config:
-    """A config on 127.0.0.1:0 with an in-memory store and authentication off.
+    """A config on 127.0.0.1:0 with an in-memory store, a fresh data folder and auth off.
 
     Pass sections to replace, e.g. ``limits=LimitsConfig(...)``.
     """
@@ -41,7 +42,11 @@ def config_for_tests(**sections: Any) -> Config:
         config,
         auth=dataclasses.replace(config.auth, enabled=False),
         server=dataclasses.replace(config.server, listen="127.0.0.1:0", grace_period_s=5.0),
-        store=dataclasses.replace(config.store, sqlite_path=":memory:"),
+        store=dataclasses.replace(
+            config.store,
+            sqlite_path=":memory:",
+            data_dir=tempfile.mkdtemp(prefix="tokenwire-test-"),
+        ),
     )
     return dataclasses.replace(config, **sections)
 

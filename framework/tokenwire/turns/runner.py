@@ -324,8 +324,8 @@ class TurnRunner:
         try:
             while True:
                 if pending is not None:
-                    chunk = await pending
-                    pending = None
+                    step, pending = pending, None  # awaited once, even when cancelled
+                    chunk = await step
                 else:
                     chunk = await chunks.__anext__()
                 text, count, end = decode(chunk)
