@@ -28,7 +28,7 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from tokenwire.context import ANONYMOUS, Principal
+from tokenwire.auth.principal import ANONYMOUS, Principal
 from tokenwire.errors import ConfigError
 from tokenwire.logs import get_logger
 from tokenwire.moderation.base import Verdict
