@@ -2,14 +2,14 @@
 
 The ``store`` fixture runs a test once per store: in memory, and in the Redis
 server on 127.0.0.1:6379 (or ``TOKENWIRE_TEST_REDIS_URL``) under a key prefix of
-its own, deleted afterwards. When Redis is unreachable the Redis runs skip,
-except under CI (``CI`` set), where they fail: CI must prove the shared store.
+its own, deleted afterwards. When Redis is unreachable the Redis runs skip, except
+with ``TOKENWIRE_TEST_REQUIRE_SERVICES`` set (``.ci/run`` sets it), where they
+fail: CI must prove the shared store (see ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 
+from tests.conftest import REDIS_URL, redis_problem, require_service
 from tokenwire.auth.principal import Principal
 from tokenwire.context import current_call
 from tokenwire.interceptors import ErrorsInterceptor
@@ -28,41 +29,14 @@ from tokenwire.quotas import MemoryQuotaStore, QuotaConfig, QuotaStore
 from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.quotas.redis import RedisQuotaStore
 
-REDIS_URL = os.environ.get("TOKENWIRE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PRINCIPAL_HEADER = "x-test-principal"
 STORES = ["memory", "redis"]
 T = TypeVar("T")
 
-_redis_problem: list[str | None] = []  # memo: None when reachable, else why not
-
-
-def in_ci() -> bool:
-    """True when the ``CI`` environment variable says so."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-async def redis_problem() -> str | None:
-    """Why Redis at REDIS_URL cannot be used, or None when it answers."""
-    if not _redis_problem:
-        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
-        try:
-            await client.ping()
-            _redis_problem.append(None)
-        except (OSError, aioredis.RedisError) as exc:
-            _redis_problem.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            await client.aclose()
-    return _redis_problem[0]
-
 
 async def require_redis() -> None:
-    """Skip the test when Redis is unreachable, or fail it under CI."""
-    problem = await redis_problem()
-    if problem is None:
-        return
-    if in_ci():
-        pytest.fail(f"Redis at {REDIS_URL} is required under CI and unreachable: {problem}")
-    pytest.skip(f"Redis at {REDIS_URL} is unreachable ({problem}); set CI=1 to make this fail")
+    """Skip the test when Redis is unreachable, or fail it when services are required."""
+    require_service("Redis", REDIS_URL, redis_problem())
 
 
 async def delete_prefix(prefix: str) -> None:
