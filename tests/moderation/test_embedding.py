@@ -142,7 +142,9 @@ async def test_checks_run_off_the_event_loop(embedding: EmbeddingModerator) -> N
     ticker = asyncio.create_task(tick())
     await embedding.check(" ".join([UNSAFE] * 8))
     ticker.cancel()
-    assert ticks > 1
+    # A check run on the loop would let the ticker in once or twice, at its one await;
+    # off the loop, the ticker spins the whole time the model works.
+    assert ticks >= 10
 
 
 @pytest.mark.model
