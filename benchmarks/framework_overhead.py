@@ -56,8 +56,9 @@ from benchmarks.servers import (
     full_chain_server,
     issue_key,
 )
-from tokenwire.config import LoggingConfig, ServerConfig
+from tokenwire.config import Config, LoggingConfig, ServerConfig
 from tokenwire.logs import configure_logging
+from tokenwire.testing import config_for_tests, running_server
 
 __all__ = [
     "DEFAULT",
@@ -80,6 +81,7 @@ class OverheadSettings(measure.RunSettings):
     concurrency: tuple[int, ...] = (1, 16, 64)  # streams of the default-coalescing rows
     per_message: bool = True  # a row at the most streams with coalesce_chunks = 1
     coalesced_chunk: int = 8  # engine tokens per chunk of the last row; 0: no such row
+    full_chain: bool = True  # auth, quotas and moderation on; off: no authentication, nothing else
 
     def rows(self) -> list[tuple[int, int, int]]:
         """``(streams, engine tokens per chunk, coalesce_chunks)`` of every row, in order."""
@@ -197,6 +199,8 @@ async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadRepo
                         bench_backend(chunk, streams),
                         full_chain_config(data_dir, coalesce_chunks=coalesce),
                     )
+                    if settings.full_chain
+                    else running_server(bench_backend(chunk, streams), bare_chain_config(coalesce))
                 )
                 for chunk, coalesce in sorted(
                     {(r.tokens_per_chunk, r.coalesce_chunks) for r in rows}
@@ -204,7 +208,7 @@ async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadRepo
             }
             tokenwire = {key: running.address for key, running in servers.items()}
             pipeline = next(iter(servers.values())).server.pipeline
-            api_key = await issue_key(pipeline)
+            api_key = await issue_key(pipeline) if settings.full_chain else ""
             client = await stack.enter_async_context(measure.load_client(settings.client_process))
             warm_tokens = min(16, settings.max_tokens)
             warmup_errors = await measure.warm_up(
@@ -312,6 +316,12 @@ def format_report(report: OverheadReport) -> str:
     return "\n".join(lines)
 
 
+def bare_chain_config(coalesce_chunks: int) -> Config:
+    """The smallest pipeline a server runs: errors and (disabled) authentication, nothing more."""
+    base = config_for_tests()
+    return config_for_tests(server=replace(base.server, coalesce_chunks=coalesce_chunks))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m benchmarks.framework_overhead``."""
     p = argparse.ArgumentParser(
@@ -326,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--coalesced-chunk", type=int, help="engine tokens per chunk of the last row; 0: none"
     )
+    p.add_argument(
+        "--full-chain",
+        action=argparse.BooleanOptionalAction,
+        help="auth, quotas and moderation on (default); --no-full-chain: authentication off, "
+        "no quotas, no moderation",
+    )
     return p
 
 
@@ -338,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         QUICK,
         per_message=args.per_message,
         coalesced_chunk=args.coalesced_chunk,
+        full_chain=args.full_chain,
     )
     # Per-call info lines would cost more than the streaming they describe.
     configure_logging(LoggingConfig(level="warning"))

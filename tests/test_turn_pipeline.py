@@ -50,6 +50,13 @@ class CountingStore(SQLiteConversationStore):
         self.conversations.append(conversation.id)
         return conversation
 
+    async def begin_turn(self, owner: str, conversation_id: str, **fields: Any) -> Any:
+        message = await super().begin_turn(owner, conversation_id, **fields)
+        if not conversation_id:
+            self.conversations.append(message.conversation_id)
+        self.messages.append(("user", fields["content"]))
+        return message
+
     async def add_message(self, owner: str, conversation_id: str, **fields: Any) -> Any:
         self.messages.append((fields["role"], fields["content"]))
         return await super().add_message(owner, conversation_id, **fields)

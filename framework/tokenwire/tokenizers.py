@@ -84,16 +84,24 @@ class ByteTokenizer:
         return _ByteDetokenizer()
 
 
+_ASCII = tuple(chr(i) for i in range(128))
+
+
 class _ByteDetokenizer:
-    __slots__ = ("_decoder",)
+    __slots__ = ("_decoder", "_pending")
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = False  # the decoder holds the first bytes of a character
 
     def step(self, token_id: int) -> str:
+        if token_id < 128 and not self._pending and token_id >= 0:
+            return _ASCII[token_id]  # the common case, without the codec
         if not 0 <= token_id < 256:
             return ""
-        return str(self._decoder.decode(bytes((token_id,))))
+        text = str(self._decoder.decode(bytes((token_id,))))
+        self._pending = bool(self._decoder.getstate()[0])
+        return text
 
 
 class TransformersTokenizer:

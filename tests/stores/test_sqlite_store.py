@@ -374,3 +374,30 @@ async def test_a_readable_database_is_made_private_on_open(tmp_path: Path) -> No
         await s.create_conversation("alice", title="private")
 
     assert ("0o600", folder_mode) == (_mode(path), _mode(tmp_path))
+
+
+async def test_begin_turn_creates_the_conversation_and_stores_the_message(
+    store: SQLiteConversationStore,
+) -> None:
+    """With no conversation id, one write makes the conversation and its first message."""
+    message = await store.begin_turn("alice", "", title="Hi there", content="Hi", turn_id="t1")
+    conversation = await store.get_conversation("alice", message.conversation_id)
+    messages = await store.list_messages("alice", message.conversation_id)
+    assert "Hi there" == conversation.title
+    assert [("user", "Hi", "t1", True)] == [
+        (m.role, m.content, m.turn_id, m.complete) for m in messages
+    ]
+
+
+async def test_begin_turn_continues_only_the_owner_s_conversation(
+    store: SQLiteConversationStore,
+) -> None:
+    """A second turn appends to the conversation; another owner's id is NOT_FOUND."""
+    first = await store.begin_turn("alice", "", title="t", content="one", turn_id="t1")
+    await store.begin_turn("alice", first.conversation_id, title="t", content="two", turn_id="t2")
+    with pytest.raises(NotFoundError):
+        await store.begin_turn("bob", first.conversation_id, title="t", content="x", turn_id="t3")
+    with pytest.raises(NotFoundError):
+        await store.begin_turn("alice", "conv_nope", title="t", content="x", turn_id="t4")
+    contents = [m.content for m in await store.list_messages("alice", first.conversation_id)]
+    assert ["one", "two"] == contents

@@ -141,15 +141,25 @@ class ModerationFilter:
             else None
         )
 
-    async def feed(self, text: str) -> FilterResult:
+    @property
+    def synchronous(self) -> bool:
+        """Whether :meth:`feed_now` may stand in for :meth:`feed` (rules alone never wait)."""
+        return self._rules is not None
+
+    def feed_now(self, text: str) -> FilterResult:
+        """:meth:`feed` without waiting; only when :attr:`synchronous`."""
         if self._flagged is not None:
             return FilterResult("", self._flagged)
-        if self._rules is not None:
-            if text:
-                text, verdict = self._rules.feed_now(text)
-                if verdict.flagged:
-                    return self._flag(verdict)
-            return FilterResult(text) if text else _HELD
+        assert self._rules is not None
+        if text:
+            text, verdict = self._rules.feed_now(text)
+            if verdict.flagged:
+                return self._flag(verdict)
+        return FilterResult(text) if text else _HELD
+
+    async def feed(self, text: str) -> FilterResult:
+        if self._rules is not None or self._flagged is not None:
+            return self.feed_now(text)
         for screen in self._screens:
             if not text:
                 break

@@ -29,7 +29,6 @@ _FINISH = {
 
 _CompleteResponse = chat_pb2.CompleteResponse
 _ConverseResponse = chat_pb2.ConverseResponse
-_Delta = chat_pb2.Delta
 
 
 def turn_request(request: chat_pb2.CompleteRequest | chat_pb2.StartTurn) -> TurnRequest:
@@ -83,7 +82,12 @@ class CompleteEvents:
         return _CompleteResponse(started=_started(event))
 
     def delta(self, text: str, token_count: int) -> chat_pb2.CompleteResponse:
-        return _CompleteResponse(delta=_Delta(text=text, token_count=token_count))
+        # Set in place: a Delta passed to the constructor would be built, then copied.
+        response = _CompleteResponse()
+        delta = response.delta
+        delta.text = text
+        delta.token_count = token_count
+        return response
 
     def finished(self, event: Finished) -> chat_pb2.CompleteResponse:
         return _CompleteResponse(finished=_finished(event))
@@ -98,7 +102,11 @@ class ConverseEvents:
         return _ConverseResponse(started=_started(event))
 
     def delta(self, text: str, token_count: int) -> chat_pb2.ConverseResponse:
-        return _ConverseResponse(delta=_Delta(text=text, token_count=token_count))
+        response = _ConverseResponse()
+        delta = response.delta
+        delta.text = text
+        delta.token_count = token_count
+        return response
 
     def finished(self, event: Finished) -> chat_pb2.ConverseResponse:
         return _ConverseResponse(finished=_finished(event))

@@ -149,6 +149,16 @@ class ConversationStore(Protocol):
         """Return the messages oldest first; with ``limit``, only the newest ``limit``."""
         ...
 
+    async def begin_turn(
+        self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
+    ) -> StoredMessage:
+        """Store a turn's user message in one write, creating the conversation first when
+        ``conversation_id`` is empty (with ``title``); the message names the conversation.
+
+        Raises NotFoundError as :meth:`add_message` does.
+        """
+        ...
+
 
 def new_id(prefix: str) -> str:
     """Mint an opaque, unguessable id such as ``conv_1f0c…`` (prefix, ``_``, 32 hex)."""

@@ -198,7 +198,39 @@ class SQLiteConversationStore:
             raise conversation_not_found(conversation_id)
         return await self._db.run(self._list_messages, owner, conversation_id, limit)
 
+    async def begin_turn(
+        self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
+    ) -> StoredMessage:
+        """The user's message of a turn, and its new conversation when ``conversation_id``
+        is empty, in one transaction (one trip to the database thread)."""
+        if conversation_id and not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
+            raise conversation_not_found(conversation_id)
+        return await self._db.run(self._begin_turn, owner, conversation_id, title, content, turn_id)
+
     # --- worker-thread side: everything below touches the connection -------
+
+    def _begin_turn(
+        self,
+        conn: sqlite3.Connection,
+        owner: str,
+        conversation_id: str,
+        title: str,
+        content: str,
+        turn_id: str,
+    ) -> StoredMessage:
+        now = self._clock()
+        with write_transaction(conn):
+            if not conversation_id:
+                conversation_id = new_id(_CONVERSATION_PREFIX)
+                conn.execute(
+                    "INSERT INTO conversations (id, owner, title, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, owner, title, now, now),
+                )
+            return self._append(
+                conn, owner, conversation_id, new_id(_MESSAGE_PREFIX), "user", content, turn_id,
+                complete=True, now=now,
+            )  # fmt: skip
 
     def _create_conversation(
         self, conn: sqlite3.Connection, owner: str, title: str
@@ -243,31 +275,48 @@ class SQLiteConversationStore:
         turn_id: str,
         complete: bool,
     ) -> StoredMessage:
-        now = self._clock()
         with write_transaction(conn):
-            # The ownership check and the bump are one statement; MAX keeps
-            # updated_at from stepping backwards when the clock does.
-            bumped = conn.execute(
-                "UPDATE conversations SET updated_at = MAX(updated_at, ?)"
-                " WHERE id = ? AND owner = ?",
-                (now, conversation_id, owner),
+            return self._append(
+                conn, owner, conversation_id, message_id, role, content, turn_id,
+                complete=complete, now=self._clock(),
+            )  # fmt: skip
+
+    def _append(
+        self,
+        conn: sqlite3.Connection,
+        owner: str,
+        conversation_id: str,
+        message_id: str,
+        role: str,
+        content: str,
+        turn_id: str,
+        *,
+        complete: bool,
+        now: float,
+    ) -> StoredMessage:
+        """Append a message inside the caller's write transaction."""
+        # The ownership check and the bump are one statement; MAX keeps
+        # updated_at from stepping backwards when the clock does.
+        bumped = conn.execute(
+            "UPDATE conversations SET updated_at = MAX(updated_at, ?) WHERE id = ? AND owner = ?",
+            (now, conversation_id, owner),
+        )
+        if bumped.rowcount != 1:
+            raise conversation_not_found(conversation_id)
+        # Safe under concurrency: BEGIN IMMEDIATE holds the write lock
+        # from before this read until the commit.
+        (seq,) = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
+            (conversation_id,),
+        ).fetchone()
+        try:
+            conn.execute(
+                f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, message_id, conversation_id, role, content, now, turn_id, int(complete)),
             )
-            if bumped.rowcount != 1:
-                raise conversation_not_found(conversation_id)
-            # Safe under concurrency: BEGIN IMMEDIATE holds the write lock
-            # from before this read until the commit.
-            (seq,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
-                (conversation_id,),
-            ).fetchone()
-            try:
-                conn.execute(
-                    f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (seq, message_id, conversation_id, role, content, now, turn_id, int(complete)),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise InvalidArgumentError(f"message_id {message_id!r} is already used") from exc
+        except sqlite3.IntegrityError as exc:
+            raise InvalidArgumentError(f"message_id {message_id!r} is already used") from exc
+
         return StoredMessage(
             id=message_id,
             conversation_id=conversation_id,

@@ -69,7 +69,12 @@ class FilterResult:
 
 @runtime_checkable
 class OutputFilter(Protocol):
-    """Screens one answer as it streams; it may hold text back until it can decide."""
+    """Screens one answer as it streams; it may hold text back until it can decide.
+
+    A filter that never waits may also offer ``synchronous = True`` and a
+    ``feed_now(text) -> FilterResult`` that the runner then calls instead of
+    ``feed``, saving an await per message.
+    """
 
     async def feed(self, text: str) -> FilterResult:
         """New answer text in; the text safe to send now out (possibly held back)."""

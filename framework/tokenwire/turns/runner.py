@@ -27,8 +27,8 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from typing import TypeVar, cast
 
 from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.config import LimitsConfig
@@ -45,7 +45,7 @@ from tokenwire.logs import get_logger
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.streams import Pending, finish_shielded, poll_next
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState
-from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome, TurnPolicy
+from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
 
 __all__ = ["Capacity", "TurnRunner", "validate_params", "validate_request"]
 
@@ -191,8 +191,7 @@ class TurnRunner:
         messages: list[ChatMessage] = []
         if self._limits.system_prompt:
             messages.append(ChatMessage("system", self._limits.system_prompt))
-        if request.conversation_id:
-            await self._store.get_conversation(owner, request.conversation_id)
+        if request.conversation_id:  # one read: it checks the owner too
             history = await self._store.list_messages(
                 owner, request.conversation_id, limit=self._limits.max_history_messages
             )
@@ -244,15 +243,83 @@ class TurnRunner:
                         admitted.append(policy)
                     filters = [f for p in admitted if (f := p.output_filter(info)) is not None]
                     yield events.started(await self._begin(request, state, model, principal.owner))
+                    answer = model.answer(turn, state.turn_id)
+                    chunks, decode, delta = answer.chunks, answer.decode, events.delta
+                    screens = [
+                        (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
+                        for f in filters
+                    ]
+                    limit, sent, held = self._coalesce, state.sent, 0
+                    pending: Pending[object] | None = None
+                    # The hot path: one pass of this loop per message sent.
                     try:
-                        async for out in self._answer(events, state, model, turn, filters):
-                            yield out
+                        while True:
+                            if pending is None:
+                                chunk = await chunks.__anext__()
+                            else:
+                                step, pending = pending, None  # awaited once, even if cancelled
+                                chunk = await step
+                            text, count, end = decode(chunk)
+                            failure: Exception | None = None
+                            if end is None and limit > 1:
+                                # Chunks already waiting go out with this one: a client that
+                                # reads slower than the engine writes gets fewer, larger
+                                # messages; one that keeps up gets every chunk on its own.
+                                merged = 1
+                                while end is None and merged < limit:
+                                    try:
+                                        ready, item = poll_next(chunks)
+                                    except Exception as exc:  # send what came before it
+                                        failure = exc
+                                        break
+                                    if not ready:
+                                        pending = cast(Pending[object], item)
+                                        break
+                                    more, more_count, end = decode(item)
+                                    text += more
+                                    count += more_count
+                                    merged += 1
+                            held += count
+                            if end is None:
+                                state.completion_tokens += count
+                            else:
+                                state.completion_tokens = end.completion_tokens
+                                state.prompt_tokens = end.prompt_tokens or state.prompt_tokens
+                                state.reason = end.finish_reason
+                                state.finished = True
+                            for now, screen in screens:
+                                result = now(text) if now is not None else await screen.feed(text)
+                                text, category = result.text, result.flagged_category
+                                if state.finished and category is None:
+                                    tail = await screen.flush()
+                                    text, category = text + tail.text, tail.flagged_category
+                                if category is not None:
+                                    state.reason = FinishReason.CONTENT_FILTER
+                                    state.filter_category = category
+                                    state.finished = True
+                                    break
+                            if text:
+                                if state.first_token_at is None:
+                                    state.first_token_at = time.perf_counter()
+                                sent.append(text)
+                                yield delta(text, held)
+                                held = 0
+                            if state.finished:
+                                break
+                            if failure is not None:
+                                raise failure
+                    except StopAsyncIteration:
+                        raise InternalError(
+                            f"model {model.name!r} ended turn {state.turn_id} without a final chunk"
+                        ) from None
                     finally:
-                        capacity.release()  # the engine stream is closed: the place is free
-                        reserved = False
                         # Shielded: a second cancel must not lose what the user already saw,
                         # and the turn counts as running (wait_idle) until it is stored.
-                        await finish_shielded(self._save_answer(principal.owner, state))
+                        await finish_shielded(
+                            self._end_answer(chunks, pending, principal.owner, state)
+                        )
+                        capacity.release()  # the engine stream is closed: the place is free
+                        reserved = False
                     outcome = TurnOutcome(
                         state.reason, state.prompt_tokens, state.completion_tokens
                     )
@@ -290,13 +357,15 @@ class TurnRunner:
     async def _begin(
         self, request: TurnRequest, state: TurnState, model: ChatModel, owner: str
     ) -> Started:
-        conversation_id = request.conversation_id
-        if not conversation_id:
-            title = " ".join(request.message.split())[:_TITLE_CHARS]
-            conversation_id = (await self._store.create_conversation(owner, title=title)).id
-        await self._store.add_message(
-            owner, conversation_id, role="user", content=request.message, turn_id=state.turn_id
+        title = " ".join(request.message.split())[:_TITLE_CHARS]
+        stored = await self._store.begin_turn(
+            owner,
+            request.conversation_id,
+            title=title,
+            content=request.message,
+            turn_id=state.turn_id,
         )
+        conversation_id = stored.conversation_id
         state.conversation_id = conversation_id
         state.message_id = f"msg_{uuid.uuid4().hex}"
         _log.info(
@@ -308,84 +377,22 @@ class TurnRunner:
         )
         return Started(state.turn_id, conversation_id, state.message_id, model.name)
 
-    async def _answer(
+    async def _end_answer(
         self,
-        events: TurnEvents[Out],
+        chunks: AsyncIterator[object],
+        pending: Pending[object] | None,
+        owner: str,
         state: TurnState,
-        model: ChatModel,
-        turn: PreparedTurn,
-        filters: list[OutputFilter],
-    ) -> AsyncGenerator[Out, None]:
-        answer = model.answer(turn, state.turn_id)
-        chunks, decode = answer.chunks, answer.decode
-        limit = self._coalesce
-        pending: Pending[object] | None = None
-        held = 0  # tokens whose text a filter holds back
+    ) -> None:
+        """Stop the engine's work for the answer, then store what the client was sent."""
         try:
-            while True:
-                if pending is not None:
-                    step, pending = pending, None  # awaited once, even when cancelled
-                    chunk = await step
-                else:
-                    chunk = await chunks.__anext__()
-                text, count, end = decode(chunk)
-                merged = 1
-                failure: Exception | None = None
-                # Chunks already waiting go out with this one: a client reading slower
-                # than the engine writes gets fewer, larger messages; one that keeps up
-                # (the next chunk is not ready yet) gets every chunk on its own.
-                while end is None and merged < limit:
-                    try:
-                        ready, item = poll_next(chunks)
-                    except Exception as exc:  # the engine failed: send what came first
-                        failure = exc
-                        break
-                    if not ready:
-                        pending = item  # type: ignore[assignment]
-                        break
-                    more, more_count, end = decode(item)
-                    text += more
-                    count += more_count
-                    merged += 1
-                held += count
-                if end is not None:
-                    state.completion_tokens = end.completion_tokens
-                    state.prompt_tokens = end.prompt_tokens or state.prompt_tokens
-                    state.reason = end.finish_reason
-                    state.finished = True
-                else:
-                    state.completion_tokens += count
-                for screen in filters:
-                    result = await screen.feed(text)
-                    text, category = result.text, result.flagged_category
-                    if state.finished and category is None:
-                        tail = await screen.flush()
-                        text, category = text + tail.text, tail.flagged_category
-                    if category is not None:
-                        state.reason = FinishReason.CONTENT_FILTER
-                        state.filter_category = category
-                        state.finished = True
-                        break
-                if text:
-                    if state.first_token_at is None:
-                        state.first_token_at = time.perf_counter()
-                    state.sent.append(text)
-                    yield events.delta(text, held)
-                    held = 0
-                if state.finished:
-                    return
-                if failure is not None:
-                    raise failure
-        except StopAsyncIteration:
-            raise InternalError(
-                f"model {model.name!r} ended turn {state.turn_id} without a final chunk"
-            ) from None
-        finally:
             if pending is not None:
-                await finish_shielded(pending.abandon())
+                await pending.abandon()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+        finally:
+            await self._save_answer(owner, state)
 
     async def _after_turn(
         self, admitted: list[TurnPolicy], info: TurnInfo, outcome: TurnOutcome
