@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncIterator, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 from tokenwire.logs import get_logger
@@ -37,14 +37,20 @@ async def closing(stream: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
         await aclose()
 
 
-async def finish_shielded(work: Awaitable[T]) -> T:
+async def finish_shielded(work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` to its end even if the caller is cancelled, once or many times.
 
     The cancellation is re-raised after ``work`` finished, so cleanup that must not be
     cut short (saving what a client saw, settling a quota) completes before the
-    caller's own cleanup continues.
+    caller's own cleanup continues. Work that finishes without waiting (the usual
+    case: an in-memory quota, an embedded store) runs inline, with no task.
     """
-    task = asyncio.ensure_future(work)
+    try:
+        yielded = work.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    # It waits: the rest runs in a task of its own, which our cancellation cannot reach.
+    task = asyncio.ensure_future(Pending[T](work, yielded))
     cancelled = False
     while not task.done():
         try:

@@ -146,13 +146,13 @@ class SQLiteConversationStore:
 
     async def create_conversation(self, owner: str, *, title: str) -> Conversation:
         """Create an empty conversation owned by ``owner``."""
-        return await self._db.run(self._create_conversation, owner, title)
+        return await self._db.run_fast(self._create_conversation, owner, title)
 
     async def get_conversation(self, owner: str, conversation_id: str) -> Conversation:
         """Return ``owner``'s conversation; NotFoundError if missing, foreign or malformed."""
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._db.run(self._get_conversation, owner, conversation_id)
+        return await self._db.run_fast(self._get_conversation, owner, conversation_id)
 
     async def add_message(
         self,
@@ -178,7 +178,7 @@ class SQLiteConversationStore:
             validate_message_id(message_id)
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._db.run(
+        return await self._db.run_fast(
             self._add_message,
             owner,
             conversation_id,
@@ -196,7 +196,7 @@ class SQLiteConversationStore:
         validate_limit(limit)
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._db.run(self._list_messages, owner, conversation_id, limit)
+        return await self._db.run_fast(self._list_messages, owner, conversation_id, limit)
 
     async def begin_turn(
         self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
@@ -205,7 +205,9 @@ class SQLiteConversationStore:
         is empty, in one transaction (one trip to the database thread)."""
         if conversation_id and not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
-        return await self._db.run(self._begin_turn, owner, conversation_id, title, content, turn_id)
+        return await self._db.run_fast(
+            self._begin_turn, owner, conversation_id, title, content, turn_id
+        )
 
     # --- worker-thread side: everything below touches the connection -------
 
@@ -219,6 +221,7 @@ class SQLiteConversationStore:
         turn_id: str,
     ) -> StoredMessage:
         now = self._clock()
+        message_id = new_id(_MESSAGE_PREFIX)
         with write_transaction(conn):
             if not conversation_id:
                 conversation_id = new_id(_CONVERSATION_PREFIX)
@@ -227,8 +230,17 @@ class SQLiteConversationStore:
                     " VALUES (?, ?, ?, ?, ?)",
                     (conversation_id, owner, title, now, now),
                 )
+                # A new conversation: its first message, no ownership or order to look up.
+                conn.execute(
+                    f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS})"
+                    " VALUES (1, ?, ?, 'user', ?, ?, ?, 1)",
+                    (message_id, conversation_id, content, now, turn_id),
+                )
+                return StoredMessage(
+                    message_id, conversation_id, "user", content, now, turn_id, True
+                )
             return self._append(
-                conn, owner, conversation_id, new_id(_MESSAGE_PREFIX), "user", content, turn_id,
+                conn, owner, conversation_id, message_id, "user", content, turn_id,
                 complete=True, now=now,
             )  # fmt: skip
 

@@ -12,17 +12,32 @@ the engine and gRPC copies an event twice::
 
 from __future__ import annotations
 
+import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from tokenwire.backend import FinishReason
 from tokenwire.frontend import TurnParams
 
-__all__ = ["Finished", "Started", "TurnEvents", "TurnRequest", "TurnState", "Usage"]
+__all__ = [
+    "Finished",
+    "Started",
+    "TurnEvents",
+    "TurnRequest",
+    "TurnState",
+    "Usage",
+    "new_message_id",
+]
 
 Out = TypeVar("Out", covariant=True)
+# Turn and message ids name, they do not guard (the store checks who owns what):
+# the random module's generator (reseeded in a forked child), not a system call per id.
+
+
+def new_message_id() -> str:
+    """A fresh id for an assistant message, ``msg_`` and 32 hex digits."""
+    return f"msg_{random.getrandbits(128):032x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +101,7 @@ class TurnState:
     """What a running turn has done so far; read by the caller on cancel or failure."""
 
     received_at: float = field(default_factory=time.perf_counter)
-    turn_id: str = field(default_factory=lambda: f"turn_{uuid.uuid4().hex}")
+    turn_id: str = field(default_factory=lambda: f"turn_{random.getrandbits(128):032x}")
     conversation_id: str = ""
     message_id: str = ""  # set once the turn started: TurnStarted went out
     prompt_tokens: int = 0

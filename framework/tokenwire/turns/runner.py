@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import TypeVar, cast
 
@@ -44,7 +43,7 @@ from tokenwire.frontend import ChatModel, PreparedTurn, TurnParams
 from tokenwire.logs import get_logger
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.streams import Pending, finish_shielded, poll_next
-from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState
+from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
 
 __all__ = ["Capacity", "TurnRunner", "validate_params", "validate_request"]
@@ -367,7 +366,7 @@ class TurnRunner:
         )
         conversation_id = stored.conversation_id
         state.conversation_id = conversation_id
-        state.message_id = f"msg_{uuid.uuid4().hex}"
+        state.message_id = new_message_id()
         _log.info(
             "turn started",
             turn_id=state.turn_id,
