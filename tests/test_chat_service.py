@@ -10,10 +10,10 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from tests.conftest import wait_until
+from tokenwire.model.tokenizers import ByteTokenizer
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
-from tokenwire.tokenizers import ByteTokenizer
 
 Events = list[chat_pb2.CompleteResponse]
 
@@ -50,8 +50,8 @@ async def test_complete_streams_started_deltas_then_finished(served: RunningServ
     finished = events[-1].finished
     assert finished.finish_reason == chat_pb2.FINISH_REASON_STOP
     assert sum(e.delta.token_count for e in events[1:-1]) == finished.usage.completion_tokens
-    assert finished.usage.prompt_tokens > 0
-    assert finished.usage.time_to_first_token_ms > 0
+    # The byte tokenizer's template, "<|user|>Hi\n<|assistant|>": 24 bytes, 24 tokens.
+    assert 24 == finished.usage.prompt_tokens
     assert events[0].started.conversation_id.startswith("conv_")
     assert events[0].started.model == "fake"
 
@@ -104,6 +104,14 @@ async def test_converse_runs_two_turns_on_one_stream(
     assert prompt.index("first question") < prompt.index("second question")
 
 
+async def test_time_to_first_token_is_measured_from_the_request() -> None:
+    """An engine that takes 50 ms a token reports a first token after at least 50 ms."""
+    async with running_server(FakeBackend(reply="ab", token_delay_s=0.05)) as running:
+        events = await complete(running)
+    ttft = events[-1].finished.usage.time_to_first_token_ms
+    assert 50 <= ttft < 2000
+
+
 async def test_cancel_turn_stops_the_backend() -> None:
     """CancelTurn ends the turn with CANCELLED and the engine stops generating."""
     fake = FakeBackend(reply="abc", endless=True, token_delay_s=0.01)
@@ -111,11 +119,14 @@ async def test_cancel_turn_stops_the_backend() -> None:
         call = running.chat.Converse()
         await call.write(start("go"))
         turn_id = (await next_event(call, "started")).started.turn_id
-        await next_event(call, "delta")
+        delivered = (await next_event(call, "delta")).delta.token_count
         await call.write(chat_pb2.ConverseRequest(cancel=chat_pb2.CancelTurn(turn_id=turn_id)))
-        finished = (await next_event(call, "finished")).finished
+        while (event := await asyncio.wait_for(call.read(), 10)).WhichOneof("event") == "delta":
+            delivered += event.delta.token_count
+        finished = event.finished
         assert finished.finish_reason == chat_pb2.FINISH_REASON_CANCELLED
-        assert finished.usage.completion_tokens > 0
+        assert delivered >= 1
+        assert delivered == finished.usage.completion_tokens  # the tokens the client got
         await wait_until(lambda: fake.running == 0)
         steps = fake.steps_executed
         await asyncio.sleep(0.1)

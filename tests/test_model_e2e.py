@@ -10,10 +10,10 @@ import pytest
 from tests.conftest import wait_until
 from tests.test_chat_service import next_event, start, text_of
 from tokenwire.backend import ChatMessage, Engine, FinishReason, GenerateRequest
+from tokenwire.model.tokenizers import Tokenizer, load_tokenizer
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.testing import BorrowedEngine, RunningServer, running_server
 from tokenwire.testing.conformance import EngineConformance
-from tokenwire.tokenizers import Tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.model
 
@@ -122,7 +122,7 @@ async def test_real_model_cancel_stops_decoding(
 def test_real_tokenizer_never_splits_a_character() -> None:
     """Incremental detokenizing of real SmolLM2 tokens yields whole characters only."""
     from tokenwire.backend import TokenizerSource
-    from tokenwire.tokenizers import load_tokenizer
+    from tokenwire.model.tokenizers import load_tokenizer
     from tokenwire_torch.source import default_model_file
 
     path = default_model_file()

@@ -4,7 +4,7 @@ A backend is a small class that never imports grpc and never sees the gateway's
 server side. Two kinds exist:
 
 * an :class:`Engine` works on token ids; the framework's model frontend
-  (:mod:`tokenwire.frontend`) templates, tokenizes and detokenizes for it;
+  (:mod:`tokenwire.model.frontend`) templates, tokenizes and detokenizes for it;
 * a :class:`TextBackend` takes chat messages and yields text, for services that
   template and tokenize themselves.
 

@@ -73,6 +73,11 @@ class ServerConfig:
         "most engine chunks already waiting that one Delta carries when a client reads "
         "slower than the engine writes; 1 sends one Delta per chunk",
     )
+    coalesce_budget_us: float = setting(
+        100.0,
+        "most microseconds one Delta spends taking in waiting chunks: a longer step would "
+        "delay every other stream and every new call on the event loop",
+    )
     converse_outbox_messages: int = setting(
         16,
         "responses a Converse stream holds for a client that is not reading; then its "

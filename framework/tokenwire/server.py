@@ -25,9 +25,9 @@ from tokenwire.auth.bootstrap import admin_key_notice
 from tokenwire.backend import Backend, create_backend
 from tokenwire.config import Config, ServerConfig
 from tokenwire.errors import ConfigError
-from tokenwire.frontend import ChatModel, frontend_for
 from tokenwire.interceptors import Interceptor, InterceptorChain
 from tokenwire.logs import get_logger
+from tokenwire.model.frontend import ChatModel, frontend_for
 from tokenwire.pipeline import build_pipeline
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
 from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
@@ -149,6 +149,7 @@ class TokenwireServer:
             self.config.limits,
             self._policies,
             coalesce_chunks=cfg.coalesce_chunks,
+            coalesce_budget_us=cfg.coalesce_budget_us,
         )
         self._chat = ChatServicer(runner, outbox_limit=cfg.converse_outbox_messages)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)

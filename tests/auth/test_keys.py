@@ -6,6 +6,7 @@ import hashlib
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,8 +120,10 @@ async def test_unknown_or_malformed_keys_are_invalid(
 
 async def test_a_revoked_key_is_invalid(key_store: SQLiteKeyStore, alice_key: IssuedKey) -> None:
     """After revocation the key no longer authenticates; revoking again keeps the first time."""
+    before = time.time()
     revoked = await key_store.revoke_key(alice_key.key.id)
     assert revoked.revoked_at is not None
+    assert before - 1 <= revoked.revoked_at <= time.time() + 1
     assert not revoked.active
     again = await key_store.revoke_key(alice_key.key.id)
     assert revoked.revoked_at == again.revoked_at

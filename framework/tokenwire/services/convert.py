@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tokenwire.backend import FinishReason
 from tokenwire.errors import status_of
-from tokenwire.frontend import TurnParams
+from tokenwire.model.frontend import TurnParams
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.turns.events import Finished, Started, TurnRequest
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from tokenwire.frontend import ChatModel
+from tokenwire.model.frontend import ChatModel
 from tokenwire.proto.v1 import models_pb2, models_pb2_grpc
 
 __all__ = ["ModelServicer"]

@@ -1,7 +1,7 @@
 """``FakeBackend``: a zero-cost token engine with failure injection, for tests and benchmarks.
 
 It speaks bytes (token ids 0..255 are UTF-8 bytes, see
-:class:`tokenwire.tokenizers.ByteTokenizer`), so the real frontend, templates
+:class:`tokenwire.model.tokenizers.ByteTokenizer`), so the real frontend, templates
 and detokenizer run on top of it. It answers with ``reply`` (repeated while
 ``endless``) up to the first of the request's stop token ids, records every
 request, and can fail or stall on demand.

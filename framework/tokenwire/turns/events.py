@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from tokenwire.backend import FinishReason
-from tokenwire.frontend import TurnParams
+from tokenwire.model.frontend import TurnParams
 
 __all__ = [
     "Finished",

@@ -39,8 +39,8 @@ from tokenwire.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from tokenwire.frontend import ChatModel, PreparedTurn, TurnParams
 from tokenwire.logs import get_logger
+from tokenwire.model.frontend import ChatModel, PreparedTurn, TurnParams
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.streams import Pending, finish_shielded, poll_next
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
@@ -139,6 +139,7 @@ class TurnRunner:
         policies: Sequence[TurnPolicy],
         *,
         coalesce_chunks: int = 16,
+        coalesce_budget_us: float = 100.0,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
@@ -152,6 +153,7 @@ class TurnRunner:
         self._limits = limits
         self._policies = tuple(policies)
         self._coalesce = max(1, coalesce_chunks)
+        self._budget = max(0.0, coalesce_budget_us) / 1e6
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -248,7 +250,7 @@ class TurnRunner:
                         (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
                         for f in filters
                     ]
-                    limit, sent, held = self._coalesce, state.sent, 0
+                    limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
                     pending: Pending[object] | None = None
                     # The hot path: one pass of this loop per message sent.
                     try:
@@ -265,7 +267,10 @@ class TurnRunner:
                                 # reads slower than the engine writes gets fewer, larger
                                 # messages; one that keeps up gets every chunk on its own.
                                 merged = 1
+                                until = time.perf_counter() + budget
                                 while end is None and merged < limit:
+                                    if merged % 4 == 0 and time.perf_counter() > until:
+                                        break  # a long step would delay every other stream
                                     try:
                                         ready, item = poll_next(chunks)
                                     except Exception as exc:  # send what came before it

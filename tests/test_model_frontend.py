@@ -7,7 +7,7 @@ import pytest
 from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.config import LimitsConfig
 from tokenwire.errors import InvalidArgumentError
-from tokenwire.frontend import EngineFrontend, StopMatcher, TextDelta, TurnEnd, TurnParams
+from tokenwire.model.frontend import EngineFrontend, StopMatcher, TextDelta, TurnEnd, TurnParams
 from tokenwire.testing import FakeBackend
 
 

@@ -38,8 +38,8 @@ from tokenwire.backend import (
 )
 from tokenwire.config import LimitsConfig
 from tokenwire.errors import ConfigError, InternalError, InvalidArgumentError
+from tokenwire.model.tokenizers import Tokenizer, load_tokenizer
 from tokenwire.streams import closing
-from tokenwire.tokenizers import Tokenizer, load_tokenizer
 
 __all__ = [
     "Answer",
