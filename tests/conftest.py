@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -167,3 +167,13 @@ async def torch_engine() -> AsyncIterator[Engine]:
     await engine.start()
     yield engine
     await engine.close()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common umask 022, under which new files are readable by everyone."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from tokenwire.private_files import (
     restrict_to_owner,
     write_private_file,
 )
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The common umask 022, under which new files are readable by everyone."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def _mode(path: Path) -> str:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,16 +56,6 @@ async def test_keys_are_stored_only_as_hashes(tmp_path: Path) -> None:
         value for value in rows[0] if isinstance(value, bytes)
     ]
     assert not any(issued.secret in str(value) for value in rows[0])
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The common umask 022, under which new files are readable by everyone."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @pytest.mark.usefixtures("umask_022")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,16 +20,6 @@ from tokenwire.moderation.audit import AUDIT_LOGGER, audit_key_path
 
 FLAGGED = Verdict(flagged=True, category="violence", score=1.0)
 PASSED = Verdict(flagged=False)
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The common umask 022, under which new files are readable by everyone."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
 
@@ -41,16 +40,6 @@ async def store() -> AsyncIterator[SQLiteConversationStore]:
     await s.open()
     yield s
     await s.close()
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    """The common umask 022, under which new files are readable by everyone."""
-    previous = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 def _mode(path: Path) -> str:

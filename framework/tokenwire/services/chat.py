@@ -22,12 +22,12 @@ from tokenwire.context import current_call
 from tokenwire.interceptors.base import UndecodableRequest
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 from tokenwire.services.converse import ConverseSession, shutting_down
-from tokenwire.services.convert import CompleteEvents, turn_request
+from tokenwire.services.convert import ResponseEvents, turn_request
 from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["ChatServicer"]
 
-_EVENTS = CompleteEvents()
+_EVENTS = ResponseEvents(chat_pb2.CompleteResponse)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 

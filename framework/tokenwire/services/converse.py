@@ -27,7 +27,7 @@ from tokenwire.errors import (
 from tokenwire.interceptors.base import UndecodableRequest
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
-from tokenwire.services.convert import ConverseEvents, turn_error, turn_request
+from tokenwire.services.convert import ResponseEvents, turn_error, turn_request
 from tokenwire.turns.events import TurnState
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["MERGE_TOKENS", "ConverseSession", "Outbox", "shutting_down"]
 
 _log = get_logger("tokenwire.converse")
-_EVENTS = ConverseEvents()
+_EVENTS = ResponseEvents(chat_pb2.ConverseResponse)
 MERGE_TOKENS = 256
 """Most tokens one waiting delta takes in by merging; then the turn waits for the client."""
 

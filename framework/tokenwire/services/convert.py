@@ -6,6 +6,8 @@ messages; the turn logic (:mod:`tokenwire.turns`) works on plain types.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from tokenwire.backend import FinishReason
 from tokenwire.errors import status_of
 from tokenwire.model.frontend import TurnParams
@@ -13,8 +15,7 @@ from tokenwire.proto.v1 import chat_pb2
 from tokenwire.turns.events import Finished, Started, TurnRequest
 
 __all__ = [
-    "CompleteEvents",
-    "ConverseEvents",
+    "ResponseEvents",
     "turn_error",
     "turn_request",
 ]
@@ -27,8 +28,7 @@ _FINISH = {
     FinishReason.ERROR: chat_pb2.FINISH_REASON_ERROR,
 }
 
-_CompleteResponse = chat_pb2.CompleteResponse
-_ConverseResponse = chat_pb2.ConverseResponse
+R = TypeVar("R", chat_pb2.CompleteResponse, chat_pb2.ConverseResponse)
 
 
 def turn_request(request: chat_pb2.CompleteRequest | chat_pb2.StartTurn) -> TurnRequest:
@@ -73,49 +73,34 @@ def _finished(event: Finished) -> chat_pb2.TurnFinished:
     )
 
 
-class CompleteEvents:
-    """A turn's events as ``CompleteResponse`` messages."""
+class ResponseEvents(Generic[R]):
+    """A turn's events as messages of one RPC's response type (its ``event`` oneof)."""
 
-    __slots__ = ()
+    __slots__ = ("_response",)
+    _response: type[R]
 
-    def started(self, event: Started) -> chat_pb2.CompleteResponse:
-        return _CompleteResponse(started=_started(event))
+    def __init__(self, response: type[R]) -> None:
+        self._response = response
 
-    def delta(self, text: str, token_count: int) -> chat_pb2.CompleteResponse:
+    def started(self, event: Started) -> R:
+        return self._response(started=_started(event))
+
+    def delta(self, text: str, token_count: int) -> R:
         # Set in place: a Delta passed to the constructor would be built, then copied.
-        response = _CompleteResponse()
+        response = self._response()
         delta = response.delta
         delta.text = text
         delta.token_count = token_count
         return response
 
-    def finished(self, event: Finished) -> chat_pb2.CompleteResponse:
-        return _CompleteResponse(finished=_finished(event))
-
-
-class ConverseEvents:
-    """A turn's events as ``ConverseResponse`` messages."""
-
-    __slots__ = ()
-
-    def started(self, event: Started) -> chat_pb2.ConverseResponse:
-        return _ConverseResponse(started=_started(event))
-
-    def delta(self, text: str, token_count: int) -> chat_pb2.ConverseResponse:
-        response = _ConverseResponse()
-        delta = response.delta
-        delta.text = text
-        delta.token_count = token_count
-        return response
-
-    def finished(self, event: Finished) -> chat_pb2.ConverseResponse:
-        return _ConverseResponse(finished=_finished(event))
+    def finished(self, event: Finished) -> R:
+        return self._response(finished=_finished(event))
 
 
 def turn_error(exc: BaseException, turn_id: str = "") -> chat_pb2.ConverseResponse:
     """A failed turn as the ``TurnError`` a Converse stream reports instead of a status."""
     code, message, error_type = status_of(exc)
-    return _ConverseResponse(
+    return chat_pb2.ConverseResponse(
         error=chat_pb2.TurnError(
             code=int(code),
             message=message,

@@ -5,9 +5,9 @@ request into a :class:`TurnRequest` and hands the runner a :class:`TurnEvents`
 that encodes each event as the RPC's own response message, so no layer between
 the engine and gRPC copies an event twice::
 
-    class CompleteEvents:                       # in tokenwire.services
+    class ResponseEvents:                        # in tokenwire.services.convert
         def delta(self, text, token_count):
-            return CompleteResponse(delta=Delta(text=text, token_count=token_count))
+            return self._response(delta=Delta(text=text, token_count=token_count))
 """
 
 from __future__ import annotations
