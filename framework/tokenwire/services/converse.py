@@ -169,6 +169,7 @@ class ConverseSession:
         try:
             async for request in self._requests:
                 if isinstance(request, UndecodableRequest):
+                    _log.info("undecodable request refused", reason=request.message)
                     await self._error(InvalidArgumentError(request.message))
                     continue
                 action = request.WhichOneof("action")
