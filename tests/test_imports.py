@@ -36,6 +36,7 @@ def test_backends_import_the_contract_and_errors_without_grpc() -> None:
         "tokenwire.auth.principal",
         "tokenwire.turns.policy",
         "tokenwire.turns.runner",
+        "tokenwire.turns.admission",
         "tokenwire.pipeline",
         "tokenwire.services.chat",
         "tokenwire.moderation.policy",

@@ -249,6 +249,10 @@ async def test_chunks_that_are_ready_at_once_go_out_as_one_delta() -> None:
     """An engine that is always ready gets merged deltas: 64 tokens in at most 4 messages."""
     config = config_for_tests()
     assert 16 == config.server.coalesce_chunks
+    # No time bound on merging here, so a loaded machine cannot make the count vary.
+    config = dataclasses.replace(
+        config, server=dataclasses.replace(config.server, coalesce_budget_us=1e9)
+    )
     fake = FakeBackend(reply="abcd", endless=True)
     async with running_server(fake, config) as running:
         request = chat_pb2.CompleteRequest(

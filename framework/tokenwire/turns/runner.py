@@ -24,7 +24,6 @@ writes (at most ``coalesce_chunks``).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import TypeVar, cast
@@ -34,93 +33,22 @@ from tokenwire.config import LimitsConfig
 from tokenwire.context import CallState
 from tokenwire.errors import (
     InternalError,
-    InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from tokenwire.logs import get_logger
-from tokenwire.model.frontend import ChatModel, PreparedTurn, TurnParams
+from tokenwire.model.frontend import ChatModel, PreparedTurn
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.streams import Pending, finish_shielded, poll_next
+from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
 
-__all__ = ["Capacity", "TurnRunner", "validate_params", "validate_request"]
+__all__ = ["TurnRunner"]
 
 _log = get_logger("tokenwire.turns")
 _TITLE_CHARS = 80
-_RETRY_AFTER_S = 1.0
 Out = TypeVar("Out")
-
-
-def validate_params(params: TurnParams, limits: LimitsConfig) -> None:
-    """Check sampling parameters; raises InvalidArgumentError naming the field."""
-    if not (math.isfinite(params.temperature) and 0.0 <= params.temperature <= 2.0):
-        raise InvalidArgumentError(f"temperature must be in [0, 2], got {params.temperature}")
-    if not (math.isfinite(params.top_p) and 0.0 <= params.top_p <= 1.0):
-        raise InvalidArgumentError(f"top_p must be in [0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise InvalidArgumentError(f"top_k must be >= 0, got {params.top_k}")
-    if params.max_tokens < 0:
-        raise InvalidArgumentError(f"max_tokens must be >= 0, got {params.max_tokens}")
-    if len(params.stop) > limits.max_stop_strings:
-        raise InvalidArgumentError(
-            f"at most {limits.max_stop_strings} stop strings are allowed, got {len(params.stop)}"
-        )
-    for stop in params.stop:
-        size = len(stop.encode())
-        if not stop or size > limits.max_stop_bytes:
-            raise InvalidArgumentError(
-                f"each stop string must be 1 to {limits.max_stop_bytes} bytes, got {size}"
-            )
-
-
-def validate_request(request: TurnRequest, limits: LimitsConfig) -> None:
-    """Check a turn's fields against ``limits``; raises InvalidArgumentError naming the field."""
-    if not request.message.strip():
-        raise InvalidArgumentError("message must not be empty")
-    if len(request.message) > limits.max_message_chars:
-        raise InvalidArgumentError(
-            f"message is {len(request.message)} characters; the limit is {limits.max_message_chars}"
-        )
-    if len(request.idempotency_key.encode()) > limits.max_idempotency_key_bytes:
-        raise InvalidArgumentError(
-            f"idempotency_key must be at most {limits.max_idempotency_key_bytes} bytes"
-        )
-    if len(request.model) > limits.max_model_name_chars:
-        raise InvalidArgumentError(
-            f"model name must be at most {limits.max_model_name_chars} characters"
-        )
-    validate_params(request.params, limits)
-
-
-class Capacity:
-    """The turns one model may run at once; reserved before anything is stored.
-
-    ``reserve`` checks and counts in one synchronous step, so concurrent turns
-    cannot both take the last place.
-    """
-
-    __slots__ = ("limit", "model", "used")
-
-    def __init__(self, model: str, limit: int) -> None:
-        self.model = model
-        self.limit = max(1, limit)
-        self.used = 0
-
-    def reserve(self) -> None:
-        """Take a place, or raise ResourceExhaustedError (with a retry delay)."""
-        if self.used >= self.limit:
-            raise ResourceExhaustedError(
-                f"model {self.model!r} is at capacity ({self.used} answers running); retry shortly",
-                retry_after_s=_RETRY_AFTER_S,
-            )
-        self.used += 1
-
-    def release(self) -> None:
-        """Give a place back."""
-        self.used -= 1
 
 
 class TurnRunner:
