@@ -252,12 +252,18 @@ def format_report(report: OverheadReport) -> str:
     s = report.settings
     where = "its own process" if s.client_process else "the servers' event loop"
     cpu = "server CPU, us" if s.client_process else "CPU (server + client), us"
+    parts = (
+        "auth: API key, SQLite key store, cached; quotas: memory, requests/min, tokens/min, "
+        "streams, none refused; moderation: rules, input + output"
+        if s.full_chain
+        else "auth: off; quotas: off; moderation: rules, input + output (the default config)"
+    )
     lines = [
-        "Tokenwire framework overhead: full server (FakeBackend, full pipeline, SQLite :memory:) "
+        "Tokenwire framework overhead: full server (FakeBackend, "
+        f"{'full pipeline' if s.full_chain else 'no auth, no quotas'}, SQLite :memory:) "
         "vs a bare grpc.aio Complete (the floor)",
         f"pipeline: {report.pipeline}",
-        "auth: API key, SQLite key store, cached; quotas: memory, requests/min, tokens/min, "
-        "streams, none refused; moderation: rules, input + output",
+        parts,
         f"{report.cpus} CPUs; client in {where}; per-call info logging off (level=warning); "
         f"{s.max_tokens} tokens per turn; medians of {s.rounds} interleaved rounds; "
         f"{report.elapsed_s:.0f} s in all",
