@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 from google.rpc import error_details_pb2, status_pb2
 
 from tests.conftest import wait_until
@@ -413,3 +414,13 @@ async def test_a_text_backend_answers_through_a_server_with_history() -> None:
     )
     assert ["user", "assistant", "user"] == [m.role for m in backend.requests[1].messages]
     assert "HELLO " == backend.requests[1].messages[1].content
+
+
+async def test_a_server_with_authentication_off_says_so_at_start() -> None:
+    """Authentication off: a warning at start names the shared anonymous caller."""
+    with structlog.testing.capture_logs() as logs:
+        async with running_server(FakeBackend()):
+            pass
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert any("authentication is OFF" in e["event"] for e in warnings)
+    assert any("default/anonymous" in e["event"] for e in warnings)

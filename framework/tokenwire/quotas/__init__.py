@@ -2,8 +2,9 @@
 
 The policy (plans, windows) is :class:`QuotaConfig`; the counters live in a
 :class:`QuotaStore` — :class:`MemoryQuotaStore` in one process (the embedded
-default) or :class:`RedisQuotaStore` shared by many gateways. The
-:class:`~tokenwire.interceptors.quotas.QuotaInterceptor` enforces them.
+default) or :class:`RedisQuotaStore` shared by many gateways. Per call the
+:class:`~tokenwire.quotas.interceptor.QuotaInterceptor` enforces them, per turn
+the :class:`~tokenwire.quotas.policy.QuotaPolicy`.
 
     store = create_quota_store(QuotaConfig(store="redis"))
 """
