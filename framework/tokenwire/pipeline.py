@@ -62,19 +62,21 @@ def build_pipeline(
     the turn policies are still those of ``config`` unless ``policies`` replaces
     them too: a custom chain never turns quotas or moderation off.
     """
-    quotas = QuotaInterceptor(config.quotas) if config.quotas.enabled else None
     auth: AuthInterceptor | None
+    quotas: QuotaInterceptor | None
     if interceptors is None:
         auth = AuthInterceptor(config.auth, config.store.data_dir)
-        chain: list[Interceptor] = [ErrorsInterceptor(), auth]
-        if quotas is not None:
-            chain.append(quotas)
+        quotas = QuotaInterceptor(config.quotas) if config.quotas.enabled else None
+        chain: list[Interceptor] = [ErrorsInterceptor(), auth, *([quotas] if quotas else [])]
     else:
         chain = list(interceptors)
         check_chain(chain)
         auth = next((i for i in chain if isinstance(i, AuthInterceptor)), None)
-        given = next((i for i in chain if isinstance(i, QuotaInterceptor)), None)
-        quotas = given if given is not None else quotas
+        # The chain's own quota interceptor counts the turns too; without one, the
+        # configured quotas still apply per turn.
+        quotas = next((i for i in chain if isinstance(i, QuotaInterceptor)), None)
+        if quotas is None and config.quotas.enabled:
+            quotas = QuotaInterceptor(config.quotas)
     if policies is None:
         turn_policies: list[TurnPolicy] = []
         if auth is not None:  # another authenticating interceptor checks its own
