@@ -42,15 +42,10 @@ async def finish_shielded(work: Coroutine[Any, Any, T]) -> T:
 
     The cancellation is re-raised after ``work`` finished, so cleanup that must not be
     cut short (saving what a client saw, settling a quota) completes before the
-    caller's own cleanup continues. Work that finishes without waiting (the usual
-    case: an in-memory quota, an embedded store) runs inline, with no task.
+    caller's own cleanup continues. ``work`` runs in a task of its own from its first
+    step, so timeouts it sets apply to it, not to the caller.
     """
-    try:
-        yielded = work.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    # It waits: the rest runs in a task of its own, which our cancellation cannot reach.
-    task = asyncio.ensure_future(Pending[T](work, yielded))
+    task = asyncio.ensure_future(work)
     cancelled = False
     while not task.done():
         try:
@@ -76,9 +71,11 @@ def poll_next(stream: AsyncIterator[T]) -> tuple[bool, T | Pending[T]]:
     This is how a consumer that runs behind its producer merges what is already
     there into one message, at no cost when it keeps up.
     """
-    step = stream.__anext__()
+    # __await__(): an async generator's step is its own iterator; any other
+    # awaitable (a Future, a coroutine) gives one.
+    step = stream.__anext__().__await__()
     try:
-        yielded = step.send(None)  # type: ignore[attr-defined]
+        yielded = step.send(None)
     except StopIteration as done:
         return True, done.value
     return False, Pending(step, yielded)

@@ -390,3 +390,22 @@ async def test_begin_turn_continues_only_the_owner_s_conversation(
         await store.begin_turn("alice", "conv_nope", title="t", content="x", turn_id="t4")
     contents = [m.content for m in await store.list_messages("alice", first.conversation_id)]
     assert ["one", "two"] == contents
+
+
+async def test_checkpoints_run_in_the_background_of_a_busy_file(tmp_path: Path) -> None:
+    """Past the checkpoint interval the store goes on answering; the WAL is copied back."""
+    store = SQLiteConversationStore(tmp_path / "c.db")
+    await store.open()
+    try:
+        first = await store.begin_turn("alice", "", title="t", content="0", turn_id="t")
+        for i in range(1, 1100):
+            await store.begin_turn(
+                "alice", first.conversation_id, title="t", content=str(i), turn_id="t"
+            )
+        messages = await store.list_messages("alice", first.conversation_id)
+    finally:
+        await store.close()
+    assert 1100 == len(messages)
+    with closing(sqlite3.connect(tmp_path / "c.db")) as conn:
+        (count,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+    assert 1100 == count

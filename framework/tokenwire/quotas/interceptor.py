@@ -23,7 +23,8 @@ description ``requests_per_minute``, ``tokens_per_minute`` or
 the whole limit) is refused without a retry delay. Health checks and reflection
 are never counted.
 
-    interceptors = [ErrorsInterceptor(), auth, QuotaInterceptor(config.quotas), moderation]
+    quotas = QuotaInterceptor(config.quotas)
+    interceptors = [ErrorsInterceptor(), auth, quotas]    # and QuotaPolicy(quotas) per turn
 
 Per call this costs a dictionary lookup when the caller's plan is unlimited,
 and otherwise one store operation per counted dimension (in memory about 3 µs

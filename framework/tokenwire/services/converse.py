@@ -153,6 +153,9 @@ class ConverseSession:
             while (response := await get()) is not None:
                 yield response
         finally:
+            # Closed first: a turn or the reader waiting for room in the outbox goes on
+            # (and sees its cancellation) instead of waiting for a reader that is gone.
+            self._out.close()
             reader.cancel()
             if self._turn is not None:
                 self._turn.cancel()
@@ -200,12 +203,12 @@ class ConverseSession:
                 )
             )
             return
-        if self._closing:
-            await self._error(shutting_down())
-            return
         if running:  # the previous turn sent TurnFinished and is finishing its last step
             assert self._turn is not None
             await asyncio.wait({self._turn})
+        if self._closing:  # checked after the wait: a drain may have begun during it
+            await self._error(shutting_down())
+            return
         self._state = TurnState()
         self._cancel_requested = False
         self._turn = asyncio.create_task(self._run_turn(start, self._state))
@@ -234,20 +237,23 @@ class ConverseSession:
     async def _run_turn(self, start: chat_pb2.StartTurn, state: TurnState) -> None:
         responses = self._turns.run(turn_request(start), self._call, _EVENTS, state)
         put = self._out.put
+        started = False  # TurnStarted is in the outbox: the client will see it
         try:
             try:
                 async for response in responses:
                     await put(response)
+                    started = True
             finally:
                 await responses.aclose()
         except asyncio.CancelledError:
-            if not self._cancel_requested:
-                raise
-            # CancelTurn: the turn is closed (the engine stopped); report what was sent.
             task = asyncio.current_task()
             assert task is not None
-            task.uncancel()
-            if state.message_id:
+            # Only CancelTurn's own cancel is handled here; another one (the stream
+            # ending) still stands after uncancel() and goes on up.
+            if not self._cancel_requested or task.uncancel() > 0:
+                raise
+            # CancelTurn: the turn is closed (the engine stopped); report what was sent.
+            if started:
                 await put(_EVENTS.finished(state.finished_event(FinishReason.CANCELLED)))
             else:
                 await self._error(CancelledError("the turn was cancelled before it started"))

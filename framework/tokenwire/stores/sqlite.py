@@ -1,9 +1,10 @@
 """The embedded conversation store: one SQLite file, stdlib :mod:`sqlite3`.
 
-One connection lives on one dedicated worker thread, so the event loop never
-waits on disk and sqlite3's same-thread rule holds; calls run on that thread in
-the order they were made. Each write is its own ``BEGIN IMMEDIATE`` transaction,
-committed before the coroutine returns::
+Every call is one short transaction on indexed rows, so it runs right away on
+the event loop when the connection is free (tens of microseconds, no fsync), and
+on the database's worker thread when another process holds the file's write lock
+(see :mod:`tokenwire.stores.sqlite_database`). Each write is its own
+``BEGIN IMMEDIATE`` transaction, committed before the coroutine returns::
 
     async with SQLiteConversationStore("var/conversations.db") as store:
         conv = await store.create_conversation("alice", title="New chat")
@@ -202,14 +203,14 @@ class SQLiteConversationStore:
         self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
     ) -> StoredMessage:
         """The user's message of a turn, and its new conversation when ``conversation_id``
-        is empty, in one transaction (one trip to the database thread)."""
+        is empty, in one transaction."""
         if conversation_id and not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
         return await self._db.run_fast(
             self._begin_turn, owner, conversation_id, title, content, turn_id
         )
 
-    # --- worker-thread side: everything below touches the connection -------
+    # --- connection side: everything below runs inside SQLiteDatabase's lock ---
 
     def _begin_turn(
         self,

@@ -62,15 +62,17 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from tokenwire.errors import ConfigError
+from tokenwire.logs import get_logger
 from tokenwire.private_files import create_private_file, make_private_dirs, restrict_to_owner
 
 __all__ = ["SQLiteDatabase", "read_transaction", "write_transaction"]
 
 _T = TypeVar("_T")
+_log = get_logger("tokenwire.stores")
 _P = ParamSpec("_P")
 
 
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any] | None"]  # None: nobody waits for it
 
 
 _BUSY_WAIT_S = 5.0  # how long the worker waits for another process's write lock
@@ -108,6 +110,10 @@ class _WorkerThread:
         self._jobs.put((fn, future))
         return future
 
+    def post(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` with nobody waiting for it (from any thread); failures are logged."""
+        self._jobs.put((fn, None))
+
     async def stop(self) -> None:
         """Run what is queued, then end the thread."""
         assert self._stopped is not None
@@ -131,14 +137,35 @@ class _WorkerThread:
                     running = False
                     continue
                 fn, future = job
+                if future is None:
+                    # Background work (a checkpoint) may wait on disk: answer first.
+                    if done and not self._answer(done, None):
+                        return
+                    done = []
+                    try:
+                        fn()
+                    except Exception:
+                        _log.exception("background database work failed")
+                    continue
                 try:
                     done.append((future, fn(), None))
                 except BaseException as exc:  # handed to the awaiting task
                     done.append((future, None, exc))
-            try:
-                loop.call_soon_threadsafe(_settle, done, None if running else self._stopped)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
+            if not self._answer(done, None if running else self._stopped):
                 return
+
+    def _answer(
+        self,
+        done: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+        stopped: asyncio.Future[None] | None,
+    ) -> bool:
+        """Hand results to the event loop; False once the loop is closed."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(_settle, done, stopped)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        return True
 
 
 def _settle(
@@ -158,7 +185,7 @@ def _settle(
 
 @dataclass(frozen=True, slots=True)
 class _Worker:
-    """The open connection and the one thread allowed to touch it."""
+    """The open connection and the worker thread (the event loop uses it too: see run_fast)."""
 
     thread: _WorkerThread
     conn: sqlite3.Connection
@@ -306,7 +333,7 @@ class SQLiteDatabase:
         # Called with the lock held.
         self._calls += 1
         if self._calls % _CHECKPOINT_EVERY == 0 and self._path != ":memory:":
-            worker.thread.call(functools.partial(self._checkpoint, worker.conn))
+            worker.thread.post(functools.partial(self._checkpoint, worker.conn))
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         with self._lock:

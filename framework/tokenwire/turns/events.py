@@ -103,7 +103,7 @@ class TurnState:
     received_at: float = field(default_factory=time.perf_counter)
     turn_id: str = field(default_factory=lambda: f"turn_{random.getrandbits(128):032x}")
     conversation_id: str = ""
-    message_id: str = ""  # set once the turn started: TurnStarted went out
+    message_id: str = ""  # set once the user's message is stored, just before TurnStarted
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None

@@ -219,17 +219,18 @@ class TurnRunner:
                                 state.prompt_tokens = end.prompt_tokens or state.prompt_tokens
                                 state.reason = end.finish_reason
                                 state.finished = True
+                            # Text a screen lets through still passes every later one,
+                            # even after an earlier screen ended the answer.
                             for now, screen in screens:
                                 result = now(text) if now is not None else await screen.feed(text)
                                 text, category = result.text, result.flagged_category
                                 if state.finished and category is None:
                                     tail = await screen.flush()
                                     text, category = text + tail.text, tail.flagged_category
-                                if category is not None:
+                                if category is not None and not state.filter_category:
                                     state.reason = FinishReason.CONTENT_FILTER
                                     state.filter_category = category
                                     state.finished = True
-                                    break
                             if text:
                                 if state.first_token_at is None:
                                     state.first_token_at = time.perf_counter()
