@@ -86,6 +86,12 @@ async def test_history_keeps_only_the_newest_messages() -> None:
     assert "<|user|>two\n<|assistant|>ok\n<|user|>three\n<|assistant|>" == third
 
 
+async def test_an_odd_history_limit_never_starts_with_the_assistant() -> None:
+    """With max_history_messages=3 the cut drops the orphaned answer: history starts with a user."""
+    *_, third = await prompts(LimitsConfig(max_history_messages=3), "one", "two", "three")
+    assert "<|user|>two\n<|assistant|>ok\n<|user|>three\n<|assistant|>" == third
+
+
 async def test_the_system_prompt_is_not_counted_as_history() -> None:
     """The history limit counts stored messages only; the system prompt comes on top."""
     limits = LimitsConfig(max_history_messages=2, system_prompt="Be brief.")

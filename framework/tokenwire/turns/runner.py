@@ -124,7 +124,11 @@ class TurnRunner:
             history = await self._store.list_messages(
                 owner, request.conversation_id, limit=self._limits.max_history_messages
             )
-            messages.extend(ChatMessage(m.role, m.content) for m in history if m.content)
+            kept = [m for m in history if m.content]
+            # A cut history starts with the user, as chat templates expect turns to alternate.
+            while kept and kept[0].role == "assistant":
+                kept.pop(0)
+            messages.extend(ChatMessage(m.role, m.content) for m in kept)
         messages.append(ChatMessage("user", request.message))
         return model.prepare(messages, request.params)
 
