@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -107,7 +107,8 @@ class TokenwireServer:
         # Each part's close() is safe on a part that never opened.
         for close in (
             self.model.close,
-            *(_closer(p) for p in reversed(self._policies)),
+            # A policy's close() is optional, as its start() is.
+            *(c for p in reversed(self._policies) if (c := getattr(p, "close", None))),
             *(i.close for i in reversed(self._interceptors)),
             self._store.close,
         ):
@@ -223,17 +224,6 @@ class TokenwireServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
-
-
-def _closer(policy: TurnPolicy) -> Callable[[], Awaitable[None]]:
-    close = getattr(policy, "close", None)
-    if close is not None:
-        return close  # type: ignore[no-any-return]
-
-    async def nothing() -> None:
-        return None
-
-    return nothing
 
 
 def _read_pem(path: str, what: str) -> bytes:

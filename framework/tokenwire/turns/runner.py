@@ -86,11 +86,6 @@ class TurnRunner:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @property
-    def policies(self) -> tuple[TurnPolicy, ...]:
-        """The policies every turn runs through, in order."""
-        return self._policies
-
     def capacity(self, model: str = "") -> Capacity:
         """The capacity counter of ``model`` (the default model when empty)."""
         return self._capacity[model or self._default.name]
