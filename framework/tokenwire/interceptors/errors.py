@@ -28,18 +28,11 @@ from tokenwire.interceptors.base import CallInfo, Interceptor, Proceed
 from tokenwire.logs import get_logger
 from tokenwire.streams import closing
 
-__all__ = ["REQUEST_ID_HEADER", "ErrorsInterceptor", "grpc_code"]
+__all__ = ["REQUEST_ID_HEADER", "ErrorsInterceptor"]
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _log = get_logger("tokenwire.rpc")
-
-_GRPC_CODES = {int(code.value[0]): code for code in grpc.StatusCode}
-
-
-def grpc_code(code: Code) -> grpc.StatusCode:
-    """The grpc status code of one of our :class:`~tokenwire.errors.Code` values."""
-    return _GRPC_CODES[int(code)]
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
