@@ -82,6 +82,7 @@ class OverheadSettings(measure.RunSettings):
     per_message: bool = True  # a row at the most streams with coalesce_chunks = 1
     coalesced_chunk: int = 8  # engine tokens per chunk of the last row; 0: no such row
     full_chain: bool = True  # auth, quotas and moderation on; off: no authentication, nothing else
+    paced_load: float = 0.5  # TTFT rows at this share of the floor's saturated turns/s; 0: none
 
     def rows(self) -> list[tuple[int, int, int]]:
         """``(streams, engine tokens per chunk, coalesce_chunks)`` of every row, in order."""
@@ -153,6 +154,45 @@ class RowResult:
 
 
 @dataclass(slots=True)
+class PacedRow:
+    """TTFT of both servers at one offered load: the same turns/s sent to each.
+
+    A saturated run measures the server's queue as much as its latency: a server
+    that streams faster also starts more turns a second, and grpc.aio takes new
+    calls one at a time, so new turns wait longer behind each other there. Paced
+    at the same offered load, below the floor's capacity, the difference in TTFT
+    is the latency the framework adds to a turn.
+    """
+
+    clients: int
+    turns_per_s: float  # offered to both servers
+    turns: int  # per client and measurement
+    bare: measure.ArmResult = field(default_factory=measure.ArmResult)
+    tokenwire: measure.ArmResult = field(default_factory=measure.ArmResult)
+
+    @property
+    def ttft_ratio(self) -> float:
+        """Tokenwire's median TTFT p50 over the floor's at this load."""
+        bare = self.bare.ttft_p50_ms
+        return self.tokenwire.ttft_p50_ms / bare if bare > 0 else math.nan
+
+    @property
+    def failed_turns(self) -> int:
+        return self.bare.failed_turns + self.tokenwire.failed_turns
+
+    def summary(self) -> dict[str, Any]:
+        """The row's figures as JSON-ready values."""
+        return {
+            "streams": self.clients,
+            "offered_turns_per_s": round(self.turns_per_s, 1),
+            "turns_per_client": self.turns,
+            "ttft_ratio": measure.finite(self.ttft_ratio, 4),
+            "bare": self.bare.summary(),
+            "tokenwire": self.tokenwire.summary(),
+        }
+
+
+@dataclass(slots=True)
 class OverheadReport:
     """Everything one run measured."""
 
@@ -162,11 +202,14 @@ class OverheadReport:
     cpus: int
     elapsed_s: float
     warmup_errors: dict[str, int] = field(default_factory=dict)  # status code → failed turns
+    paced: list[PacedRow] = field(default_factory=list)
 
     @property
     def failed_turns(self) -> int:
         """Failed turns in every measurement and in the warm-up."""
-        return sum(row.failed_turns for row in self.rows) + sum(self.warmup_errors.values())
+        measured = sum(row.failed_turns for row in self.rows)
+        paced = sum(row.failed_turns for row in self.paced)
+        return measured + paced + sum(self.warmup_errors.values())
 
     def summary(self) -> dict[str, Any]:
         """The report as a JSON-ready object."""
@@ -177,6 +220,7 @@ class OverheadReport:
             "elapsed_s": round(self.elapsed_s, 2),
             "warmup_errors": self.warmup_errors,
             "rows": [row.summary() for row in self.rows],
+            "paced": [row.summary() for row in self.paced],
         }
 
 
@@ -237,6 +281,31 @@ async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadRepo
                 ],
                 settings.rounds,
             )
+            paced = _paced_rows(rows, settings)
+            await measure.run_rounds(
+                client,
+                [
+                    [
+                        (
+                            arm,
+                            LoadJob(
+                                target,
+                                row.clients,
+                                row.turns,
+                                settings.max_tokens,
+                                api_key=api_key,
+                                turns_per_s=row.turns_per_s,
+                            ),
+                        )
+                        for arm, target in (
+                            (row.bare, bare),
+                            (row.tokenwire, tokenwire[1, DEFAULT_COALESCE]),
+                        )
+                    ]
+                    for row in paced
+                ],
+                settings.rounds,
+            )
     return OverheadReport(
         settings,
         rows,
@@ -244,7 +313,28 @@ async def measure_overhead(settings: OverheadSettings = DEFAULT) -> OverheadRepo
         os.cpu_count() or 0,
         time.perf_counter() - started,
         warmup_errors,
+        paced,
     )
+
+
+def _paced_rows(rows: Sequence[RowResult], settings: OverheadSettings) -> list[PacedRow]:
+    """One paced row per default row (one token a chunk, default merging), offered
+    ``settings.paced_load`` times the floor's saturated turns/s at that concurrency;
+    ``paced_load`` times the saturated run's turns, so it lasts about as long as the
+    floor's saturated run."""
+    if settings.paced_load <= 0:
+        return []
+    return [
+        PacedRow(
+            row.clients,
+            settings.paced_load * row.bare.turns_per_s,
+            max(settings.min_turns, math.ceil(row.turns * settings.paced_load)),
+        )
+        for row in rows
+        if row.tokens_per_chunk == 1
+        and row.coalesce_chunks == DEFAULT_COALESCE
+        and row.bare.turns_per_s > 0
+    ]
 
 
 def format_report(report: OverheadReport) -> str:
@@ -317,6 +407,21 @@ def format_report(report: OverheadReport) -> str:
             else ["(all threads, the client's included) over the run."]
         ),
     ]
+    if report.paced:
+        lines += [
+            "",
+            f"TTFT at the same offered load ({s.paced_load:.0%} of the floor's saturated "
+            "turns/s at each concurrency, paced starts):",
+            f"{'streams':>7} {'turns/s':>8} {'bare p50':>9} {'tw p50':>7} {'tw/bare':>7} "
+            f"{'bare p99':>9} {'tw p99':>7} {'errors':>6}",
+        ]
+        for paced in report.paced:
+            b, t = paced.bare, paced.tokenwire
+            lines.append(
+                f"{paced.clients:>7} {paced.turns_per_s:>8.0f} {b.ttft_p50_ms:>9.2f} "
+                f"{t.ttft_p50_ms:>7.2f} {measure.format_ratio(paced.ttft_ratio):>7} "
+                f"{b.ttft_p99_ms:>9.2f} {t.ttft_p99_ms:>7.2f} {paced.failed_turns:>6}"
+            )
     if report.warmup_errors:
         lines.append(f"warm-up failures by status: {report.warmup_errors}")
     return "\n".join(lines)
@@ -343,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--coalesced-chunk", type=int, help="engine tokens per chunk of the last row; 0: none"
     )
     p.add_argument(
+        "--paced-load",
+        type=float,
+        help="TTFT rows at this share of the floor's saturated turns/s, the same load sent "
+        "to both servers (default: 0.5); 0: none",
+    )
+    p.add_argument(
         "--full-chain",
         action=argparse.BooleanOptionalAction,
         help="auth, quotas and moderation on (default); --no-full-chain: authentication off, "
@@ -361,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_message=args.per_message,
         coalesced_chunk=args.coalesced_chunk,
         full_chain=args.full_chain,
+        paced_load=args.paced_load,
     )
     # Per-call info lines would cost more than the streaming they describe.
     configure_logging(LoggingConfig(level="warning"))

@@ -5,6 +5,8 @@ new conversation) and the generator measures, per turn, the time to first token
 (request sent → first Delta), the inter-token latency (the gap before each Delta
 divided by its ``token_count``, once per token, so coalesced deltas weigh as
 many tokens as they carry), the tokens of the answer, and failures by status code.
+By default a client starts its next turn when the last ends (the server runs
+saturated); ``--turns-per-s`` paces turn starts at a fixed offered load instead.
 
     python -m benchmarks.loadgen --target 127.0.0.1:50051 --clients 1,16,64 --turns 10
 
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +93,11 @@ class LoadResult:
     def messages_per_s(self) -> float:
         """Aggregate streamed messages per second over all clients."""
         return self.messages / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def turns_per_s(self) -> float:
+        """Completed turns per second over all clients."""
+        return self.completed_turns / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def ttft_p50_ms(self) -> float:
@@ -164,12 +171,17 @@ async def _client(
     metadata: tuple[tuple[str, str], ...] | None,
     result: LoadResult,
     errors: Counter[str],
+    schedule: Callable[[int], float] | None = None,
 ) -> None:
     # The hot loop: keep per-message work small, the client shares the CPU it measures.
     clock = time.perf_counter
     ttft = result.ttft_s
     itl = result.itl_s
-    for _ in range(turns):
+    for turn in range(turns):
+        if schedule is not None:  # paced: start this turn at its time, or now if late
+            wait = schedule(turn) - clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
         tokens = messages = deltas = 0
         sent = clock()
         last = 0.0
@@ -216,16 +228,24 @@ async def run_load(
     timeout_s: float | None = None,
     connect_timeout_s: float = 10.0,
     api_key: str = "",
+    turns_per_s: float = 0.0,
 ) -> LoadResult:
     """Run ``clients`` concurrent clients, ``turns`` Complete calls each, against ``target``.
+
+    By default each client starts its next turn as soon as the last one ends (a
+    closed loop: the server runs saturated). ``turns_per_s > 0`` paces them
+    instead: turn ``k`` of client ``i`` starts at ``(k * clients + i) / turns_per_s``
+    seconds after the first (at once when that client is still busy), so the
+    offered load is the same whatever the server's speed, and TTFT measures the
+    latency the server adds at that load rather than its queue.
 
     Channels connect before the clock starts, so ``elapsed_s`` covers streaming only;
     TimeoutError if they cannot connect within ``connect_timeout_s``. A turn that
     ends with a non-OK status is counted under its code, not raised. A non-empty
     ``api_key`` is sent with every call as ``authorization: Bearer <key>``.
     """
-    if clients < 1 or turns < 1 or max_tokens < 0:
-        raise ValueError("clients and turns must be >= 1 and max_tokens >= 0")
+    if clients < 1 or turns < 1 or max_tokens < 0 or turns_per_s < 0:
+        raise ValueError("clients and turns must be >= 1, max_tokens and turns_per_s >= 0")
     if channel_mode not in CHANNEL_MODES:
         raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {channel_mode!r}")
     count = 1 if channel_mode == "shared" else clients
@@ -248,9 +268,17 @@ async def run_load(
         )
         metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         start = time.perf_counter()
+
+        def paced(i: int) -> Callable[[int], float] | None:
+            if not turns_per_s:
+                return None
+            return lambda k: start + (k * clients + i) / turns_per_s
+
         await asyncio.gather(
             *(
-                _client(stubs[i % count], request, turns, timeout_s, metadata, result, errors)
+                _client(
+                    stubs[i % count], request, turns, timeout_s, metadata, result, errors, paced(i)
+                )
                 for i in range(clients)
             )
         )
@@ -271,6 +299,7 @@ class LoadJob:
     max_tokens: int
     prompt: str = DEFAULT_PROMPT
     api_key: str = ""
+    turns_per_s: float = 0.0  # 0: closed loop (saturated); else paced at this offered load
 
     async def run(self) -> LoadResult:
         """Run this load here."""
@@ -281,6 +310,7 @@ class LoadJob:
             self.max_tokens,
             self.prompt,
             api_key=self.api_key,
+            turns_per_s=self.turns_per_s,
         )
 
 
@@ -310,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout-s", type=float, default=None, help="deadline of each call")
     p.add_argument(
+        "--turns-per-s",
+        type=float,
+        default=0.0,
+        help="pace turn starts at this offered load (open loop); 0: each client starts its "
+        "next turn when the last ends (default)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("TOKENWIRE_API_KEY") or read_key_file(DEFAULT_KEY_FILE) or "",
         help="API key sent as a bearer token (default: $TOKENWIRE_API_KEY, else the key "
@@ -334,6 +371,7 @@ async def _run(args: argparse.Namespace) -> list[LoadResult]:
                 model=args.model,
                 timeout_s=args.timeout_s,
                 api_key=args.api_key,
+                turns_per_s=args.turns_per_s,
             )
         )
     return results
@@ -342,8 +380,8 @@ async def _run(args: argparse.Namespace) -> list[LoadResult]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the load and print the table (or JSON); exit 1 if any turn failed."""
     args = build_parser().parse_args(argv)
-    if args.turns < 1 or args.max_tokens < 0:
-        print("--turns must be >= 1 and --max-tokens >= 0", file=sys.stderr)
+    if args.turns < 1 or args.max_tokens < 0 or args.turns_per_s < 0:
+        print("--turns must be >= 1, --max-tokens and --turns-per-s >= 0", file=sys.stderr)
         return 2
     try:
         results = asyncio.run(_run(args))

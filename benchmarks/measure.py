@@ -91,9 +91,19 @@ class ArmResult:
         return statistics.median(r.messages_per_s for r in self.runs)
 
     @property
+    def turns_per_s(self) -> float:
+        """Median completed turns/s over the rounds."""
+        return statistics.median(r.turns_per_s for r in self.runs)
+
+    @property
     def ttft_p50_ms(self) -> float:
         """Median over the rounds of each run's TTFT p50."""
         return statistics.median(r.ttft_p50_ms for r in self.runs)
+
+    @property
+    def ttft_p99_ms(self) -> float:
+        """Median over the rounds of each run's TTFT p99."""
+        return statistics.median(r.ttft_p99_ms for r in self.runs)
 
     @property
     def cpu_us_per_token(self) -> float:
@@ -118,7 +128,9 @@ class ArmResult:
         return {
             "tokens_per_s": round(self.tokens_per_s, 1),
             "messages_per_s": round(self.messages_per_s, 1),
+            "turns_per_s": round(self.turns_per_s, 1),
             "ttft_p50_ms": finite(self.ttft_p50_ms, 3),
+            "ttft_p99_ms": finite(self.ttft_p99_ms, 3),
             "cpu_us_per_token": finite(self.cpu_us_per_token, 2),
             "cpu_us_per_message": finite(self.cpu_us_per_message, 2),
             "failed_turns": self.failed_turns,

@@ -64,6 +64,20 @@ async def test_run_load_times_a_paced_backend() -> None:
     assert result.tokens_per_s <= clients / delay_s
 
 
+async def test_paced_load_starts_turns_at_the_offered_rate() -> None:
+    """At 20 turns/s, 2 clients x 3 turns of a fast engine take the 5 intervals of
+    their schedule (0.25 s), not the few ms a closed loop would."""
+    clients, turns, rate = 2, 3, 20.0
+    async with running_server(FakeBackend(reply="abc", endless=True)) as running:
+        result = await run_load(running.address, clients, turns, 4, "Hi", turns_per_s=rate)
+    assert (clients * turns, {}) == (result.completed_turns, result.errors)
+    assert result.elapsed_s >= (clients * turns - 1) / rate
+    # n turns over n - 1 intervals: never faster than that.
+    assert result.turns_per_s <= rate * clients * turns / (clients * turns - 1)
+    with pytest.raises(ValueError, match="turns_per_s"):
+        await run_load(running.address, clients, turns, 4, "Hi", turns_per_s=-1.0)
+
+
 async def test_run_load_weighs_coalesced_deltas_by_their_tokens() -> None:
     """A Delta of k tokens adds k inter-token samples, each its gap divided by k."""
     backend = FakeBackend(reply="abcd", endless=True, tokens_per_chunk=4)
@@ -123,6 +137,15 @@ async def test_overhead_measures_both_servers_and_their_ratio() -> None:
         assert all(math.isfinite(figure) for figure in figures)
     merged, per_message, _ = (row.tokenwire.runs[0].messages for row in report.rows)
     assert merged < per_message
+    # One paced row (the default-merging one), offered half the floor's saturated rate.
+    assert [2] == [paced.clients for paced in report.paced]
+    (paced,) = report.paced
+    assert paced.turns_per_s == pytest.approx(0.5 * report.rows[0].bare.turns_per_s)
+    assert [2 * paced.turns * 40] * 2 == [
+        arm.runs[0].tokens for arm in (paced.bare, paced.tokenwire)
+    ]
+    assert math.isfinite(paced.ttft_ratio)
+    assert "same offered load" in format_report(report)
     assert "QuotaInterceptor" in report.pipeline
     assert "ModerationPolicy" in report.pipeline
     assert "per-call info logging off" in format_report(report)
