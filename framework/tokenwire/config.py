@@ -14,6 +14,7 @@ command-line overrides. Every field has a default and a one-line description;
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -118,9 +119,55 @@ class StoreConfig:
     """Where conversations live."""
 
     data_dir: str = setting(".tokenwire", "directory for the server's files (SQLite database)")
+    backend: str = setting(
+        "sqlite", "conversation store: 'sqlite' (one file, embedded) or 'postgres' (shared)"
+    )
     sqlite_path: str = setting(
         "", "SQLite database file; empty: conversations.db in data_dir; ':memory:' keeps nothing"
     )
+    postgres_dsn: str = setting(
+        "postgresql://127.0.0.1:5432/tokenwire", "PostgreSQL connection string (libpq URI)"
+    )
+    postgres_schema: str = setting(
+        "public", "PostgreSQL schema holding the tables (created if missing)"
+    )
+    postgres_pool_size: int = setting(10, "most PostgreSQL connections per gateway process")
+    idempotency_ttl_s: float = setting(
+        86400.0, "how long a turn's idempotency key answers retries, in seconds"
+    )
+    heartbeat_s: float = setting(
+        2.0, "how often a gateway tells the store it is alive, in seconds"
+    )
+    gateway_timeout_s: float = setting(
+        10.0,
+        "a running turn whose gateway has not beaten for this long is dead: its "
+        "conversation takes new turns and its key answers with what was stored",
+    )
+    live: str = setting(
+        "memory",
+        "where live turn events fan out to watchers and resumed turns: 'memory' (this "
+        "process) or 'redis' (every gateway)",
+    )
+    live_redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis for store.live = 'redis'")
+    live_buffer_events: int = setting(
+        4096, "events kept per conversation for watchers and resumes (older ones lag)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("sqlite", "postgres"):
+            raise ConfigError(f"store.backend must be 'sqlite' or 'postgres', got {self.backend!r}")
+        if self.live not in ("memory", "redis"):
+            raise ConfigError(f"store.live must be 'memory' or 'redis', got {self.live!r}")
+        for name in ("idempotency_ttl_s", "heartbeat_s", "gateway_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"store.{name} must be a positive number, got {value!r}")
+        if self.gateway_timeout_s <= 2 * self.heartbeat_s:
+            raise ConfigError("store.gateway_timeout_s must be more than twice store.heartbeat_s")
+        if self.postgres_pool_size < 1 or self.live_buffer_events < 16:
+            raise ConfigError(
+                "store.postgres_pool_size must be >= 1 and store.live_buffer_events >= 16"
+            )
 
     def resolved_sqlite_path(self) -> str:
         """The SQLite file to open."""

@@ -22,17 +22,23 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Generic, Protocol, TypeVar, runtime_checkable
 
-from tokenwire.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from tokenwire.errors import AbortedError, InvalidArgumentError, NotFoundError, UnavailableError
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "MAX_TITLE_BYTES",
     "MESSAGE_ROLES",
+    "BegunTurn",
     "Conversation",
+    "ConversationBusyError",
     "ConversationStore",
+    "Page",
     "StoreClosedError",
     "StoredMessage",
+    "TurnEnd",
+    "TurnRecord",
     "conversation_not_found",
     "is_valid_id",
     "new_id",
@@ -46,6 +52,9 @@ MAX_ID_LENGTH: Final = 64
 
 MESSAGE_ROLES: Final = frozenset({"system", "user", "assistant"})
 """Roles a stored message may have."""
+
+MAX_TITLE_BYTES: Final = 200
+"""Longest conversation title, in UTF-8 bytes."""
 
 # Prefix: lowercase word; body: a uuid4 in hex. Anything else was not minted here.
 _ID_PATTERN: Final = re.compile(r"(?P<prefix>[a-z][a-z0-9]*)_[0-9a-f]{32}")
@@ -77,6 +86,80 @@ class StoredMessage:
     created_at: float
     turn_id: str
     complete: bool
+    seq: int = 0  # position in the conversation, from 1; 0 when not read back
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One turn as the store knows it: running (its gateway still streams it) or done.
+
+    ``answer`` is the stored answer's text once the turn is done (empty while
+    it runs); ``finish_reason`` is a :class:`~tokenwire.backend.FinishReason`
+    value, empty while running. A running turn whose gateway stopped beating
+    (crashed) is ended by the store when next seen, with finish reason
+    ``"error"`` and no answer stored.
+    """
+
+    turn_id: str
+    conversation_id: str
+    user_message_id: str
+    answer_id: str
+    model: str
+    idempotency_key: str
+    running: bool
+    answer: str = ""
+    answer_complete: bool = False
+    finish_reason: str = ""
+    filter_category: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BegunTurn:
+    """What :meth:`ConversationStore.begin_turn` did.
+
+    ``replayed`` is true when the idempotency key named an earlier turn: then
+    nothing was stored and ``turn`` is that earlier turn (running or done);
+    otherwise ``turn`` is the new, running turn and ``user_message`` its stored
+    user message (for a replay: the earlier turn's).
+    """
+
+    turn: TurnRecord
+    user_message: StoredMessage
+    replayed: bool
+    created_conversation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """How a turn ended, for :meth:`ConversationStore.finish_turn`."""
+
+    answer: str  # exactly the text the client was sent
+    complete: bool  # false: cut short (cancelled, failed, filtered)
+    finish_reason: str
+    filter_category: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing and the cursor of the next (empty on the last page)."""
+
+    items: list[T]
+    next_cursor: str = ""
+
+
+class ConversationBusyError(AbortedError):
+    """Another turn of the conversation is still running (another device or gateway).
+
+    Maps to ABORTED: retry once that turn has ended.
+    """
 
 
 class StoreClosedError(UnavailableError):
@@ -150,13 +233,75 @@ class ConversationStore(Protocol):
         ...
 
     async def begin_turn(
-        self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
-    ) -> StoredMessage:
-        """Store a turn's user message in one write, creating the conversation first when
-        ``conversation_id`` is empty (with ``title``); the message names the conversation.
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        title: str,
+        content: str,
+        turn_id: str,
+        answer_id: str,
+        model: str,
+        idempotency_key: str = "",
+    ) -> BegunTurn:
+        """Start a turn in one transaction: its user message is stored durably, the
+        conversation is created first when ``conversation_id`` is empty (with ``title``),
+        and the turn holds the conversation until :meth:`finish_turn`.
 
-        Raises NotFoundError as :meth:`add_message` does.
+        With an ``idempotency_key`` that ``owner`` used before (and that has not
+        expired), nothing is stored and the earlier turn comes back with
+        ``replayed=True``, whatever conversation or message this call names.
+
+        Raises NotFoundError as :meth:`add_message` does, and
+        :class:`ConversationBusyError` while another live turn holds the conversation.
         """
+        ...
+
+    async def finish_turn(
+        self, owner: str, conversation_id: str, turn_id: str, answer_id: str, end: TurnEnd
+    ) -> bool:
+        """End a running turn in one transaction: store its answer under ``answer_id``
+        (exactly ``end.answer``, marked incomplete unless ``end.complete``), record how
+        it ended, and free the conversation for the next turn.
+
+        False, storing nothing, when the turn is not running any more: its
+        conversation was deleted, or it was declared dead (its gateway missed
+        heartbeats) and a later turn may already have followed it.
+        """
+        ...
+
+    async def discard_turn(self, owner: str, conversation_id: str, turn_id: str) -> None:
+        """Undo :meth:`begin_turn` for a turn that never started streaming (cancelled
+        while it was being stored): its user message, its key, and the conversation
+        too if the turn created it. Nothing happens if the turn is not running."""
+        ...
+
+    async def get_turn(self, owner: str, turn_id: str) -> TurnRecord:
+        """``owner``'s turn ``turn_id``; NotFoundError if missing or foreign."""
+        ...
+
+    async def list_conversations(
+        self, owner: str, *, page_size: int, cursor: str = ""
+    ) -> Page[Conversation]:
+        """``owner``'s conversations, most recently updated first; ``cursor`` is a
+        previous page's ``next_cursor`` (InvalidArgumentError if it is not one)."""
+        ...
+
+    async def rename_conversation(
+        self, owner: str, conversation_id: str, title: str
+    ) -> Conversation:
+        """Set the title (at most :data:`MAX_TITLE_BYTES` bytes, InvalidArgumentError
+        beyond) and move ``updated_at`` forward."""
+        ...
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        """Delete the conversation, its messages and its turns."""
+        ...
+
+    async def page_messages(
+        self, owner: str, conversation_id: str, *, page_size: int, cursor: str = ""
+    ) -> Page[StoredMessage]:
+        """A page of the messages, oldest first; ``cursor`` as in :meth:`list_conversations`."""
         ...
 
 
