@@ -26,15 +26,23 @@ from tokenwire.backend import Backend, create_backend
 from tokenwire.config import Config, ServerConfig
 from tokenwire.errors import ConfigError
 from tokenwire.interceptors import Interceptor, InterceptorChain
+from tokenwire.live import LiveBus, live_bus_from_config
 from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, frontend_for
 from tokenwire.pipeline import build_pipeline
-from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, models_pb2, models_pb2_grpc
+from tokenwire.proto.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    conversations_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.services.chat import ChatServicer
+from tokenwire.services.conversations import CONVERSATION_SERVICE_NAME, ConversationServicer
 from tokenwire.services.models import ModelServicer
+from tokenwire.stores import open_store_from_config
 from tokenwire.stores.conversations import ConversationStore
-from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.turns.runner import TurnRunner
 
@@ -42,6 +50,7 @@ __all__ = ["SERVICE_NAMES", "TokenwireServer"]
 
 SERVICE_NAMES = (
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+    CONVERSATION_SERVICE_NAME,
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
 )
 _log = get_logger("tokenwire.server")
@@ -64,6 +73,7 @@ class TokenwireServer:
         *,
         backend: Backend | None = None,
         store: ConversationStore | None = None,
+        live: LiveBus | None = None,
         interceptors: Sequence[Interceptor] | None = None,
         policies: Sequence[TurnPolicy] | None = None,
     ) -> None:
@@ -73,7 +83,8 @@ class TokenwireServer:
         self._policies = list(self.pipeline.policies)
         self._backend = backend if backend is not None else create_backend(config.backend)
         self.model: ChatModel = frontend_for(self._backend, config.limits)
-        self._store = store or SQLiteConversationStore(config.store.resolved_sqlite_path())
+        self._store = store if store is not None else open_store_from_config(config.store)
+        self._live = live if live is not None else live_bus_from_config(config.store)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
@@ -110,6 +121,7 @@ class TokenwireServer:
             # A policy's close() is optional, as its start() is.
             *(c for p in reversed(self._policies) if (c := getattr(p, "close", None))),
             *(i.close for i in reversed(self._interceptors)),
+            self._live.close,
             self._store.close,
         ):
             try:
@@ -120,6 +132,7 @@ class TokenwireServer:
     async def _start(self) -> None:
         await self.model.start()
         await self._store.open()
+        await self._live.open()
         for interceptor in self._interceptors:
             await interceptor.start()
         for policy in self._policies:
@@ -151,9 +164,13 @@ class TokenwireServer:
             self._policies,
             coalesce_chunks=cfg.coalesce_chunks,
             coalesce_budget_us=cfg.coalesce_budget_us,
+            live=self._live,
         )
         self._chat = ChatServicer(runner, outbox_limit=cfg.converse_outbox_messages)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)
+        conversations_pb2_grpc.add_ConversationServiceServicer_to_server(
+            ConversationServicer(self._store, self._live), server
+        )
         models_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(models, self.config.backend.name), server
         )
@@ -195,10 +212,14 @@ class TokenwireServer:
         await self._health.enter_graceful_shutdown()
         if self._chat is not None:
             self._chat.drain()
+        # Watchers follow forever: end their streams now, not at the end of the grace period.
+        await self._live.close()
         if self._server is not None:
             # NOT_SERVING first, so load balancers stop sending before the port closes.
             await asyncio.sleep(self.config.server.drain_delay_s)
             await self._server.stop(grace)
+        if self._chat is not None:
+            await self._chat.detached.finish(grace)  # keyed turns whose client left
         if self._chat is not None and not await self._chat.turns.wait_idle(_SAVE_TIMEOUT_S):
             _log.warning("turns still saving at shutdown", timeout_s=_SAVE_TIMEOUT_S)
         await self._release()

@@ -138,6 +138,10 @@ class ChatModel(Protocol):
 
     def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn: ...
 
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens of ``messages`` as a prompt (template included); 0 when unknown."""
+        ...
+
     def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
 
     def answer(self, turn: PreparedTurn, request_id: str) -> Answer: ...
@@ -255,6 +259,10 @@ class EngineFrontend:
     def load(self) -> LoadReport:
         return self._engine.load()
 
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Tokens of ``messages`` with the chat template applied."""
+        return len(self.tokenizer.encode_chat(messages))
+
     def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn:
         """Apply the chat template and check the context; raises InvalidArgumentError."""
         ids = self.tokenizer.encode_chat(messages)
@@ -341,6 +349,10 @@ class TextFrontend:
 
     def load(self) -> LoadReport:
         return self._backend.load()
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Unknown here (0): the backend templates and tokenizes, and bounds the prompt."""
+        return 0
 
     def prepare(self, messages: Sequence[ChatMessage], params: TurnParams) -> PreparedTurn:
         # The prompt's size is unknown here; the backend bounds it and reports usage.

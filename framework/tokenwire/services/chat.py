@@ -23,6 +23,7 @@ from tokenwire.interceptors.base import UndecodableRequest
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 from tokenwire.services.converse import ConverseSession, shutting_down
 from tokenwire.services.convert import ResponseEvents, turn_request
+from tokenwire.turns.detached import Detached
 from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["ChatServicer"]
@@ -38,6 +39,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.turns = turns
         self._outbox_limit = outbox_limit
         self._sessions: set[ConverseSession] = set()
+        self.detached = Detached()
         self.draining = False
 
     def Complete(
@@ -46,7 +48,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if self.draining:
             raise shutting_down()
         # An undecodable request never gets here: the chain refuses it (INVALID_ARGUMENT).
-        return self.turns.run(turn_request(request), current_call(), _EVENTS)
+        responses = self.turns.run(turn_request(request), current_call(), _EVENTS)
+        if request.idempotency_key:  # outlives the call, for the retry to attach to
+            return self.detached.stream(responses)
+        return responses
 
     def Converse(
         self,
@@ -61,6 +66,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             request_iterator,
             outbox_limit=self._outbox_limit,
             sessions=self._sessions,
+            detached=self.detached,
         )
         return session.run()
 

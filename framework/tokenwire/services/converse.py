@@ -31,7 +31,8 @@ from tokenwire.services.convert import ResponseEvents, turn_error, turn_request
 from tokenwire.turns.events import TurnState
 
 if TYPE_CHECKING:
-    from tokenwire.turns.runner import TurnRunner
+    from tokenwire.turns.detached import Detached
+from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["MERGE_TOKENS", "ConverseSession", "Outbox", "shutting_down"]
 
@@ -67,8 +68,11 @@ class Outbox:
         return len(self._items)
 
     async def put(self, response: chat_pb2.ConverseResponse) -> None:
-        """Queue ``response`` (or merge it into a waiting delta); waits while full."""
+        """Queue ``response`` (or merge it into a waiting delta); waits while full.
+        Dropped once the outbox is closed: nobody reads it any more."""
         items = self._items
+        if self._closed:
+            return
         if items:
             last = items[-1]
             if (
@@ -132,6 +136,7 @@ class ConverseSession:
         *,
         outbox_limit: int,
         sessions: set[ConverseSession] | None = None,
+        detached: Detached | None = None,
     ) -> None:
         self._turns = turns
         self._call = call
@@ -143,6 +148,8 @@ class ConverseSession:
         self._reading = True
         self._closing = False
         self._sessions = sessions if sessions is not None else set()
+        self._detached = detached if detached is not None else Detached()
+        self._keyed = False  # the running turn has an idempotency key
 
     async def run(self) -> AsyncGenerator[chat_pb2.ConverseResponse, None]:
         """The session's responses, until the client half-closes and the last turn ended."""
@@ -157,9 +164,14 @@ class ConverseSession:
             # (and sees its cancellation) instead of waiting for a reader that is gone.
             self._out.close()
             reader.cancel()
-            if self._turn is not None:
-                self._turn.cancel()
-            await asyncio.gather(reader, *(t for t in (self._turn,) if t), return_exceptions=True)
+            turn = self._turn
+            if turn is not None and self._keyed and not turn.done():
+                # A keyed turn outlives the stream: its client's retry attaches to it.
+                self._detached.keep(turn)
+                turn = None
+            elif turn is not None:
+                turn.cancel()
+            await asyncio.gather(reader, *(t for t in (turn,) if t), return_exceptions=True)
             self._sessions.discard(self)
 
     def end_when_idle(self) -> None:
@@ -211,6 +223,7 @@ class ConverseSession:
             return
         self._state = TurnState()
         self._cancel_requested = False
+        self._keyed = bool(start.idempotency_key)
         self._turn = asyncio.create_task(self._run_turn(start, self._state))
 
     def _cancel(self, turn_id: str) -> None:

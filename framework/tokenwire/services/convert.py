@@ -16,6 +16,8 @@ from tokenwire.turns.events import Finished, Started, TurnRequest
 
 __all__ = [
     "ResponseEvents",
+    "finished_message",
+    "started_message",
     "turn_error",
     "turn_request",
 ]
@@ -50,7 +52,7 @@ def turn_request(request: chat_pb2.CompleteRequest | chat_pb2.StartTurn) -> Turn
     )
 
 
-def _started(event: Started) -> chat_pb2.TurnStarted:
+def started_message(event: Started) -> chat_pb2.TurnStarted:
     return chat_pb2.TurnStarted(
         turn_id=event.turn_id,
         conversation_id=event.conversation_id,
@@ -59,7 +61,7 @@ def _started(event: Started) -> chat_pb2.TurnStarted:
     )
 
 
-def _finished(event: Finished) -> chat_pb2.TurnFinished:
+def finished_message(event: Finished) -> chat_pb2.TurnFinished:
     usage = event.usage
     return chat_pb2.TurnFinished(
         finish_reason=_FINISH[event.finish_reason],
@@ -83,7 +85,7 @@ class ResponseEvents(Generic[R]):
         self._response = response
 
     def started(self, event: Started) -> R:
-        return self._response(started=_started(event))
+        return self._response(started=started_message(event))
 
     def delta(self, text: str, token_count: int) -> R:
         # Set in place: a Delta passed to the constructor would be built, then copied.
@@ -94,7 +96,7 @@ class ResponseEvents(Generic[R]):
         return response
 
     def finished(self, event: Finished) -> R:
-        return self._response(finished=_finished(event))
+        return self._response(finished=finished_message(event))
 
 
 def turn_error(exc: BaseException, turn_id: str = "") -> chat_pb2.ConverseResponse:

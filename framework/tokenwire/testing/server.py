@@ -19,7 +19,8 @@ import grpc
 from tokenwire.backend import Backend, Capabilities, Chunk, Engine, GenerateRequest, LoadReport
 from tokenwire.config import Config
 from tokenwire.interceptors import Interceptor
-from tokenwire.proto.v1 import chat_pb2_grpc, models_pb2_grpc
+from tokenwire.live import LiveBus
+from tokenwire.proto.v1 import chat_pb2_grpc, conversations_pb2_grpc, models_pb2_grpc
 from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
@@ -27,6 +28,7 @@ from tokenwire.turns.policy import TurnPolicy
 
 if TYPE_CHECKING:  # typed async stubs exist only in the .pyi files
     from tokenwire.proto.v1.chat_pb2_grpc import ChatServiceAsyncStub
+    from tokenwire.proto.v1.conversations_pb2_grpc import ConversationServiceAsyncStub
     from tokenwire.proto.v1.models_pb2_grpc import ModelServiceAsyncStub
 
 __all__ = ["BorrowedEngine", "RunningServer", "config_for_tests", "running_server"]
@@ -85,6 +87,7 @@ class RunningServer:
     channel: grpc.aio.Channel
     chat: ChatServiceAsyncStub
     models: ModelServiceAsyncStub
+    conversations: ConversationServiceAsyncStub
 
     @property
     def address(self) -> str:
@@ -97,6 +100,7 @@ async def running_server(
     config: Config | None = None,
     *,
     store: ConversationStore | None = None,
+    live: LiveBus | None = None,
     interceptors: Sequence[Interceptor] | None = None,
     policies: Sequence[TurnPolicy] | None = None,
 ) -> AsyncIterator[RunningServer]:
@@ -110,6 +114,7 @@ async def running_server(
         config,
         backend=backend,
         store=store or SQLiteConversationStore(":memory:"),
+        live=live,
         interceptors=interceptors,
         policies=policies,
     )
@@ -121,6 +126,7 @@ async def running_server(
             channel,
             chat_pb2_grpc.ChatServiceStub(channel),
             models_pb2_grpc.ModelServiceStub(channel),
+            conversations_pb2_grpc.ConversationServiceStub(channel),
         )
     finally:
         await channel.close(None)

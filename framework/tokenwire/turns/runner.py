@@ -36,10 +36,13 @@ from tokenwire.errors import (
     NotFoundError,
     UnauthenticatedError,
 )
+from tokenwire.live.bus import LiveBus, LiveEvent
 from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, PreparedTurn
-from tokenwire.stores.conversations import ConversationStore
+from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnEnd
 from tokenwire.streams import Pending, finish_shielded, poll_next
+from tokenwire.turns.history import fit_history
+from tokenwire.turns.replay import replay_turn
 from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
@@ -68,6 +71,7 @@ class TurnRunner:
         *,
         coalesce_chunks: int = 16,
         coalesce_budget_us: float = 100.0,
+        live: LiveBus | None = None,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
@@ -82,6 +86,7 @@ class TurnRunner:
         self._policies = tuple(policies)
         self._coalesce = max(1, coalesce_chunks)
         self._budget = max(0.0, coalesce_budget_us) / 1e6
+        self._live = live
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -112,19 +117,18 @@ class TurnRunner:
         return model
 
     async def _prepare(self, request: TurnRequest, model: ChatModel, owner: str) -> PreparedTurn:
-        messages: list[ChatMessage] = []
-        if self._limits.system_prompt:
-            messages.append(ChatMessage("system", self._limits.system_prompt))
+        system = (
+            [ChatMessage("system", self._limits.system_prompt)] if self._limits.system_prompt else []
+        )
+        history: list[ChatMessage] = []
         if request.conversation_id:  # one read: it checks the owner too
-            history = await self._store.list_messages(
+            stored = await self._store.list_messages(
                 owner, request.conversation_id, limit=self._limits.max_history_messages
             )
-            kept = [m for m in history if m.content]
-            # A cut history starts with the user, as chat templates expect turns to alternate.
-            while kept and kept[0].role == "assistant":
-                kept.pop(0)
-            messages.extend(ChatMessage(m.role, m.content) for m in kept)
-        messages.append(ChatMessage("user", request.message))
+            history = [ChatMessage(m.role, m.content) for m in stored if m.content]
+        user = ChatMessage("user", request.message)
+        reserve = request.params.max_tokens or self._limits.default_max_tokens
+        messages = fit_history(model, system, history, user, reserve)
         return model.prepare(messages, request.params)
 
     async def run(
@@ -169,8 +173,20 @@ class TurnRunner:
                     for policy in self._policies:
                         await policy.before_turn(info)
                         admitted.append(policy)
+                    begun = await self._begin(request, state, model, principal.owner)
+                    if begun.replayed:  # a retry: the earlier turn, neither generated nor charged
+                        outcome = TurnOutcome(FinishReason.CANCELLED, 0, 0)
+                        capacity.release()  # a replay reads the store and the bus, not the engine
+                        reserved = False
+                        async for out in replay_turn(
+                            self._store, self._live, principal.owner, begun, events, state
+                        ):
+                            yield out
+                        return
                     filters = [f for p in admitted if (f := p.output_filter(info)) is not None]
-                    yield events.started(await self._begin(request, state, model, principal.owner))
+                    yield events.started(
+                        Started(state.turn_id, state.conversation_id, state.message_id, model.name)
+                    )
                     answer = model.answer(turn, state.turn_id)
                     chunks, decode, delta = answer.chunks, answer.decode, events.delta
                     screens = [
@@ -178,6 +194,7 @@ class TurnRunner:
                         for f in filters
                     ]
                     limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
+                    live, conversation_id, turn_id = self._live, state.conversation_id, state.turn_id
                     pending: Pending[object] | None = None
                     # The hot path: one pass of this loop per message sent.
                     try:
@@ -234,6 +251,11 @@ class TurnRunner:
                                 if state.first_token_at is None:
                                     state.first_token_at = time.perf_counter()
                                 sent.append(text)
+                                if live is not None:
+                                    live.publish(
+                                        conversation_id,
+                                        LiveEvent("delta", turn_id, text=text, token_count=held),
+                                    )
                                 yield delta(text, held)
                                 held = 0
                             if state.finished:
@@ -244,6 +266,13 @@ class TurnRunner:
                         raise InternalError(
                             f"model {model.name!r} ended turn {state.turn_id} without a final chunk"
                         ) from None
+                    except BaseException as exc:  # stored as how the answer ended
+                        if not state.finished:
+                            cancelled = not isinstance(exc, Exception)
+                            state.reason = (
+                                FinishReason.CANCELLED if cancelled else FinishReason.ERROR
+                            )
+                        raise
                     finally:
                         # Shielded: a second cancel must not lose what the user already saw,
                         # and the turn counts as running (wait_idle) until it is stored.
@@ -288,26 +317,66 @@ class TurnRunner:
 
     async def _begin(
         self, request: TurnRequest, state: TurnState, model: ChatModel, owner: str
-    ) -> Started:
+    ) -> BegunTurn:
+        """Store the user's message (one transaction) and announce the turn to followers.
+
+        A cancel that lands while the write is in flight waits for it and then
+        undoes it, so no orphan conversation or message is left behind.
+        """
         title = " ".join(request.message.split())[:_TITLE_CHARS]
-        stored = await self._store.begin_turn(
-            owner,
-            request.conversation_id,
-            title=title,
-            content=request.message,
-            turn_id=state.turn_id,
+        answer_id = new_message_id()
+        write = asyncio.ensure_future(
+            self._store.begin_turn(
+                owner,
+                request.conversation_id,
+                title=title,
+                content=request.message,
+                turn_id=state.turn_id,
+                answer_id=answer_id,
+                model=model.name,
+                idempotency_key=request.idempotency_key,
+            )
         )
-        conversation_id = stored.conversation_id
-        state.conversation_id = conversation_id
-        state.message_id = new_message_id()
+        try:
+            begun = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await finish_shielded(self._undo_begin(write, owner))
+            raise
+        if begun.replayed:
+            return begun
+        turn = begun.turn
+        state.conversation_id = turn.conversation_id
+        state.message_id = answer_id
+        if self._live is not None:
+            self._live.publish(
+                turn.conversation_id,
+                LiveEvent(
+                    "started",
+                    turn.turn_id,
+                    answer_id=answer_id,
+                    model=model.name,
+                    user_message_id=begun.user_message.id,
+                    user_text=request.message,
+                    created_at=begun.user_message.created_at,
+                ),
+            )
         _log.info(
             "turn started",
             turn_id=state.turn_id,
-            conversation_id=conversation_id,
+            conversation_id=turn.conversation_id,
             model=model.name,
             prompt_tokens=state.prompt_tokens,
         )
-        return Started(state.turn_id, conversation_id, state.message_id, model.name)
+        return begun
+
+    async def _undo_begin(self, write: asyncio.Future[BegunTurn], owner: str) -> None:
+        try:
+            begun = await write
+        except Exception:
+            return  # nothing was stored
+        if not begun.replayed:
+            turn = begun.turn
+            await self._store.discard_turn(owner, turn.conversation_id, turn.turn_id)
 
     async def _end_answer(
         self,
@@ -337,15 +406,34 @@ class TurnRunner:
 
     async def _save_answer(self, owner: str, state: TurnState) -> None:
         complete = state.finished and state.reason in (FinishReason.STOP, FinishReason.LENGTH)
+        answer = "".join(state.sent)
         try:
-            await self._store.add_message(
+            await self._store.finish_turn(
                 owner,
                 state.conversation_id,
-                role="assistant",
-                content="".join(state.sent),
-                turn_id=state.turn_id,
-                message_id=state.message_id,
-                complete=complete,
+                state.turn_id,
+                state.message_id,
+                TurnEnd(
+                    answer=answer,
+                    complete=complete,
+                    finish_reason=state.reason.value,
+                    filter_category=state.filter_category,
+                    prompt_tokens=state.prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                ),
             )
         except Exception:
             _log.exception("storing the answer failed", turn_id=state.turn_id)
+        if self._live is not None:  # after the commit: a follower that sees it can read it back
+            self._live.publish(
+                state.conversation_id,
+                LiveEvent(
+                    "finished",
+                    state.turn_id,
+                    finish_reason=state.reason.value,
+                    filter_category=state.filter_category,
+                    prompt_tokens=state.prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                    ttft_ms=state.usage().time_to_first_token_ms,
+                ),
+            )

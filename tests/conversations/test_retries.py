@@ -1,0 +1,104 @@
+"""Exact retries: a turn sent again with its idempotency key is that turn, never a second one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tokenwire.proto.v1 import chat_pb2, conversations_pb2 as cv
+
+from .conftest import REPLY, Device, Gateway
+
+
+def _answer(events: list[chat_pb2.CompleteResponse]) -> str:
+    return "".join(e.delta.text for e in events if e.HasField("delta"))
+
+
+async def _messages(device: Device, conversation_id: str) -> list[tuple[str, str]]:
+    page = await device.conversations.ListMessages(
+        cv.ListMessagesRequest(conversation_id=conversation_id), metadata=device.metadata
+    )
+    return [(m.role, m.content) for m in page.messages]
+
+
+async def test_a_retry_after_the_turn_ended_replays_it(gateway: Gateway) -> None:
+    """Same key again: the same turn, answer and usage; nothing generated or stored twice."""
+    alice = gateway.device("alice")
+    first = await alice.complete("Tell me a fact", idempotency_key="k-1")
+    again = await gateway.device("alice").complete("Tell me a fact", idempotency_key="k-1")
+    assert first[0].started == again[0].started
+    assert REPLY == _answer(first) == _answer(again)
+    assert first[-1].finished.finish_reason == again[-1].finished.finish_reason
+    assert first[-1].finished.usage.completion_tokens == again[-1].finished.usage.completion_tokens
+    assert 1 == len(gateway.backend.requests)
+    conversation_id = first[0].started.conversation_id
+    assert [("user", "Tell me a fact"), ("assistant", REPLY)] == await _messages(
+        alice, conversation_id
+    )
+
+
+async def test_a_key_belongs_to_its_user(gateway: Gateway) -> None:
+    """Bob's turn with alice's key is a turn of his own."""
+    alice, bob = gateway.device("alice"), gateway.device("bob")
+    first = await alice.complete("hi", idempotency_key="shared")
+    other = await bob.complete("hi", idempotency_key="shared")
+    assert first[0].started.turn_id != other[0].started.turn_id
+    assert 2 == len(gateway.backend.requests)
+
+
+async def test_a_retry_while_running_attaches_to_the_turn(gateway: Gateway) -> None:
+    """A retry sent mid-answer gets the text sent so far, then the rest live: the whole
+    answer exactly once, from one generation."""
+    phone, laptop = gateway.device("alice"), gateway.device("alice")
+    call = phone.chat.Complete(
+        chat_pb2.CompleteRequest(message="long one", idempotency_key="k-run"),
+        metadata=phone.metadata,
+    )
+    events = [await anext(aiter(call)) for _ in range(6)]  # TurnStarted and five deltas
+    retried = await laptop.complete("long one", idempotency_key="k-run")
+    events += [event async for event in call]
+    assert events[0].started == retried[0].started
+    assert REPLY == _answer(events) == _answer(retried)
+    assert chat_pb2.FINISH_REASON_STOP == retried[-1].finished.finish_reason
+    assert 1 == len(gateway.backend.requests)
+
+
+async def test_a_client_that_drops_resumes_with_its_key(gateway: Gateway) -> None:
+    """The call is cut mid-answer; the keyed turn goes on, and the resumed call gets the
+    whole answer once; the store holds it once, complete."""
+    phone = gateway.device("alice")
+    call = phone.chat.Complete(
+        chat_pb2.CompleteRequest(message="story", idempotency_key="k-drop"),
+        metadata=phone.metadata,
+    )
+    started = await anext(aiter(call))
+    await anext(aiter(call))
+    call.cancel()  # the network dropped
+    await asyncio.sleep(0.02)
+    resumed = await gateway.device("alice").complete("story", idempotency_key="k-drop")
+    assert started.started == resumed[0].started
+    assert REPLY == _answer(resumed)
+    assert chat_pb2.FINISH_REASON_STOP == resumed[-1].finished.finish_reason
+    assert [("user", "story"), ("assistant", REPLY)] == await _messages(
+        phone, started.started.conversation_id
+    )
+    assert 1 == len(gateway.backend.requests)
+
+
+async def test_a_turn_without_a_key_stops_with_its_call(gateway: Gateway) -> None:
+    """No key: the client leaving cancels the answer, stored incomplete as sent."""
+    phone = gateway.device("alice")
+    call = phone.chat.Complete(chat_pb2.CompleteRequest(message="story"), metadata=phone.metadata)
+    started = await anext(aiter(call))
+    await anext(aiter(call))
+    call.cancel()
+    conversation_id = started.started.conversation_id
+    for _ in range(200):
+        page = await phone.conversations.ListMessages(
+            cv.ListMessagesRequest(conversation_id=conversation_id), metadata=phone.metadata
+        )
+        if len(page.messages) == 2:
+            break
+        await asyncio.sleep(0.01)
+    answer = page.messages[1]
+    assert ("assistant", False) == (answer.role, answer.complete)
+    assert REPLY.startswith(answer.content) and len(answer.content) < len(REPLY)
