@@ -13,9 +13,11 @@ import pytest
 
 from tokenwire.errors import ConfigError, InvalidArgumentError, NotFoundError
 from tokenwire.stores import (
+    BegunTurn,
     ConversationStore,
     SQLiteConversationStore,
     StoreClosedError,
+    TurnEnd,
     is_valid_id,
     new_id,
 )
@@ -173,7 +175,7 @@ async def test_add_message_bumps_updated_at(store: SQLiteConversationStore) -> N
 
 async def test_updated_at_never_moves_backwards() -> None:
     """A clock that steps backwards does not move updated_at backwards."""
-    readings = iter([100.0, 50.0])
+    readings = iter([1.0, 100.0, 50.0])  # open() reads the first, for its heartbeat
     async with SQLiteConversationStore(":memory:", clock=lambda: next(readings)) as s:
         conv = await s.create_conversation("alice", title="t")
         await s.add_message("alice", conv.id, role="user", content="x", turn_id="t")
@@ -369,9 +371,12 @@ async def test_begin_turn_creates_the_conversation_and_stores_the_message(
     store: SQLiteConversationStore,
 ) -> None:
     """With no conversation id, one write makes the conversation and its first message."""
-    message = await store.begin_turn("alice", "", title="Hi there", content="Hi", turn_id="t1")
-    conversation = await store.get_conversation("alice", message.conversation_id)
-    messages = await store.list_messages("alice", message.conversation_id)
+    begun = await store.begin_turn(
+        "alice", "", title="Hi there", content="Hi", turn_id="t1", answer_id="a1", model="m"
+    )
+    conversation_id = begun.turn.conversation_id
+    conversation = await store.get_conversation("alice", conversation_id)
+    messages = await store.list_messages("alice", conversation_id)
     assert "Hi there" == conversation.title
     assert [("user", "Hi", "t1", True)] == [
         (m.role, m.content, m.turn_id, m.complete) for m in messages
@@ -382,14 +387,24 @@ async def test_begin_turn_continues_only_the_owner_s_conversation(
     store: SQLiteConversationStore,
 ) -> None:
     """A second turn appends to the conversation; another owner's id is NOT_FOUND."""
-    first = await store.begin_turn("alice", "", title="t", content="one", turn_id="t1")
-    await store.begin_turn("alice", first.conversation_id, title="t", content="two", turn_id="t2")
+
+    async def begin(owner: str, conversation_id: str, content: str) -> BegunTurn:
+        return await store.begin_turn(
+            owner, conversation_id, title="t", content=content, turn_id=new_id("turn"),
+            answer_id=new_id("msg"), model="m",
+        )  # fmt: skip
+
+    first = await begin("alice", "", "one")
+    conversation_id = first.turn.conversation_id
+    await store.finish_turn("alice", conversation_id, first.turn.turn_id, first.turn.answer_id,
+                            TurnEnd("", True, "stop"))  # fmt: skip
+    await begin("alice", conversation_id, "two")
     with pytest.raises(NotFoundError):
-        await store.begin_turn("bob", first.conversation_id, title="t", content="x", turn_id="t3")
+        await begin("bob", conversation_id, "x")
     with pytest.raises(NotFoundError):
-        await store.begin_turn("alice", "conv_nope", title="t", content="x", turn_id="t4")
-    contents = [m.content for m in await store.list_messages("alice", first.conversation_id)]
-    assert ["one", "two"] == contents
+        await begin("alice", "conv_nope", "x")
+    contents = [m.content for m in await store.list_messages("alice", conversation_id)]
+    assert ["one", "", "two"] == contents
 
 
 async def test_checkpoints_run_in_the_background_of_a_busy_file(tmp_path: Path) -> None:
@@ -397,15 +412,55 @@ async def test_checkpoints_run_in_the_background_of_a_busy_file(tmp_path: Path) 
     store = SQLiteConversationStore(tmp_path / "c.db")
     await store.open()
     try:
-        first = await store.begin_turn("alice", "", title="t", content="0", turn_id="t")
-        for i in range(1, 1100):
-            await store.begin_turn(
-                "alice", first.conversation_id, title="t", content=str(i), turn_id="t"
-            )
-        messages = await store.list_messages("alice", first.conversation_id)
+        conversation = await store.create_conversation("alice", title="t")
+        for i in range(1100):
+            await _add(store, conversation.id, str(i))
+        messages = await store.list_messages("alice", conversation.id)
     finally:
         await store.close()
     assert 1100 == len(messages)
     with closing(sqlite3.connect(tmp_path / "c.db")) as conn:
         (count,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
     assert 1100 == count
+
+
+async def test_a_closed_store_leaves_no_gateway_behind(tmp_path: Path) -> None:
+    """open() registers the store's gateway and close() removes it."""
+    path = tmp_path / "c.db"
+    async with SQLiteConversationStore(path) as s:
+        during = _raw(path, "SELECT id FROM gateways")
+        gateway_id = s.gateway_id
+
+    assert ([(gateway_id,)], []) == (during, _raw(path, "SELECT id FROM gateways"))
+
+
+async def test_migration_2_keeps_the_conversations_of_a_version_1_file(tmp_path: Path) -> None:
+    """A file made by migration 1 alone opens with its conversations and messages intact."""
+    path = tmp_path / "c.db"
+    with closing(sqlite3.connect(path)) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO conversations VALUES ('conv_' || hex(randomblob(16)), 'alice',"
+                     " 'old', 1.0, 2.0)")  # fmt: skip
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+
+    async with SQLiteConversationStore(path) as s:
+        page = await s.list_conversations("alice", page_size=5)
+
+    assert (["old"], [(len(MIGRATIONS),)]) == (
+        [c.title for c in page.items], _raw(path, "PRAGMA user_version"),
+    )  # fmt: skip
+
+
+async def test_an_open_store_beats_on_its_own(tmp_path: Path) -> None:
+    """While open, the store records a fresh heartbeat every heartbeat_s seconds."""
+    path = tmp_path / "c.db"
+    clock = FakeClock()
+    async with SQLiteConversationStore(path, clock=clock, heartbeat_s=0.01) as s:
+        first = _raw(path, "SELECT heartbeat_at FROM gateways")
+        await asyncio.sleep(0.05)
+        later = _raw(path, "SELECT heartbeat_at FROM gateways")
+        assert s.gateway_id == _raw(path, "SELECT id FROM gateways")[0][0]
+
+    assert True is (later[0][0] > first[0][0])

@@ -252,6 +252,10 @@ class ConversationStore(Protocol):
         expired), nothing is stored and the earlier turn comes back with
         ``replayed=True``, whatever conversation or message this call names.
 
+        A replay reports ``created_conversation=False``. A turn that holds the
+        conversation on a gateway that stopped beating is ended first (see
+        :class:`TurnRecord`), and this one goes ahead.
+
         Raises NotFoundError as :meth:`add_message` does, and
         :class:`ConversationBusyError` while another live turn holds the conversation.
         """
@@ -284,14 +288,20 @@ class ConversationStore(Protocol):
         self, owner: str, *, page_size: int, cursor: str = ""
     ) -> Page[Conversation]:
         """``owner``'s conversations, most recently updated first; ``cursor`` is a
-        previous page's ``next_cursor`` (InvalidArgumentError if it is not one)."""
+        previous page's ``next_cursor`` (InvalidArgumentError if it is not one).
+
+        ``page_size`` must be positive (InvalidArgumentError); a store may cap it.
+        """
         ...
 
     async def rename_conversation(
         self, owner: str, conversation_id: str, title: str
     ) -> Conversation:
         """Set the title (at most :data:`MAX_TITLE_BYTES` bytes, InvalidArgumentError
-        beyond) and move ``updated_at`` forward."""
+        beyond) and move ``updated_at`` forward.
+
+        Surrounding whitespace is stripped; a title empty after that is InvalidArgumentError.
+        """
         ...
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> None:

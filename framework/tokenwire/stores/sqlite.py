@@ -13,25 +13,30 @@ The file runs in WAL mode with ``synchronous=NORMAL``: a committed write
 survives a crash of the process; a power loss may undo the last few commits
 (SQLite's documented trade-off for WAL at this level), never corrupt the file.
 
-Schema changes are appended to :data:`MIGRATIONS`; ``open()`` applies the ones a
-file has not seen yet, each in one transaction, and records progress in
-``PRAGMA user_version``.
+Schema changes are appended to :data:`~tokenwire.stores.sqlite_schema.MIGRATIONS`;
+``open()`` applies the ones a file has not seen yet, each in one transaction,
+and records progress in ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Self
 
-from tokenwire.errors import InvalidArgumentError
+from tokenwire.stores import sqlite_queries as queries
 from tokenwire.stores.conversations import (
+    MAX_ID_LENGTH,
+    BegunTurn,
     Conversation,
+    Page,
     StoreClosedError,
     StoredMessage,
+    TurnEnd,
+    TurnRecord,
     conversation_not_found,
     is_valid_id,
     new_id,
@@ -39,47 +44,24 @@ from tokenwire.stores.conversations import (
     validate_message_id,
     validate_role,
 )
-from tokenwire.stores.sqlite_database import SQLiteDatabase, read_transaction, write_transaction
+from tokenwire.stores.cursors import (
+    conversations_cursor,
+    messages_cursor,
+    page_limit,
+    read_conversations_cursor,
+    read_messages_cursor,
+)
+from tokenwire.stores.heartbeat import Heartbeat, check_timings
+from tokenwire.stores.rows import check_title, check_turn_ids, turn_not_found
+from tokenwire.stores.sqlite_database import SQLiteDatabase
+from tokenwire.stores.sqlite_schema import MIGRATIONS
 
 __all__ = ["MIGRATIONS", "SQLiteConversationStore"]
 
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    # 1: conversations and their messages.
-    (
-        """
-        CREATE TABLE conversations (
-            id          TEXT PRIMARY KEY,
-            owner       TEXT NOT NULL,
-            title       TEXT NOT NULL,
-            created_at  REAL NOT NULL,
-            updated_at  REAL NOT NULL
-        )
-        """,
-        # Serves "my conversations, newest first".
-        "CREATE INDEX conversations_owner_updated ON conversations (owner, updated_at DESC)",
-        # seq, not created_at, orders messages: clocks tie and step backwards.
-        # No CHECK on role, so a later role needs no table rebuild.
-        """
-        CREATE TABLE messages (
-            id               TEXT PRIMARY KEY,
-            conversation_id  TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-            seq              INTEGER NOT NULL,
-            role             TEXT NOT NULL,
-            content          TEXT NOT NULL,
-            turn_id          TEXT NOT NULL,
-            complete         INTEGER NOT NULL CHECK (complete IN (0, 1)),
-            created_at       REAL NOT NULL
-        )
-        """,
-        "CREATE UNIQUE INDEX messages_conversation_seq ON messages (conversation_id, seq)",
-    ),
-)
-"""Schema migrations in order; migration ``n`` (1-based) brings a file to
-``user_version = n``. Only ever append: a shipped migration never changes."""
-
 _CONVERSATION_PREFIX: Final = "conv"
 _MESSAGE_PREFIX: Final = "msg"
-_MESSAGE_COLUMNS: Final = "id, conversation_id, role, content, created_at, turn_id, complete"
+_GATEWAY_PREFIX: Final = "gw"
+_FORGET_AFTER_TIMEOUTS: Final = 10  # a gateway silent this many timeouts loses its row
 
 
 class SQLiteConversationStore:
@@ -90,14 +72,22 @@ class SQLiteConversationStore:
     with missing parent directories created 0700. ``clock`` gives unix seconds;
     tests pass a fake one.
 
+    Several store instances (processes) may share one file; each is a gateway
+    with its own :attr:`gateway_id` that beats every ``heartbeat_s`` seconds
+    while open. A running turn of a gateway silent for ``gateway_timeout_s``
+    (by ``clock``) is dead: the next look at it ends it. An idempotency key
+    answers retries for ``idempotency_ttl_s`` seconds.
+
     Example::
 
         store = SQLiteConversationStore("var/conversations.db")
         await store.open()
         try:
-            conv = await store.create_conversation("alice", title="New chat")
-            await store.add_message("alice", conv.id, role="user", content="Hi",
-                                    turn_id=new_id("turn"))
+            begun = await store.begin_turn("alice", "", title="Hi", content="Hi",
+                                           turn_id=new_id("turn"), answer_id=new_id("msg"),
+                                           model="smollm2")
+            await store.finish_turn("alice", begun.turn.conversation_id, begun.turn.turn_id,
+                                    begun.turn.answer_id, TurnEnd("Hello!", True, "stop"))
         finally:
             await store.close()
     """
@@ -107,7 +97,15 @@ class SQLiteConversationStore:
         path: str | os.PathLike[str],
         *,
         clock: Callable[[], float] = time.time,
+        heartbeat_s: float = 2.0,
+        gateway_timeout_s: float = 10.0,
+        idempotency_ttl_s: float = 86400.0,
     ) -> None:
+        check_timings(
+            heartbeat_s=heartbeat_s,
+            gateway_timeout_s=gateway_timeout_s,
+            idempotency_ttl_s=idempotency_ttl_s,
+        )
         self._db = SQLiteDatabase(
             path,
             migrations=MIGRATIONS,
@@ -116,22 +114,52 @@ class SQLiteConversationStore:
             thread_name="tokenwire-sqlite",
         )
         self._clock = clock
+        self._gateway_id = new_id(_GATEWAY_PREFIX)
+        self._gateway_timeout_s = gateway_timeout_s
+        self._idempotency_ttl_s = idempotency_ttl_s
+        self._heartbeat = Heartbeat(self.beat, interval_s=heartbeat_s)
 
     @property
     def path(self) -> str:
         """The database file, or ``":memory:"``."""
         return self._db.path
 
+    @property
+    def gateway_id(self) -> str:
+        """This store instance's gateway id, stamped on the turns it begins."""
+        return self._gateway_id
+
     async def open(self) -> None:
-        """Connect, set the pragmas and apply pending migrations. A second call is a no-op."""
+        """Connect, set the pragmas, apply pending migrations and start beating.
+
+        A second call is a no-op.
+        """
         await self._db.open()
+        await self.beat()
+        self._heartbeat.start()
 
     async def close(self) -> None:
-        """Finish queued calls, close the connection and stop the worker thread.
+        """Stop beating, finish queued calls, close the connection and stop the worker.
 
-        Idempotent. Calls made after ``close()`` starts raise StoreClosedError.
+        This gateway's row goes first, so turns it still runs count as dead at
+        once. Idempotent. Calls made after ``close()`` starts raise StoreClosedError.
         """
+        await self._heartbeat.stop()
+        with contextlib.suppress(StoreClosedError):
+            await self._db.run_fast(queries.forget_gateway, self._gateway_id)
         await self._db.close()
+
+    async def beat(self) -> None:
+        """Record now (by the store's clock) as this gateway's last sign of life.
+
+        The heartbeat task calls it every ``heartbeat_s`` seconds, and ``open()``
+        once; a test with a fake clock calls it to move the beat to the clock's
+        present (or advances the clock without calling it to make the gateway
+        look dead to the other stores of the file).
+        """
+        now = self._clock()
+        forget_before = now - _FORGET_AFTER_TIMEOUTS * self._gateway_timeout_s
+        await self._db.run_fast(queries.beat, self._gateway_id, now, forget_before)
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -147,13 +175,15 @@ class SQLiteConversationStore:
 
     async def create_conversation(self, owner: str, *, title: str) -> Conversation:
         """Create an empty conversation owned by ``owner``."""
-        return await self._db.run_fast(self._create_conversation, owner, title)
+        conversation_id = new_id(_CONVERSATION_PREFIX)
+        return await self._db.run_fast(
+            queries.create_conversation, owner, conversation_id, title, self._clock()
+        )
 
     async def get_conversation(self, owner: str, conversation_id: str) -> Conversation:
         """Return ``owner``'s conversation; NotFoundError if missing, foreign or malformed."""
-        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
-            raise conversation_not_found(conversation_id)
-        return await self._db.run_fast(self._get_conversation, owner, conversation_id)
+        self._check_id(conversation_id)
+        return await self._db.run_fast(queries.get_conversation, owner, conversation_id)
 
     async def add_message(
         self,
@@ -177,197 +207,129 @@ class SQLiteConversationStore:
             message_id = new_id(_MESSAGE_PREFIX)
         else:
             validate_message_id(message_id)
-        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
-            raise conversation_not_found(conversation_id)
-        return await self._db.run_fast(
-            self._add_message,
-            owner,
-            conversation_id,
-            message_id=message_id,
-            role=role,
-            content=content,
-            turn_id=turn_id,
-            complete=complete,
+        self._check_id(conversation_id)
+        message = StoredMessage(
+            message_id, conversation_id, role, content, self._clock(), turn_id, complete
         )
+        return await self._db.run_fast(queries.add_message, owner, conversation_id, message)
 
     async def list_messages(
         self, owner: str, conversation_id: str, *, limit: int | None = None
     ) -> list[StoredMessage]:
         """Return the messages oldest first; with ``limit``, the newest ``limit`` of them."""
         validate_limit(limit)
-        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
-            raise conversation_not_found(conversation_id)
-        return await self._db.run_fast(self._list_messages, owner, conversation_id, limit)
+        self._check_id(conversation_id)
+        return await self._db.run_fast(queries.list_messages, owner, conversation_id, limit)
 
     async def begin_turn(
-        self, owner: str, conversation_id: str, *, title: str, content: str, turn_id: str
-    ) -> StoredMessage:
-        """The user's message of a turn, and its new conversation when ``conversation_id``
-        is empty, in one transaction."""
-        if conversation_id and not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
-            raise conversation_not_found(conversation_id)
-        return await self._db.run_fast(
-            self._begin_turn, owner, conversation_id, title, content, turn_id
-        )
-
-    # --- connection side: everything below runs inside SQLiteDatabase's lock ---
-
-    def _begin_turn(
         self,
-        conn: sqlite3.Connection,
         owner: str,
         conversation_id: str,
+        *,
         title: str,
         content: str,
         turn_id: str,
-    ) -> StoredMessage:
-        now = self._clock()
-        message_id = new_id(_MESSAGE_PREFIX)
-        with write_transaction(conn):
-            if not conversation_id:
-                conversation_id = new_id(_CONVERSATION_PREFIX)
-                conn.execute(
-                    "INSERT INTO conversations (id, owner, title, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (conversation_id, owner, title, now, now),
-                )
-                # A new conversation: its first message, no ownership or order to look up.
-                conn.execute(
-                    f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS})"
-                    " VALUES (1, ?, ?, 'user', ?, ?, ?, 1)",
-                    (message_id, conversation_id, content, now, turn_id),
-                )
-                return StoredMessage(
-                    message_id, conversation_id, "user", content, now, turn_id, True
-                )
-            return self._append(
-                conn, owner, conversation_id, message_id, "user", content, turn_id,
-                complete=True, now=now,
-            )  # fmt: skip
+        answer_id: str,
+        model: str,
+        idempotency_key: str = "",
+    ) -> BegunTurn:
+        """Store a turn's user message and hold the conversation for it, in one transaction.
 
-    def _create_conversation(
-        self, conn: sqlite3.Connection, owner: str, title: str
-    ) -> Conversation:
+        See :meth:`ConversationStore.begin_turn`. A replay reports
+        ``created_conversation=False``. InvalidArgumentError for a ``turn_id`` or
+        ``answer_id`` that is empty, too long, or (``turn_id``) already used.
+        """
+        check_turn_ids(turn_id, answer_id, idempotency_key)
+        # With a key, a replay answers whatever conversation id this call names.
+        if conversation_id and not idempotency_key:
+            self._check_id(conversation_id)
         now = self._clock()
-        conversation = Conversation(
-            id=new_id(_CONVERSATION_PREFIX),
+        new = queries.NewTurn(
             owner=owner,
-            title=title,
-            created_at=now,
-            updated_at=now,
-        )
-        with write_transaction(conn):
-            conn.execute(
-                "INSERT INTO conversations (id, owner, title, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (conversation.id, owner, title, now, now),
-            )
-        return conversation
-
-    def _get_conversation(
-        self, conn: sqlite3.Connection, owner: str, conversation_id: str
-    ) -> Conversation:
-        row = conn.execute(
-            "SELECT id, owner, title, created_at, updated_at FROM conversations"
-            " WHERE id = ? AND owner = ?",
-            (conversation_id, owner),
-        ).fetchone()
-        if row is None:
-            raise conversation_not_found(conversation_id)
-        return Conversation(*row)
-
-    def _add_message(
-        self,
-        conn: sqlite3.Connection,
-        owner: str,
-        conversation_id: str,
-        *,
-        message_id: str,
-        role: str,
-        content: str,
-        turn_id: str,
-        complete: bool,
-    ) -> StoredMessage:
-        with write_transaction(conn):
-            return self._append(
-                conn, owner, conversation_id, message_id, role, content, turn_id,
-                complete=complete, now=self._clock(),
-            )  # fmt: skip
-
-    def _append(
-        self,
-        conn: sqlite3.Connection,
-        owner: str,
-        conversation_id: str,
-        message_id: str,
-        role: str,
-        content: str,
-        turn_id: str,
-        *,
-        complete: bool,
-        now: float,
-    ) -> StoredMessage:
-        """Append a message inside the caller's write transaction."""
-        # The ownership check and the bump are one statement; MAX keeps
-        # updated_at from stepping backwards when the clock does.
-        bumped = conn.execute(
-            "UPDATE conversations SET updated_at = MAX(updated_at, ?) WHERE id = ? AND owner = ?",
-            (now, conversation_id, owner),
-        )
-        if bumped.rowcount != 1:
-            raise conversation_not_found(conversation_id)
-        # Safe under concurrency: BEGIN IMMEDIATE holds the write lock
-        # from before this read until the commit.
-        (seq,) = conn.execute(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE conversation_id = ?",
-            (conversation_id,),
-        ).fetchone()
-        try:
-            conn.execute(
-                f"INSERT INTO messages (seq, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, message_id, conversation_id, role, content, now, turn_id, int(complete)),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise InvalidArgumentError(f"message_id {message_id!r} is already used") from exc
-
-        return StoredMessage(
-            id=message_id,
             conversation_id=conversation_id,
-            role=role,
+            new_conversation_id=new_id(_CONVERSATION_PREFIX),
+            title=title,
             content=content,
-            created_at=now,
+            message_id=new_id(_MESSAGE_PREFIX),
             turn_id=turn_id,
-            complete=complete,
+            answer_id=answer_id,
+            model=model,
+            idempotency_key=idempotency_key,
+            key_expires_at=now + self._idempotency_ttl_s,
+        )
+        return await self._db.run_fast(queries.begin_turn, new, self._liveness(now))
+
+    async def finish_turn(
+        self, owner: str, conversation_id: str, turn_id: str, answer_id: str, end: TurnEnd
+    ) -> bool:
+        """Store the answer of a running turn and end it; False (storing nothing) if the
+        turn is not running (ended, declared dead, its conversation deleted, unknown)."""
+        validate_message_id(answer_id)
+        return await self._db.run_fast(
+            queries.finish_turn, owner, conversation_id, turn_id, answer_id, end, self._clock()
         )
 
-    def _list_messages(
-        self, conn: sqlite3.Connection, owner: str, conversation_id: str, limit: int | None
-    ) -> list[StoredMessage]:
-        # One read transaction, so the ownership check and the rows agree.
-        with read_transaction(conn):
-            owned = conn.execute(
-                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
-                (conversation_id, owner),
-            ).fetchone()
-            if owned is None:
-                raise conversation_not_found(conversation_id)
-            # Newest `limit` by seq, then back to oldest first; LIMIT -1 is "no limit".
-            rows = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM ("
-                f" SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?"
-                " ORDER BY seq DESC LIMIT ?"
-                ") ORDER BY seq ASC",
-                (conversation_id, -1 if limit is None else limit),
-            ).fetchall()
-        return [
-            StoredMessage(
-                id=row[0],
-                conversation_id=row[1],
-                role=row[2],
-                content=row[3],
-                created_at=row[4],
-                turn_id=row[5],
-                complete=bool(row[6]),
-            )
-            for row in rows
-        ]
+    async def discard_turn(self, owner: str, conversation_id: str, turn_id: str) -> None:
+        """Undo :meth:`begin_turn` of a running turn; a no-op for any other."""
+        await self._db.run_fast(queries.discard_turn, owner, conversation_id, turn_id)
+
+    async def get_turn(self, owner: str, turn_id: str) -> TurnRecord:
+        """``owner``'s turn; a running one of a dead gateway is ended first, and so
+        reported done with finish reason ``"error"``. NotFoundError if missing or foreign."""
+        if not turn_id or len(turn_id) > MAX_ID_LENGTH:
+            raise turn_not_found(turn_id)
+        live = self._liveness(self._clock())
+        return await self._db.run_fast(queries.get_turn, owner, turn_id, live)
+
+    async def list_conversations(
+        self, owner: str, *, page_size: int, cursor: str = ""
+    ) -> Page[Conversation]:
+        """``owner``'s conversations, most recently updated first, ``page_size`` at a time
+        (at most :data:`~tokenwire.stores.cursors.MAX_PAGE_SIZE`)."""
+        limit = page_limit(page_size)
+        after = read_conversations_cursor(cursor) if cursor else None
+        rows = await self._db.run_fast(queries.list_conversations, owner, after, limit + 1)
+        if len(rows) <= limit:
+            return Page(rows)
+        last = rows[limit - 1]
+        return Page(rows[:limit], conversations_cursor(updated_at=last.updated_at,
+                                                       conversation_id=last.id))  # fmt: skip
+
+    async def rename_conversation(
+        self, owner: str, conversation_id: str, title: str
+    ) -> Conversation:
+        """Set the title (stripped of surrounding whitespace; not empty, at most
+        :data:`MAX_TITLE_BYTES` bytes) and move ``updated_at`` forward."""
+        title = check_title(title)
+        self._check_id(conversation_id)
+        return await self._db.run_fast(
+            queries.rename_conversation, owner, conversation_id, title, self._clock()
+        )
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        """Delete the conversation with its messages and turns."""
+        self._check_id(conversation_id)
+        await self._db.run_fast(queries.delete_conversation, owner, conversation_id)
+
+    async def page_messages(
+        self, owner: str, conversation_id: str, *, page_size: int, cursor: str = ""
+    ) -> Page[StoredMessage]:
+        """A page of the messages, oldest first; ``cursor`` as in :meth:`list_conversations`."""
+        limit = page_limit(page_size)
+        self._check_id(conversation_id)
+        after = read_messages_cursor(cursor, conversation_id) if cursor else 0
+        rows = await self._db.run_fast(
+            queries.page_messages, owner, conversation_id, after, limit + 1
+        )
+        if len(rows) <= limit:
+            return Page(rows)
+        return Page(rows[:limit], messages_cursor(conversation_id=conversation_id,
+                                                  seq=rows[limit - 1].seq))  # fmt: skip
+
+    def _liveness(self, now: float) -> queries.Liveness:
+        return queries.Liveness(self._gateway_id, self._gateway_timeout_s, now)
+
+    @staticmethod
+    def _check_id(conversation_id: str) -> None:
+        if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
+            raise conversation_not_found(conversation_id)
