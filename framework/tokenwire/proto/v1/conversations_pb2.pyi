@@ -355,7 +355,7 @@ Global___WatchedTurn: _TypeAlias = WatchedTurn  # noqa: Y015
 @_typing.final
 class WatchLagged(_message.Message):
     """The watcher fell behind and missed events; ListMessages has what was stored.
-    Events continue from the newest ones.
+    Events continue from the oldest one still kept.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
