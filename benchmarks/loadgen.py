@@ -165,19 +165,27 @@ def format_table(results: Sequence[LoadResult]) -> str:
 
 async def _client(
     stub: chat_pb2_grpc.ChatServiceAsyncStub,
-    request: chat_pb2.CompleteRequest,
+    base: chat_pb2.CompleteRequest,
     turns: int,
     timeout_s: float | None,
     metadata: tuple[tuple[str, str], ...] | None,
     result: LoadResult,
     errors: Counter[str],
     schedule: Callable[[int], float] | None = None,
+    continue_conversation: bool = False,
 ) -> None:
     # The hot loop: keep per-message work small, the client shares the CPU it measures.
     clock = time.perf_counter
     ttft = result.ttft_s
     itl = result.itl_s
+    conversation_id = ""
     for turn in range(turns):
+        if continue_conversation and conversation_id:
+            request = chat_pb2.CompleteRequest()
+            request.CopyFrom(base)
+            request.conversation_id = conversation_id
+        else:
+            request = base
         if schedule is not None:  # paced: start this turn at its time, or now if late
             wait = schedule(turn) - clock()
             if wait > 0:
@@ -190,6 +198,8 @@ async def _client(
             async for response in call:
                 messages += 1
                 if not response.HasField("delta"):
+                    if continue_conversation and response.HasField("started"):
+                        conversation_id = response.started.conversation_id
                     continue
                 now = clock()
                 count = response.delta.token_count
@@ -229,6 +239,7 @@ async def run_load(
     connect_timeout_s: float = 10.0,
     api_key: str = "",
     turns_per_s: float = 0.0,
+    continue_conversations: bool = False,
 ) -> LoadResult:
     """Run ``clients`` concurrent clients, ``turns`` Complete calls each, against ``target``.
 
@@ -238,6 +249,9 @@ async def run_load(
     seconds after the first (at once when that client is still busy), so the
     offered load is the same whatever the server's speed, and TTFT measures the
     latency the server adds at that load rather than its queue.
+    ``continue_conversations``: each client's turns after its first continue the
+    conversation its first started (history read, one turn at a time), instead of
+    each starting a new one.
 
     Channels connect before the clock starts, so ``elapsed_s`` covers streaming only;
     TimeoutError if they cannot connect within ``connect_timeout_s``. A turn that
@@ -277,7 +291,15 @@ async def run_load(
         await asyncio.gather(
             *(
                 _client(
-                    stubs[i % count], request, turns, timeout_s, metadata, result, errors, paced(i)
+                    stubs[i % count],
+                    request,
+                    turns,
+                    timeout_s,
+                    metadata,
+                    result,
+                    errors,
+                    paced(i),
+                    continue_conversations,
                 )
                 for i in range(clients)
             )
@@ -300,6 +322,7 @@ class LoadJob:
     prompt: str = DEFAULT_PROMPT
     api_key: str = ""
     turns_per_s: float = 0.0  # 0: closed loop (saturated); else paced at this offered load
+    continue_conversations: bool = False  # each client continues its own conversation
 
     async def run(self) -> LoadResult:
         """Run this load here."""
@@ -311,6 +334,7 @@ class LoadJob:
             self.prompt,
             api_key=self.api_key,
             turns_per_s=self.turns_per_s,
+            continue_conversations=self.continue_conversations,
         )
 
 

@@ -52,11 +52,16 @@ class CountingStore(SQLiteConversationStore):
         return conversation
 
     async def begin_turn(self, owner: str, conversation_id: str, **fields: Any) -> Any:
-        message = await super().begin_turn(owner, conversation_id, **fields)
-        if not conversation_id:
-            self.conversations.append(message.conversation_id)
+        begun = await super().begin_turn(owner, conversation_id, **fields)
+        if begun.created_conversation:
+            self.conversations.append(begun.turn.conversation_id)
         self.messages.append(("user", fields["content"]))
-        return message
+        return begun
+
+    async def finish_turn(self, owner: str, conversation_id: str, *args: Any) -> bool:
+        end = args[-1]
+        self.messages.append(("assistant", end.answer))
+        return await super().finish_turn(owner, conversation_id, *args)
 
     async def add_message(self, owner: str, conversation_id: str, **fields: Any) -> Any:
         self.messages.append((fields["role"], fields["content"]))

@@ -135,9 +135,7 @@ class StoreConfig:
     idempotency_ttl_s: float = setting(
         86400.0, "how long a turn's idempotency key answers retries, in seconds"
     )
-    heartbeat_s: float = setting(
-        2.0, "how often a gateway tells the store it is alive, in seconds"
-    )
+    heartbeat_s: float = setting(2.0, "how often a gateway tells the store it is alive, in seconds")
     gateway_timeout_s: float = setting(
         10.0,
         "a running turn whose gateway has not beaten for this long is dead: its "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tokenwire.proto.v1 import chat_pb2, conversations_pb2 as cv
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.proto.v1 import conversations_pb2 as cv
 
 from .conftest import REPLY, Device, Gateway
 
@@ -101,4 +102,5 @@ async def test_a_turn_without_a_key_stops_with_its_call(gateway: Gateway) -> Non
         await asyncio.sleep(0.01)
     answer = page.messages[1]
     assert ("assistant", False) == (answer.role, answer.complete)
-    assert REPLY.startswith(answer.content) and len(answer.content) < len(REPLY)
+    assert REPLY.startswith(answer.content)
+    assert len(answer.content) < len(REPLY)

@@ -7,7 +7,8 @@ import asyncio
 import grpc
 import pytest
 
-from tokenwire.proto.v1 import chat_pb2, conversations_pb2 as cv
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.proto.v1 import conversations_pb2 as cv
 
 from .conftest import REPLY, Device, Gateway
 

@@ -7,12 +7,15 @@ import asyncio
 import grpc
 import pytest
 
-from tokenwire.proto.v1 import chat_pb2, conversations_pb2 as cv
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.proto.v1 import conversations_pb2 as cv
 
 from .conftest import REPLY, Device, Gateway
 
 
-async def _watch_one_turn(watcher: Device, conversation_id: str) -> list[cv.WatchConversationResponse]:
+async def _watch_one_turn(
+    watcher: Device, conversation_id: str
+) -> list[cv.WatchConversationResponse]:
     call = watcher.conversations.WatchConversation(
         cv.WatchConversationRequest(conversation_id=conversation_id), metadata=watcher.metadata
     )

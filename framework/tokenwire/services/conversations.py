@@ -28,9 +28,9 @@ from tokenwire.turns.events import Finished, Started, Usage
 
 __all__ = [
     "CONVERSATION_SERVICE_NAME",
-    "ConversationServicer",
     "MAX_CONVERSATIONS_PAGE",
     "MAX_MESSAGES_PAGE",
+    "ConversationServicer",
 ]
 
 CONVERSATION_SERVICE_NAME: Final = conversations_pb2.DESCRIPTOR.services_by_name[
@@ -100,7 +100,9 @@ def watch_response(
             complete=True,
             create_time=item.created_at,
         )
-        started = started_message(Started(item.turn_id, conversation_id, item.answer_id, item.model))
+        started = started_message(
+            Started(item.turn_id, conversation_id, item.answer_id, item.model)
+        )
         return response(
             turn_id=item.turn_id,
             turn=conversations_pb2.WatchedTurn(started=started, user_message=user),

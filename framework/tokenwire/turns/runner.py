@@ -41,11 +41,11 @@ from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, PreparedTurn
 from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnEnd
 from tokenwire.streams import Pending, finish_shielded, poll_next
-from tokenwire.turns.history import fit_history
-from tokenwire.turns.replay import replay_turn
 from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
+from tokenwire.turns.history import fit_history
 from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
+from tokenwire.turns.replay import replay_turn
 
 __all__ = ["TurnRunner"]
 
@@ -118,7 +118,9 @@ class TurnRunner:
 
     async def _prepare(self, request: TurnRequest, model: ChatModel, owner: str) -> PreparedTurn:
         system = (
-            [ChatMessage("system", self._limits.system_prompt)] if self._limits.system_prompt else []
+            [ChatMessage("system", self._limits.system_prompt)]
+            if self._limits.system_prompt
+            else []
         )
         history: list[ChatMessage] = []
         if request.conversation_id:  # one read: it checks the owner too
@@ -194,7 +196,11 @@ class TurnRunner:
                         for f in filters
                     ]
                     limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
-                    live, conversation_id, turn_id = self._live, state.conversation_id, state.turn_id
+                    live, conversation_id, turn_id = (
+                        self._live,
+                        state.conversation_id,
+                        state.turn_id,
+                    )
                     pending: Pending[object] | None = None
                     # The hot path: one pass of this loop per message sent.
                     try:
