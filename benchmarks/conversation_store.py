@@ -341,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Measure and print the report; exit 1 if any turn failed."""
     args = build_parser().parse_args(argv)
     settings = measure.settings_from_args(args, DEFAULT, QUICK, postgres_dsn=args.postgres_dsn)
-    configure_logging(LoggingConfig(level="warning"))
+    # Errors only: the servers run with authentication off, and say so at every start.
+    configure_logging(LoggingConfig(level="error"))
     report = asyncio.run(measure_stores(settings))
     print(json.dumps(report.summary(), indent=2) if args.json else format_report(report))
     if report.failed_turns:

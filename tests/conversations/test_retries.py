@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.proto.v1 import conversations_pb2 as cv
+from tokenwire.stores import SQLiteConversationStore
+from tokenwire.testing import FakeBackend, running_server
 
 from .conftest import REPLY, Device, Gateway
 
@@ -104,3 +107,37 @@ async def test_a_turn_without_a_key_stops_with_its_call(gateway: Gateway) -> Non
     assert ("assistant", False) == (answer.role, answer.complete)
     assert REPLY.startswith(answer.content)
     assert len(answer.content) < len(REPLY)
+
+
+class _SlowBeginStore(SQLiteConversationStore):
+    """Commits a turn's first write, then answers late: a cancel lands while it is in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.begun = asyncio.Event()
+
+    async def begin_turn(self, owner: str, conversation_id: str, **fields: Any) -> Any:
+        begun = await super().begin_turn(owner, conversation_id, **fields)
+        self.begun.set()
+        await asyncio.sleep(0.3)
+        return begun
+
+
+async def test_a_cancel_during_the_first_write_leaves_no_orphan() -> None:
+    """The client leaves while its new conversation is being stored: the write is undone,
+    no conversation or message is left, and nothing was generated."""
+    store = _SlowBeginStore()
+    backend = FakeBackend(reply="never")
+    async with running_server(backend, store=store) as running:
+        call = running.chat.Complete(chat_pb2.CompleteRequest(message="hello"))
+        reading = asyncio.ensure_future(call.initial_metadata())
+        await asyncio.wait_for(store.begun.wait(), 10)
+        call.cancel()
+        reading.cancel()
+        for _ in range(100):
+            page = await store.list_conversations("default/anonymous", page_size=10)
+            if not page.items:
+                break
+            await asyncio.sleep(0.02)
+        assert [] == page.items
+        assert 0 == len(backend.requests)
