@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Generator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 from tokenwire.logs import get_logger
 
-__all__ = ["Pending", "closing", "finish_shielded", "poll_next"]
+__all__ = ["Pending", "closing", "finish_shielded", "poll_next", "start_now"]
 
 T = TypeVar("T")
 _log = get_logger("tokenwire.streams")
@@ -74,6 +74,24 @@ def poll_next(stream: AsyncIterator[T]) -> tuple[bool, T | Pending[T]]:
     # __await__(): an async generator's step is its own iterator; any other
     # awaitable (a Future, a coroutine) gives one.
     step = stream.__anext__().__await__()
+    try:
+        yielded = step.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, Pending(step, yielded)
+
+
+def start_now(awaitable: Awaitable[T]) -> tuple[bool, T | Pending[T]]:
+    """Run ``awaitable`` until it first suspends, here and now, as ``await`` would.
+
+    Returns ``(True, result)`` when it finished without suspending (no loop turn
+    spent, no task made), else ``(False, pending)``: ``await pending`` finishes it,
+    from this task or another one. Its errors propagate.
+
+    A store call that usually completes inline costs nothing extra this way, and
+    only one that had to wait needs a task (to shield it from a cancel, say).
+    """
+    step = awaitable.__await__()
     try:
         yielded = step.send(None)
     except StopIteration as done:

@@ -40,7 +40,7 @@ from tokenwire.live.bus import LiveBus, LiveEvent
 from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, PreparedTurn
 from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnEnd
-from tokenwire.streams import Pending, finish_shielded, poll_next
+from tokenwire.streams import Pending, finish_shielded, poll_next, start_now
 from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.history import fit_history
@@ -52,6 +52,10 @@ __all__ = ["TurnRunner"]
 _log = get_logger("tokenwire.turns")
 _TITLE_CHARS = 80
 Out = TypeVar("Out")
+
+
+async def _finish(pending: Pending[BegunTurn]) -> BegunTurn:
+    return await pending
 
 
 class TurnRunner:
@@ -331,7 +335,7 @@ class TurnRunner:
         """
         title = " ".join(request.message.split())[:_TITLE_CHARS]
         answer_id = new_message_id()
-        write = asyncio.ensure_future(
+        ready, started = start_now(
             self._store.begin_turn(
                 owner,
                 request.conversation_id,
@@ -343,11 +347,15 @@ class TurnRunner:
                 idempotency_key=request.idempotency_key,
             )
         )
-        try:
-            begun = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            await finish_shielded(self._undo_begin(write, owner))
-            raise
+        if ready:  # committed inline, the usual case: no task, no loop turn
+            begun = cast(BegunTurn, started)
+        else:  # the write waits (a busy database): shield it from a cancel
+            write = asyncio.ensure_future(_finish(cast(Pending[BegunTurn], started)))
+            try:
+                begun = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await finish_shielded(self._undo_begin(write, owner))
+                raise
         if begun.replayed:
             return begun
         turn = begun.turn
