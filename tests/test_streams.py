@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from tokenwire.streams import Pending, finish_shielded, poll_next
+from tokenwire.streams import Pending, finish_shielded, poll_next, start_now
 
 
 async def _counting(delay_s: float, log: list[str]) -> AsyncIterator[int]:
@@ -105,3 +106,27 @@ async def test_shielded_work_finishes_although_the_caller_is_cancelled() -> None
     with pytest.raises(asyncio.CancelledError):
         await task
     assert ["saved"] == done
+
+
+async def test_start_now_finishes_what_never_waits_without_a_loop_turn() -> None:
+    """A coroutine that does not suspend is done at once; one that does is finished by
+    awaiting the pending step, even from another task; errors propagate at once."""
+
+    async def value(wait: bool) -> int:
+        if wait:
+            await asyncio.sleep(0)
+        return 7
+
+    async def failing() -> None:
+        raise ValueError("no")
+
+    assert (True, 7) == start_now(value(False))
+    ready, pending = start_now(value(True))
+    assert not ready
+    assert 7 == await asyncio.ensure_future(_await(pending))
+    with pytest.raises(ValueError, match="no"):
+        start_now(failing())
+
+
+async def _await(pending: Any) -> Any:
+    return await pending
