@@ -141,3 +141,20 @@ async def test_a_cancel_during_the_first_write_leaves_no_orphan() -> None:
             await asyncio.sleep(0.02)
         assert [] == page.items
         assert 0 == len(backend.requests)
+
+
+async def test_a_converse_turn_with_a_key_outlives_its_stream(gateway: Gateway) -> None:
+    """The Converse stream breaks mid-answer; the keyed turn goes on and a Complete with
+    its key gets the whole answer, once."""
+    phone = gateway.device("alice")
+    stream = phone.chat.Converse(metadata=phone.metadata)
+    await stream.write(
+        chat_pb2.ConverseRequest(start=chat_pb2.StartTurn(message="tale", idempotency_key="k-c"))
+    )
+    started = await stream.read()
+    await stream.read()  # a first delta
+    stream.cancel()
+    resumed = await gateway.device("alice").complete("tale", idempotency_key="k-c")
+    assert started.started == resumed[0].started
+    assert REPLY == _answer(resumed)
+    assert 1 == len(gateway.backend.requests)
