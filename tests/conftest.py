@@ -15,7 +15,9 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -177,3 +179,24 @@ def umask_022() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+async def spawn_server(*settings: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`tokenwire serve --backend fake` in its own process on a free port, with JSON logs
+    on its stderr pipe and each ``key=value`` of ``settings`` as a ``--set``; returns the
+    process and its address once it serves. The caller stops it."""
+    args = [arg for setting in settings for arg in ("--set", setting)]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenwire", "serve",
+        "--backend", "fake", "--listen", "127.0.0.1:0", "--log-format", "json", *args,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert process.stderr is not None
+    while True:
+        line = await asyncio.wait_for(process.stderr.readline(), 60)
+        if not line:
+            await process.wait()
+            raise AssertionError("the server exited before serving")
+        if match := re.search(rb'"address": "([^"]+)"', line):
+            return process, match.group(1).decode()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from tests.conftest import spawn_server
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 
 REPLY = "abcdefghijklmnopqrstuvwxyz"
@@ -21,23 +19,12 @@ REPLY = "abcdefghijklmnopqrstuvwxyz"
 @pytest.fixture
 async def serve_process(tmp_path: object) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`tokenwire serve` with the fake backend, slow tokens and JSON logs, on a free port."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenwire", "serve",
-        "--backend", "fake", "--listen", "127.0.0.1:0", "--log-format", "json",
-        "--set", f"backend.options=reply={REPLY},token_delay_s=0.03",
-        "--set", "store.sqlite_path=:memory:",
-        "--set", "auth.enabled=false",
-        "--set", "server.grace_period_s=20",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    assert process.stderr is not None
-    address = ""
-    while not address:
-        line = await asyncio.wait_for(process.stderr.readline(), 60)
-        assert line, "the server exited before serving"
-        if match := re.search(rb'"address": "([^"]+)"', line):
-            address = match.group(1).decode()
+    process, address = await spawn_server(
+        f"backend.options=reply={REPLY},token_delay_s=0.03",
+        "store.sqlite_path=:memory:",
+        "auth.enabled=false",
+        "server.grace_period_s=20",
+    )
     try:
         yield process, address
     finally:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from pathlib import Path
 
 import grpc
 
+from tests.conftest import spawn_server
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, conversations_pb2_grpc
 from tokenwire.proto.v1 import conversations_pb2 as cv
 
@@ -19,23 +17,13 @@ REPLY = "abcdefghijklmnopqrstuvwxyz"
 
 async def _serve(database: Path) -> tuple[asyncio.subprocess.Process, str]:
     """`tokenwire serve` (fake engine, slow tokens, auth off) on ``database``."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenwire", "serve",
-        "--backend", "fake", "--listen", "127.0.0.1:0", "--log-format", "json",
-        "--set", f"backend.options=reply={REPLY},token_delay_s=0.05",
-        "--set", f"store.sqlite_path={database}",
-        "--set", "store.heartbeat_s=0.2",
-        "--set", "store.gateway_timeout_s=1.0",
-        "--set", "auth.enabled=false",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    assert process.stderr is not None
-    while True:
-        line = await asyncio.wait_for(process.stderr.readline(), 60)
-        assert line, "the server exited before serving"
-        if match := re.search(rb'"address": "([^"]+)"', line):
-            return process, match.group(1).decode()
+    return await spawn_server(
+        f"backend.options=reply={REPLY},token_delay_s=0.05",
+        f"store.sqlite_path={database}",
+        "store.heartbeat_s=0.2",
+        "store.gateway_timeout_s=1.0",
+        "auth.enabled=false",
+    )
 
 
 async def test_kill_9_mid_answer_then_restart(tmp_path: Path) -> None:

@@ -4,10 +4,7 @@ the second see the first's turn live, and nothing is generated twice."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import spawn_server
 from tokenwire.live.redis_bus import RedisLiveBus
 from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc, conversations_pb2_grpc
 from tokenwire.proto.v1 import conversations_pb2 as cv
@@ -38,25 +36,14 @@ class Pair:
 async def pair(tmp_path: Path, redis_url: str) -> AsyncIterator[Pair]:
     """Both gateways up, auth off (one shared anonymous user), live events through Redis."""
     database = tmp_path / "conversations.db"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenwire", "serve",
-        "--backend", "fake", "--listen", "127.0.0.1:0", "--log-format", "json",
-        "--set", f"backend.options=reply={REPLY_B}",
-        "--set", f"store.sqlite_path={database}",
-        "--set", "store.live=redis",
-        "--set", f"store.live_redis_url={redis_url}",
-        "--set", "auth.enabled=false",
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    process, address = await spawn_server(
+        f"backend.options=reply={REPLY_B}",
+        f"store.sqlite_path={database}",
+        "store.live=redis",
+        f"store.live_redis_url={redis_url}",
+        "auth.enabled=false",
+    )
     try:
-        assert process.stderr is not None
-        address = ""
-        while not address:
-            line = await asyncio.wait_for(process.stderr.readline(), 60)
-            assert line, "gateway B exited before serving"
-            if match := re.search(rb'"address": "([^"]+)"', line):
-                address = match.group(1).decode()
         backend = FakeBackend(reply=REPLY_A, token_delay_s=0.02)
         async with (
             running_server(
