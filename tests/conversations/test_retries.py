@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tokenwire.auth.keys import make_principal
+from tokenwire.config import LimitsConfig
+from tokenwire.context import CallState
+from tokenwire.model.frontend import frontend_for
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.proto.v1 import conversations_pb2 as cv
+from tokenwire.services.convert import ResponseEvents
 from tokenwire.stores import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, running_server
+from tokenwire.turns.events import TurnRequest
+from tokenwire.turns.runner import TurnRunner
 
 from .conftest import REPLY, Device, Gateway
+
+_EVENTS = ResponseEvents(chat_pb2.CompleteResponse)
 
 
 def _answer(events: list[chat_pb2.CompleteResponse]) -> str:
@@ -158,3 +167,55 @@ async def test_a_converse_turn_with_a_key_outlives_its_stream(gateway: Gateway) 
     assert started.started == resumed[0].started
     assert REPLY == _answer(resumed)
     assert 1 == len(gateway.backend.requests)
+
+
+async def test_a_turn_closed_at_turn_started_frees_its_conversation() -> None:
+    """The client goes while TurnStarted is on its way: the turn is stored as cancelled,
+    and the conversation takes the next turn at once."""
+    store = SQLiteConversationStore(":memory:")
+    await store.open()
+    model = frontend_for(FakeBackend(reply="hello"), LimitsConfig())
+    await model.start()
+    runner = TurnRunner({model.name: model}, store, LimitsConfig(), [])
+    call = CallState("r-1", "/test", principal=make_principal("acme", "alice"))
+    try:
+        first = runner.run(TurnRequest("hi"), call, _EVENTS)
+        started = (await anext(first)).started
+        await first.aclose()
+        turn = await store.get_turn("acme/alice", started.turn_id)
+        assert (False, "cancelled") == (turn.running, turn.finish_reason)
+        second = runner.run(
+            TurnRequest("again", conversation_id=started.conversation_id), call, _EVENTS
+        )
+        kinds = [event.WhichOneof("event") async for event in second]
+        assert "finished" == kinds[-1]
+    finally:
+        await model.close()
+        await store.close()
+
+
+async def test_stop_on_a_resumed_turn_stops_the_turn_itself(gateway: Gateway) -> None:
+    """A phone resumes a keyed turn on a new stream and presses stop: the original turn
+    stops too (the engine is free), and the conversation takes the next turn."""
+    phone = gateway.device("alice")
+    start = chat_pb2.ConverseRequest(
+        start=chat_pb2.StartTurn(message="long", idempotency_key="k-stop")
+    )
+    first = phone.chat.Converse(metadata=phone.metadata)
+    await first.write(start)
+    conversation_id = (await first.read()).started.conversation_id
+    first.cancel()
+    second = phone.chat.Converse(metadata=phone.metadata)
+    await second.write(start)
+    assert "started" == (await second.read()).WhichOneof("event")
+    await second.write(chat_pb2.ConverseRequest(cancel=chat_pb2.CancelTurn()))
+    while (response := await second.read()).WhichOneof("event") != "finished":
+        pass
+    assert chat_pb2.FINISH_REASON_CANCELLED == response.finished.finish_reason
+    await second.write(
+        chat_pb2.ConverseRequest(
+            start=chat_pb2.StartTurn(message="next", conversation_id=conversation_id)
+        )
+    )
+    assert "started" == (await second.read()).WhichOneof("event")
+    second.cancel()

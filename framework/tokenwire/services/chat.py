@@ -24,6 +24,7 @@ from tokenwire.proto.v1 import chat_pb2, chat_pb2_grpc
 from tokenwire.services.converse import ConverseSession, shutting_down
 from tokenwire.services.convert import ResponseEvents, turn_request
 from tokenwire.turns.detached import Detached
+from tokenwire.turns.events import TurnState
 from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["ChatServicer"]
@@ -48,10 +49,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if self.draining:
             raise shutting_down()
         # An undecodable request never gets here: the chain refuses it (INVALID_ARGUMENT).
-        responses = self.turns.run(turn_request(request), current_call(), _EVENTS)
-        if request.idempotency_key:  # outlives the call, for the retry to attach to
-            return self.detached.stream(responses)
-        return responses
+        if not request.idempotency_key:
+            return self.turns.run(turn_request(request), current_call(), _EVENTS)
+        # A keyed turn outlives the call, for the retry to attach to.
+        state = TurnState()
+        responses = self.turns.run(turn_request(request), current_call(), _EVENTS, state)
+        return self.detached.stream(responses, state.turn_id)
 
     def Converse(
         self,

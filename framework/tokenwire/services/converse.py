@@ -28,11 +28,11 @@ from tokenwire.interceptors.base import UndecodableRequest
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.services.convert import ResponseEvents, turn_error, turn_request
+from tokenwire.turns.detached import Detached
 from tokenwire.turns.events import TurnState
 
 if TYPE_CHECKING:
-    from tokenwire.turns.detached import Detached
-from tokenwire.turns.runner import TurnRunner
+    from tokenwire.turns.runner import TurnRunner
 
 __all__ = ["MERGE_TOKENS", "ConverseSession", "Outbox", "shutting_down"]
 
@@ -167,7 +167,7 @@ class ConverseSession:
             turn = self._turn
             if turn is not None and self._keyed and not turn.done():
                 # A keyed turn outlives the stream: its client's retry attaches to it.
-                self._detached.keep(turn)
+                self._detached.keep(turn, self._state.turn_id if self._state else "")
                 turn = None
             elif turn is not None:
                 turn.cancel()
@@ -240,6 +240,8 @@ class ConverseSession:
             self._cancel_requested = True
             assert self._turn is not None
             self._turn.cancel()
+            # A retry attached to a keyed turn that runs on here: cancel that turn too.
+            self._detached.cancel(state.turn_id)
 
     async def _error(self, exc: Exception, turn_id: str = "") -> None:
         response = turn_error(exc, turn_id)

@@ -36,16 +36,30 @@ class Detached:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self._by_turn: dict[str, asyncio.Task[None]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
 
-    def keep(self, task: asyncio.Task[None]) -> None:
-        """Hold ``task`` until it ends (and cancel it at shutdown)."""
+    def keep(self, task: asyncio.Task[None], turn_id: str = "") -> None:
+        """Hold ``task`` (turn ``turn_id``'s) until it ends, and cancel it at shutdown."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if turn_id:
+            self._by_turn[turn_id] = task
+            task.add_done_callback(lambda _: self._by_turn.pop(turn_id, None))
 
-    async def stream(self, responses: AsyncGenerator[Out, None]) -> AsyncGenerator[Out, None]:
+    def cancel(self, turn_id: str) -> bool:
+        """Cancel turn ``turn_id`` if it runs on here (a CancelTurn sent to its retry)."""
+        task = self._by_turn.get(turn_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def stream(
+        self, responses: AsyncGenerator[Out, None], turn_id: str = ""
+    ) -> AsyncGenerator[Out, None]:
         """``responses`` as they come, produced by a task of their own that goes on to
         the turn's end when the consumer stops early (the answer is stored either way).
 
@@ -65,7 +79,7 @@ class Detached:
                     raise
             queue.put_nowait(_END)
 
-        self.keep(asyncio.create_task(pump()))
+        self.keep(asyncio.create_task(pump()), turn_id)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, _Failure):

@@ -189,25 +189,30 @@ class TurnRunner:
                         ):
                             yield out
                         return
-                    filters = [f for p in admitted if (f := p.output_filter(info)) is not None]
-                    yield events.started(
-                        Started(state.turn_id, state.conversation_id, state.message_id, model.name)
-                    )
-                    answer = model.answer(turn, state.turn_id)
-                    chunks, decode, delta = answer.chunks, answer.decode, events.delta
-                    screens = [
-                        (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
-                        for f in filters
-                    ]
-                    limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
-                    live, conversation_id, turn_id = (
-                        self._live,
-                        state.conversation_id,
-                        state.turn_id,
-                    )
+                    chunks: AsyncIterator[object] | None = None
                     pending: Pending[object] | None = None
-                    # The hot path: one pass of this loop per message sent.
+                    # The turn is stored as running from here: however it ends (a cancel
+                    # at TurnStarted included), its answer is stored and the turn finished.
                     try:
+                        filters = [f for p in admitted if (f := p.output_filter(info)) is not None]
+                        yield events.started(
+                            Started(
+                                state.turn_id, state.conversation_id, state.message_id, model.name
+                            )
+                        )
+                        answer = model.answer(turn, state.turn_id)
+                        chunks, decode, delta = answer.chunks, answer.decode, events.delta
+                        screens = [
+                            (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
+                            for f in filters
+                        ]
+                        limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
+                        live, conversation_id, turn_id = (
+                            self._live,
+                            state.conversation_id,
+                            state.turn_id,
+                        )
+                        # The hot path: one pass of this loop per message sent.
                         while True:
                             if pending is None:
                                 chunk = await chunks.__anext__()
@@ -394,7 +399,7 @@ class TurnRunner:
 
     async def _end_answer(
         self,
-        chunks: AsyncIterator[object],
+        chunks: AsyncIterator[object] | None,
         pending: Pending[object] | None,
         owner: str,
         state: TurnState,
@@ -403,7 +408,7 @@ class TurnRunner:
         try:
             if pending is not None:
                 await pending.abandon()
-            aclose = getattr(chunks, "aclose", None)
+            aclose = getattr(chunks, "aclose", None) if chunks is not None else None
             if aclose is not None:
                 await aclose()
         finally:
@@ -421,23 +426,32 @@ class TurnRunner:
     async def _save_answer(self, owner: str, state: TurnState) -> None:
         complete = state.finished and state.reason in (FinishReason.STOP, FinishReason.LENGTH)
         answer = "".join(state.sent)
-        try:
-            await self._store.finish_turn(
-                owner,
-                state.conversation_id,
-                state.turn_id,
-                state.message_id,
-                TurnEnd(
-                    answer=answer,
-                    complete=complete,
-                    finish_reason=state.reason.value,
-                    filter_category=state.filter_category,
-                    prompt_tokens=state.prompt_tokens,
-                    completion_tokens=state.completion_tokens,
-                ),
-            )
-        except Exception:
-            _log.exception("storing the answer failed", turn_id=state.turn_id)
+        end = TurnEnd(
+            answer=answer,
+            complete=complete,
+            finish_reason=state.reason.value,
+            filter_category=state.filter_category,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens,
+        )
+        # Retried: until the turn is finished, its conversation takes no other turn.
+        for attempt, delay_s in enumerate((0.05, 0.25, 1.0, 0.0)):
+            try:
+                await self._store.finish_turn(
+                    owner, state.conversation_id, state.turn_id, state.message_id, end
+                )
+                break
+            except Exception:
+                if not delay_s:
+                    _log.exception(
+                        "storing the answer failed; the conversation stays busy until this "
+                        "gateway stops",
+                        turn_id=state.turn_id,
+                        attempts=attempt + 1,
+                    )
+                    break
+                _log.warning("storing the answer failed; retrying", turn_id=state.turn_id)
+                await asyncio.sleep(delay_s)
         if self._live is not None:  # after the commit: a follower that sees it can read it back
             self._live.publish(
                 state.conversation_id,
