@@ -78,3 +78,19 @@ async def test_a_follower_that_stops_lets_an_empty_conversation_go() -> None:
     with pytest.raises(asyncio.CancelledError):
         await reading
     assert 1 == bus.conversations
+
+
+async def test_at_most_max_events_are_buffered_in_all() -> None:
+    """Past max_events in all, the least recently used buffers nobody follows go first."""
+    bus = MemoryLiveBus(buffer_events=16, max_events=40)
+    follower = bus.follow("c-followed", from_start=True)
+    for i in range(10):
+        bus.publish("c-followed", delta(i))
+    for name in ("c-a", "c-b", "c-c"):
+        for i in range(12):
+            bus.publish(name, delta(i))
+    assert 3 == bus.conversations  # c-a was dropped to make room; the followed one stays
+    replay = bus.follow("c-a", from_start=True)
+    bus.publish("c-a", delta(99))
+    assert [delta(99)] == await take(replay, 1)
+    assert [delta(0)] == await take(follower, 1)

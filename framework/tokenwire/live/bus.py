@@ -184,8 +184,9 @@ class MemoryLiveBus:
     Each conversation keeps its last ``buffer_events`` events; a follower that falls
     further behind than that gets :class:`Lagged`. A conversation nobody follows is
     forgotten ``retain_s`` after its last event (or after its last follower left),
-    and at most ``max_conversations`` are kept, the least recently used dropped
-    first (a followed conversation is never dropped). ``clock`` is monotonic seconds.
+    and at most ``max_conversations`` are kept, and at most ``max_events`` events in
+    all (about 200 bytes each), the least recently used dropped first (a followed
+    conversation is never dropped). ``clock`` is monotonic seconds.
 
         bus = MemoryLiveBus(buffer_events=4096)
         await bus.open()
@@ -197,6 +198,7 @@ class MemoryLiveBus:
         buffer_events: int = 4096,
         retain_s: float = 300.0,
         max_conversations: int = 10_000,
+        max_events: int = 262_144,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if buffer_events < 1 or max_conversations < 1 or retain_s < 0:
@@ -204,6 +206,8 @@ class MemoryLiveBus:
         self._buffer_events = buffer_events
         self._retain_s = retain_s
         self._max_conversations = max_conversations
+        self._max_events = max(max_events, buffer_events)
+        self._events = 0  # buffered in all channels
         self._clock = clock
         # Least recently touched first: expiry and eviction look at the front only.
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
@@ -228,6 +232,7 @@ class MemoryLiveBus:
             for waiter in list(channel.followers):
                 waiter.wake.set()
         self._channels.clear()
+        self._events = 0
 
     def publish(self, conversation_id: str, event: LiveEvent) -> None:
         """Append ``event`` to the conversation's buffer and wake its followers."""
@@ -240,8 +245,13 @@ class MemoryLiveBus:
         else:
             channel.touched_at = now
             self._channels.move_to_end(conversation_id)
-        channel.events.append(event)
+        events = channel.events
+        if len(events) < self._buffer_events:
+            self._events += 1
+        events.append(event)
         channel.next_seq += 1
+        if self._events > self._max_events:
+            self._evict(channel, now)
         if channel.followers:
             for waiter in channel.followers:
                 waiter.wake.set()
@@ -297,7 +307,23 @@ class MemoryLiveBus:
             channel.touched_at = self._clock()
             self._channels.move_to_end(conversation_id)
         else:
-            del self._channels[conversation_id]
+            self._drop(conversation_id)
+
+    def _drop(self, conversation_id: str) -> None:
+        channel = self._channels.pop(conversation_id)
+        self._events -= len(channel.events)
+
+    def _evict(self, keep: _Channel, now: float) -> None:
+        """Drop the least recently used buffers nobody follows until under ``max_events``."""
+        for _ in range(len(self._channels)):
+            if self._events <= self._max_events:
+                return
+            oldest_id, oldest = next(iter(self._channels.items()))
+            if oldest.followers or oldest is keep:
+                oldest.touched_at = now
+                self._channels.move_to_end(oldest_id)
+            else:
+                self._drop(oldest_id)
 
     def _add_channel(self, conversation_id: str, now: float) -> _Channel:
         channel = self._channels[conversation_id] = _Channel(self._buffer_events, now)
@@ -310,7 +336,7 @@ class MemoryLiveBus:
                 oldest.touched_at = now
                 self._channels.move_to_end(oldest_id)
             else:
-                del self._channels[oldest_id]
+                self._drop(oldest_id)
         return channel
 
     def _expire(self, now: float) -> None:
@@ -323,4 +349,4 @@ class MemoryLiveBus:
                 oldest.touched_at = now
                 self._channels.move_to_end(oldest_id)
             else:
-                del self._channels[oldest_id]
+                self._drop(oldest_id)

@@ -22,6 +22,7 @@ __all__ = ["Detached"]
 
 Out = TypeVar("Out")
 _END: Final = object()
+_QUEUE_MESSAGES: Final = 16  # messages a keyed Complete keeps for a slow reader
 
 
 class _Failure:
@@ -63,21 +64,26 @@ class Detached:
         """``responses`` as they come, produced by a task of their own that goes on to
         the turn's end when the consumer stops early (the answer is stored either way).
 
-        What the consumer has not read waits in memory: at most one turn's messages.
+        At most a few messages wait for a slow consumer; then the turn waits too.
         """
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        # Bounded: a client that reads slowly holds its turn back (which then merges
+        # what is waiting into fewer messages), as it would without the detour.
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=_QUEUE_MESSAGES)
         listening = True
 
         async def pump() -> None:
             try:
                 async for item in responses:
                     if listening:
-                        queue.put_nowait(item)
+                        await queue.put(item)
             except BaseException as exc:
-                queue.put_nowait(_Failure(exc))
+                if listening:
+                    await queue.put(_Failure(exc))
                 if not isinstance(exc, Exception):
                     raise
-            queue.put_nowait(_END)
+            else:
+                if listening:
+                    await queue.put(_END)
 
         self.keep(asyncio.create_task(pump()), turn_id)
         try:
@@ -87,6 +93,8 @@ class Detached:
                 yield item  # type: ignore[misc]
         finally:
             listening = False  # the call ended: the turn goes on, unheard
+            while not queue.empty():  # a put waiting for room goes on
+                queue.get_nowait()
 
     async def finish(self, grace_s: float) -> None:
         """Give the kept turns ``grace_s`` to end, then cancel the rest and wait until
