@@ -8,6 +8,8 @@ from typing import Any
 from tokenwire.auth.keys import make_principal
 from tokenwire.config import LimitsConfig
 from tokenwire.context import CallState
+from tokenwire.live import MemoryLiveBus
+from tokenwire.live.bus import LiveEvent
 from tokenwire.model.frontend import frontend_for
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.proto.v1 import conversations_pb2 as cv
@@ -219,3 +221,32 @@ async def test_stop_on_a_resumed_turn_stops_the_turn_itself(gateway: Gateway) ->
     )
     assert "started" == (await second.read()).WhichOneof("event")
     second.cancel()
+
+
+class _DroppingBus(MemoryLiveBus):
+    """Loses the third delta of every turn, as a bus that failed a write would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deltas: dict[str, int] = {}
+
+    def publish(self, conversation_id: str, event: LiveEvent) -> None:
+        if event.kind == "delta":
+            self.deltas[event.turn_id] = self.deltas.get(event.turn_id, 0) + 1
+            if self.deltas[event.turn_id] == 3:
+                return
+        super().publish(conversation_id, event)
+
+
+async def test_a_retry_attached_over_a_lossy_bus_still_gets_the_whole_answer() -> None:
+    """A delta lost on the bus is noticed (its successor starts later in the answer):
+    the rest of the answer comes from the store, exactly once."""
+    backend = FakeBackend(reply=REPLY, token_delay_s=0.005)
+    async with running_server(backend, live=_DroppingBus()) as running:
+        request = chat_pb2.CompleteRequest(message="long one", idempotency_key="k-lossy")
+        first = running.chat.Complete(request)
+        await anext(aiter(first))
+        retried = [event async for event in running.chat.Complete(request)]
+        first.cancel()
+    assert REPLY == _answer(retried)
+    assert 1 == len(backend.requests)

@@ -31,8 +31,9 @@ __all__ = ["Lagged", "LiveBus", "LiveEvent", "MemoryLiveBus", "decode_event", "e
 class LiveEvent:
     """One step of a turn, as watchers see it; fields not of its ``kind`` stay at their defaults.
 
-    ``kind`` is ``"started"`` (answer id, model, the user's message), ``"delta"`` (text
-    and its token count) or ``"finished"`` (why, and the turn's usage).
+    ``kind`` is ``"started"`` (answer id, model, the user's message), ``"delta"`` (text,
+    its token count and where it starts in the answer) or ``"finished"`` (why, and the
+    turn's usage).
 
         LiveEvent("delta", "t-1", text="Hello", token_count=1)
     """
@@ -48,6 +49,9 @@ class LiveEvent:
     # delta
     text: str = ""
     token_count: int = 0
+    # characters of the answer before this delta (in "finished": all of them), so a
+    # follower sees a gap left by a dropped event as a jump
+    offset: int = 0
     # finished
     finish_reason: str = ""
     filter_category: str = ""

@@ -182,5 +182,19 @@ class ConversationServicer(conversations_pb2_grpc.ConversationServiceServicer):
         await self._store.get_conversation(current_principal().owner, conversation_id)
         # The bus never waits for a slow watcher: this one falls behind and is told so.
         async with closing(self._live.follow(conversation_id)) as events:
+            expected: dict[str, int] = {}  # turn id → characters of its answer seen
             async for item in events:
+                if isinstance(item, LiveEvent) and item.kind != "started":
+                    seen = expected.get(item.turn_id)
+                    if seen is not None and seen != item.offset:
+                        # An event went missing on the bus: say so, as for a lag.
+                        yield watch_response(
+                            conversation_id,
+                            Lagged(f"missed part of turn {item.turn_id}'s answer"),
+                        )
+                    expected[item.turn_id] = item.offset + len(item.text)
+                    if item.kind == "finished":
+                        del expected[item.turn_id]
+                elif isinstance(item, LiveEvent):
+                    expected[item.turn_id] = 0
                 yield watch_response(conversation_id, item)

@@ -101,6 +101,7 @@ async def _attach(
     (start not buffered, events lagged) or the store says the turn ended."""
     follower = live.follow(turn.conversation_id, from_start=True)
     exact = False
+    offset = 0  # characters of the answer passed on
     step: asyncio.Future[LiveEvent | Lagged] | None = None
     try:
         while True:
@@ -122,12 +123,17 @@ async def _attach(
                 continue
             if item.kind == "started":
                 exact = True  # every delta from here on is on the bus, in order
+                offset = 0
             elif item.kind == "finished":
                 # The record is committed before "finished" is published.
-                yield item if exact else await store.get_turn(owner, turn.turn_id)
+                complete = exact and item.offset == offset
+                yield item if complete else await store.get_turn(owner, turn.turn_id)
                 return
-            elif exact:
+            elif exact and item.offset == offset:
+                offset += len(item.text)
                 yield item
+            else:  # a delta missing before this one (a bus that dropped it): not exact
+                exact = False
     except StopAsyncIteration:
         yield await _wait_until_done(store, owner, turn.turn_id)
     finally:

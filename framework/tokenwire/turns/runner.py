@@ -207,6 +207,7 @@ class TurnRunner:
                             for f in filters
                         ]
                         limit, budget, sent, held = self._coalesce, self._budget, state.sent, 0
+                        offset = 0  # characters sent so far
                         live, conversation_id, turn_id = (
                             self._live,
                             state.conversation_id,
@@ -269,8 +270,15 @@ class TurnRunner:
                                 if live is not None:
                                     live.publish(
                                         conversation_id,
-                                        LiveEvent("delta", turn_id, text=text, token_count=held),
+                                        LiveEvent(
+                                            "delta",
+                                            turn_id,
+                                            text=text,
+                                            token_count=held,
+                                            offset=offset,
+                                        ),
                                     )
+                                offset += len(text)
                                 yield delta(text, held)
                                 held = 0
                             if state.finished:
@@ -458,6 +466,7 @@ class TurnRunner:
                 LiveEvent(
                     "finished",
                     state.turn_id,
+                    offset=len(answer),  # the whole answer: a follower missing a tail sees it
                     finish_reason=state.reason.value,
                     filter_category=state.filter_category,
                     prompt_tokens=state.prompt_tokens,
