@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
+import pytest
+
 from tokenwire.auth.keys import make_principal
 from tokenwire.config import LimitsConfig
 from tokenwire.context import CallState
@@ -17,6 +20,7 @@ from tokenwire.services.convert import ResponseEvents
 from tokenwire.stores import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, running_server
 from tokenwire.turns.events import TurnRequest
+from tokenwire.turns.policy import TurnInfo, TurnOutcome
 from tokenwire.turns.runner import TurnRunner
 
 from .conftest import REPLY, Device, Gateway
@@ -250,3 +254,47 @@ async def test_a_retry_attached_over_a_lossy_bus_still_gets_the_whole_answer() -
         first.cancel()
     assert REPLY == _answer(retried)
     assert 1 == len(backend.requests)
+
+
+class _Outcomes:
+    """A turn policy that records how each turn settled."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[TurnOutcome] = []
+
+    async def before_turn(self, turn: TurnInfo) -> None:
+        return None
+
+    def output_filter(self, turn: TurnInfo) -> None:
+        return None
+
+    async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
+        self.outcomes.append(outcome)
+
+
+async def test_refused_and_replayed_turns_settle_no_tokens() -> None:
+    """A turn refused because the conversation is busy, and a retry that replays a turn,
+    settle with zero tokens: only the turn that ran is charged."""
+    recorder = _Outcomes()
+    backend = FakeBackend(reply=REPLY, token_delay_s=0.005)
+    async with running_server(backend, policies=[recorder]) as running:
+        first = [e async for e in running.chat.Complete(chat_pb2.CompleteRequest(message="a"))]
+        conversation_id = first[0].started.conversation_id
+        request = chat_pb2.CompleteRequest(
+            message="b", conversation_id=conversation_id, idempotency_key="k-q"
+        )
+        racing = running.chat.Complete(request)
+        await anext(aiter(racing))
+        busy = running.chat.Complete(
+            chat_pb2.CompleteRequest(message="c", conversation_id=conversation_id)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anext(aiter(busy))
+        assert grpc.StatusCode.ABORTED == refused.value.code()
+        replayed = [e async for e in running.chat.Complete(request)]
+        [e async for e in racing]
+    assert REPLY == _answer(replayed)
+    charged = sorted(o.prompt_tokens + o.completion_tokens for o in recorder.outcomes)
+    assert 4 == len(charged)
+    assert [0, 0] == charged[:2]
+    assert all(tokens > 0 for tokens in charged[2:])

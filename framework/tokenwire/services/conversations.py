@@ -18,7 +18,7 @@ import grpc
 
 from tokenwire.backend import FinishReason
 from tokenwire.context import current_principal
-from tokenwire.errors import InvalidArgumentError
+from tokenwire.errors import InvalidArgumentError, UnavailableError
 from tokenwire.live.bus import Lagged, LiveBus, LiveEvent
 from tokenwire.proto.v1 import chat_pb2, conversations_pb2, conversations_pb2_grpc
 from tokenwire.services.convert import finished_message, started_message
@@ -198,3 +198,5 @@ class ConversationServicer(conversations_pb2_grpc.ConversationServiceServicer):
                 elif isinstance(item, LiveEvent):
                     expected[item.turn_id] = 0
                 yield watch_response(conversation_id, item)
+        # The bus closed under us: this server is going away; watch again elsewhere.
+        raise UnavailableError("the server is shutting down; watch the conversation again")

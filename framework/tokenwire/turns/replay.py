@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final, TypeVar
 
 from tokenwire.backend import FinishReason
+from tokenwire.errors import AbortedError, NotFoundError
 from tokenwire.live.bus import Lagged, LiveBus, LiveEvent
 from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnRecord
 from tokenwire.streams import closing
@@ -109,7 +110,7 @@ async def _attach(
                 step = asyncio.ensure_future(anext(follower))
             done, _ = await asyncio.wait({step}, timeout=POLL_S)
             if not done:
-                record = await store.get_turn(owner, turn.turn_id)
+                record = await _get_turn(store, owner, turn.turn_id)
                 if not record.running:
                     yield record
                     return
@@ -127,7 +128,7 @@ async def _attach(
             elif item.kind == "finished":
                 # The record is committed before "finished" is published.
                 complete = exact and item.offset == offset
-                yield item if complete else await store.get_turn(owner, turn.turn_id)
+                yield item if complete else await _get_turn(store, owner, turn.turn_id)
                 return
             elif exact and item.offset == offset:
                 offset += len(item.text)
@@ -148,7 +149,18 @@ async def _attach(
 
 async def _wait_until_done(store: ConversationStore, owner: str, turn_id: str) -> TurnRecord:
     while True:
-        record = await store.get_turn(owner, turn_id)
+        record = await _get_turn(store, owner, turn_id)
         if not record.running:
             return record
         await asyncio.sleep(POLL_S)
+
+
+async def _get_turn(store: ConversationStore, owner: str, turn_id: str) -> TurnRecord:
+    try:
+        return await store.get_turn(owner, turn_id)
+    except NotFoundError:
+        # Undone after the key was found: its client left while it was being stored.
+        raise AbortedError(
+            "the turn this idempotency key named was cancelled before it started; "
+            "send the turn again"
+        ) from None

@@ -175,6 +175,7 @@ class TurnRunner:
                 )
                 admitted: list[TurnPolicy] = []
                 outcome = TurnOutcome(FinishReason.ERROR, turn.prompt_tokens, 0)
+                generating = False
                 try:
                     for policy in self._policies:
                         await policy.before_turn(info)
@@ -200,6 +201,7 @@ class TurnRunner:
                                 state.turn_id, state.conversation_id, state.message_id, model.name
                             )
                         )
+                        generating = True  # from here the engine has the prompt
                         answer = model.answer(turn, state.turn_id)
                         chunks, decode, delta = answer.chunks, answer.decode, events.delta
                         screens = [
@@ -311,7 +313,8 @@ class TurnRunner:
                     cancelled = not isinstance(exc, Exception)
                     outcome = TurnOutcome(
                         FinishReason.CANCELLED if cancelled else FinishReason.ERROR,
-                        state.prompt_tokens,
+                        # A turn refused or cut before the engine got it used no tokens.
+                        state.prompt_tokens if generating else 0,
                         state.completion_tokens,
                         None if cancelled else exc,
                     )
