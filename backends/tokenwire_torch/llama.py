@@ -1,0 +1,198 @@
+"""An own forward pass for the Llama family, over a slotted KV cache, for batched decoding.
+
+The transformers model runs one sequence per forward pass; serving wants many
+sequences in one pass, each at its own position, joining and leaving at any
+step. :class:`LlamaForward` takes the weights of a loaded transformers Llama
+model (SmolLM2 is one) and keeps, per layer, one preallocated key and value
+cache with a row (a *slot*) per sequence. One :meth:`LlamaForward.forward` call
+runs any mix of slots, each with its own new tokens and position: a chunk of a
+prompt (prefill) or one token of each running sequence (decode)::
+
+    llama = LlamaForward(hf_model, slots=8, max_len=2048)
+    logits = llama.forward([0], [prompt_ids], [0])           # prefill slot 0
+    logits = llama.forward([0, 1], [[t0], [t1]], [n0, n1])   # decode two slots
+
+The layer math is Llama's (RMSNorm, rotary positions, grouped-query attention,
+SwiGLU) with the query, key and value projections fused into one matmul and the
+gate and up projections into another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LlamaForward"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    qkv: torch.Tensor  # (q + 2 * kv heads) * head_dim x hidden
+    out: torch.Tensor  # hidden x heads * head_dim
+    gate_up: torch.Tensor  # 2 * intermediate x hidden
+    down: torch.Tensor  # hidden x intermediate
+    attention_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+
+
+class LlamaForward:
+    """Batched Llama inference over ``slots`` cache rows of ``max_len`` positions each.
+
+    ``hf_model`` is a loaded transformers ``LlamaForCausalLM`` (its weights are
+    copied, in ``dtype``). A slot's cache is only ever read up to the positions
+    written for it, so a slot is reused by simply starting it again at 0 (or at
+    any position whose earlier keys it still holds: a shared prefix).
+    """
+
+    def __init__(
+        self,
+        hf_model: Any,
+        *,
+        slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        config = hf_model.config
+        if getattr(config, "model_type", "llama") != "llama":
+            raise ValueError(f"not a Llama model: {config.model_type!r}")
+        if slots < 1 or max_len < 1:
+            raise ValueError("slots and max_len must be >= 1")
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", self.heads))
+        self.hidden = int(config.hidden_size)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.slots = slots
+        self.max_len = max_len
+        self.dtype = dtype
+        self.device = torch.device(device)
+        weights: dict[str, torch.Tensor] = {k: v.detach() for k, v in hf_model.state_dict().items()}
+
+        def take(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = take("model.embed_tokens.weight")
+        self.lm_head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
+        self.norm = take("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i in range(int(config.num_hidden_layers)):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                _Layer(
+                    qkv=torch.cat(
+                        [take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+                    ),
+                    out=take(p + "self_attn.o_proj.weight"),
+                    gate_up=torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]),
+                    down=take(p + "mlp.down_proj.weight"),
+                    attention_norm=take(p + "input_layernorm.weight"),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                )
+            )
+        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
+        theta = _rope_theta(config)
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        )
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self._cos = angles.cos().to(device=self.device, dtype=dtype)
+        self._sin = angles.sin().to(device=self.device, dtype=dtype)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the key and value caches hold."""
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        positions: Sequence[int],
+    ) -> torch.Tensor:
+        """Run ``tokens[i]`` (all of one length) for ``slots[i]`` starting at ``positions[i]``;
+        their keys and values land in the cache. Returns the logits after each slot's last
+        token, ``(len(slots), vocab)``, in float32."""
+        batch = len(slots)
+        width = len(tokens[0])
+        if any(len(t) != width for t in tokens) or not (batch == len(positions) > 0):
+            raise ValueError("one start position per slot, and the same number of tokens each")
+        if max(positions) + width > self.max_len:
+            raise ValueError(f"positions past the cache's {self.max_len}")
+        dev = self.device
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)  # B x T
+        start = torch.tensor(positions, dtype=torch.long, device=dev)
+        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        pos = start[:, None] + torch.arange(width, device=dev)[None, :]  # B x T
+        span = int(max(positions)) + width  # keys to attend over
+        cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]  # B x T x 1 x D
+        # Causal within the chunk, and never past what this slot has written.
+        visible = torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None]  # B x T x S
+        mask = visible[:, None, :, :]  # B x 1 x T x S
+        flat_slot = slot[:, None].expand(batch, width).reshape(-1)
+        flat_pos = pos.reshape(-1)
+        groups = self.heads // self.kv_heads
+        q_size = self.heads * self.head_dim
+        kv_size = self.kv_heads * self.head_dim
+        x = self.embed[ids]  # B x T x H
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.attention_norm, self.eps)
+            qkv = h @ layer.qkv.T
+            q = qkv[..., :q_size]
+            k = qkv[..., q_size : q_size + kv_size]
+            v = qkv[..., q_size + kv_size :]
+            q = _rotate(q.view(batch, width, self.heads, self.head_dim), cos, sin)
+            k = _rotate(k.view(batch, width, self.kv_heads, self.head_dim), cos, sin)
+            v = v.view(batch, width, self.kv_heads, self.head_dim)
+            keys, values = self.keys[index], self.values[index]
+            keys[flat_slot, :, flat_pos] = k.reshape(-1, self.kv_heads, self.head_dim)
+            values[flat_slot, :, flat_pos] = v.reshape(-1, self.kv_heads, self.head_dim)
+            k_all = keys[slot, :, :span]  # B x KV x S x D
+            v_all = values[slot, :, :span]
+            if groups > 1:
+                k_all = k_all.repeat_interleave(groups, dim=1)
+                v_all = v_all.repeat_interleave(groups, dim=1)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_all, v_all, attn_mask=mask
+            )  # B x H x T x D
+            x = x + attended.transpose(1, 2).reshape(batch, width, q_size) @ layer.out.T
+            h = _rms_norm(x, layer.mlp_norm, self.eps)
+            gate, up = (h @ layer.gate_up.T).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down.T
+        last = _rms_norm(x[:, -1], self.norm, self.eps)
+        return (last @ self.lm_head.T).float()
+
+
+def _rope_theta(config: Any) -> float:
+    """The rotary base: ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); only
+    the default rotary scheme is implemented."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    parameters = parameters if isinstance(parameters, dict) else {}
+    kind = parameters.get("rope_type") or parameters.get("type") or "default"
+    if kind != "default":
+        raise ValueError(f"rotary scaling {kind!r} is not implemented by the own forward")
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    try:
+        return float(config.rope_theta)
+    except AttributeError:
+        return 10000.0
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

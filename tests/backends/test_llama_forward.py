@@ -1,0 +1,110 @@
+"""The own Llama forward pass: the same greedy tokens as transformers, alone or batched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokenwire.backend import Engine
+from tokenwire_torch.llama import LlamaForward
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    """A small random Llama with grouped-query attention, in float32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _reference(model: Any, prompt: list[int], steps: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def _greedy(llama: LlamaForward, slot: int, prompt: list[int], steps: int) -> list[int]:
+    token = int(llama.forward([slot], [prompt], [0]).argmax(-1))
+    out, position = [], len(prompt)
+    for _ in range(steps):
+        out.append(token)
+        token = int(llama.forward([slot], [[token]], [position]).argmax(-1))
+        position += 1
+    return out
+
+
+def test_greedy_tokens_match_transformers(tiny: Any) -> None:
+    """20 greedy tokens of the own forward equal transformers' generate()."""
+    llama = LlamaForward(tiny, slots=2, max_len=64)
+    prompt = [5, 17, 42, 99, 3, 250]
+    assert _reference(tiny, prompt, 20) == _greedy(llama, 0, prompt, 20)
+
+
+def test_a_sequence_that_joins_a_running_batch_gets_its_own_tokens(tiny: Any) -> None:
+    """Slot 1 starts while slot 0 is 5 tokens in; decoded together, each gets exactly
+    the tokens it gets alone, and a chunked prefill equals a whole one."""
+    first, second = [7, 8, 9, 10], [200, 1, 2, 3, 4, 5, 6, 7, 8]
+    alone = LlamaForward(tiny, slots=1, max_len=64)
+    want_first = _greedy(alone, 0, first, 12)
+    want_second = _greedy(alone, 0, second, 7)
+    llama = LlamaForward(tiny, slots=3, max_len=64)
+    tokens = {0: [int(llama.forward([0], [first], [0]).argmax(-1))]}
+    positions = {0: len(first)}
+    for _ in range(5):
+        token = int(llama.forward([0], [[tokens[0][-1]]], [positions[0]]).argmax(-1))
+        tokens[0].append(token)
+        positions[0] += 1
+    llama.forward([1], [second[:5]], [0])  # a prompt in two chunks
+    tokens[1] = [int(llama.forward([1], [second[5:]], [5]).argmax(-1))]
+    positions[1] = len(second)
+    for _ in range(6):
+        logits = llama.forward(
+            [0, 1], [[tokens[0][-1]], [tokens[1][-1]]], [positions[0], positions[1]]
+        )
+        for row, slot in enumerate((0, 1)):
+            tokens[slot].append(int(logits[row].argmax(-1)))
+            positions[slot] += 1
+    assert want_first == tokens[0][:12]
+    assert want_second == tokens[1][:7]
+
+
+def test_a_reused_slot_does_not_see_its_old_keys(tiny: Any) -> None:
+    """A slot started again at 0 answers as a fresh one (nothing past its position leaks)."""
+    llama = LlamaForward(tiny, slots=1, max_len=64)
+    _greedy(llama, 0, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 10)
+    prompt = [42, 43]
+    assert _reference(tiny, prompt, 8) == _greedy(llama, 0, prompt, 8)
+
+
+def test_bad_calls_are_refused(tiny: Any) -> None:
+    """Ragged chunks and positions past the cache are ValueErrors, not silent garbage."""
+    llama = LlamaForward(tiny, slots=2, max_len=8)
+    with pytest.raises(ValueError, match="same number"):
+        llama.forward([0, 1], [[1, 2], [3]], [0, 0])
+    with pytest.raises(ValueError, match="past the cache"):
+        llama.forward([0], [[1, 2, 3]], [6])
+
+
+async def test_smollm2_greedy_tokens_match_transformers(torch_engine: Engine) -> None:
+    """On the real SmolLM2-135M weights, 16 greedy tokens equal transformers' generate()."""
+    model: Any = torch_engine.model  # type: ignore[attr-defined]
+    llama = LlamaForward(model, slots=1, max_len=64)
+    prompt = [1, 504, 3458, 282, 4649, 314, 253, 3576, 30]
+    assert _reference(model, prompt, 16) == _greedy(llama, 0, prompt, 16)
