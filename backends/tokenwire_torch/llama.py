@@ -140,6 +140,9 @@ class LlamaForward:
         flat_slot = slot[:, None].expand(batch, width).reshape(-1)
         flat_pos = pos.reshape(-1)
         groups = self.heads // self.kv_heads
+        first = slots[0]
+        consecutive = list(slots) == list(range(first, first + batch))
+        rows = slice(first, first + batch) if consecutive else None
         q_size = self.heads * self.head_dim
         kv_size = self.kv_heads * self.head_dim
         x = self.embed[ids]  # B x T x H
@@ -155,13 +158,12 @@ class LlamaForward:
             keys, values = self.keys[index], self.values[index]
             keys[flat_slot, :, flat_pos] = k.reshape(-1, self.kv_heads, self.head_dim)
             values[flat_slot, :, flat_pos] = v.reshape(-1, self.kv_heads, self.head_dim)
-            k_all = keys[slot, :, :span]  # B x KV x S x D
-            v_all = values[slot, :, :span]
-            if groups > 1:
-                k_all = k_all.repeat_interleave(groups, dim=1)
-                v_all = v_all.repeat_interleave(groups, dim=1)
+            if rows is not None:  # consecutive slots: a view, no copy
+                k_all, v_all = keys[rows, :, :span], values[rows, :, :span]
+            else:
+                k_all, v_all = keys[slot, :, :span], values[slot, :, :span]  # B x KV x S x D
             attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all, v_all, attn_mask=mask
+                q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=groups > 1
             )  # B x H x T x D
             x = x + attended.transpose(1, 2).reshape(batch, width, q_size) @ layer.out.T
             h = _rms_norm(x, layer.mlp_norm, self.eps)

@@ -108,3 +108,24 @@ async def test_smollm2_greedy_tokens_match_transformers(torch_engine: Engine) ->
     llama = LlamaForward(model, slots=1, max_len=64)
     prompt = [1, 504, 3458, 282, 4649, 314, 253, 3576, 30]
     assert _reference(model, prompt, 16) == _greedy(llama, 0, prompt, 16)
+
+
+def test_slots_in_any_order_decode_alike(tiny: Any) -> None:
+    """Slots 2 and 0, in that order (not a consecutive run), decode as they do alone."""
+    first, second = [11, 12, 13], [21, 22, 23, 24, 25]
+    alone = LlamaForward(tiny, slots=1, max_len=64)
+    want = [_greedy(alone, 0, first, 6), _greedy(alone, 0, second, 6)]
+    llama = LlamaForward(tiny, slots=3, max_len=64)
+    last = [
+        int(llama.forward([2], [first], [0]).argmax(-1)),
+        int(llama.forward([0], [second], [0]).argmax(-1)),
+    ]
+    got = [[last[0]], [last[1]]]
+    positions = [len(first), len(second)]
+    for _ in range(5):
+        logits = llama.forward([2, 0], [[last[0]], [last[1]]], positions)
+        last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
+        for row in (0, 1):
+            got[row].append(last[row])
+            positions[row] += 1
+    assert want == got
