@@ -21,7 +21,7 @@ import logging
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from tokenwire_torch.source import ModelSource, provisional_model_name, resolve_
 
 if TYPE_CHECKING:
     from tokenwire_torch._runner import DecodeState, ModelRunner
+    from tokenwire_torch.batching import Batcher, Row
 
 __all__ = ["TorchEngine"]
 
@@ -55,7 +56,10 @@ _log = logging.getLogger("tokenwire_torch")
 
 _DTYPE_NAMES = frozenset({"auto", "float32", "bfloat16", "float16"})
 # Backend-specific settings accepted in ``BackendConfig.options``.
-_OPTION_NAMES = frozenset({"model_name", "num_threads"})
+_OPTION_NAMES = frozenset(
+    {"model_name", "num_threads", "forward", "kv_cache_mb", "prefill_chunk"}
+)
+_FORWARDS = ("auto", "own", "transformers")
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
 _RATE_WINDOW_S = 5.0
@@ -86,7 +90,9 @@ class _Sequence:
     cancelled: bool = False
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
-    producer: asyncio.Task[None] | None = None
+    producer: asyncio.Future[None] | None = None
+    row: Row | None = None  # its place in the batch, when the engine batches
+    limit: int = 0  # most completion tokens
 
 
 class TorchEngine:
@@ -120,6 +126,15 @@ class TorchEngine:
                 f"unknown torch backend options {unknown}; known: {sorted(_OPTION_NAMES)}"
             )
         self._num_threads = _parse_num_threads(config.options.get("num_threads", ""))
+        self._forward = config.options.get("forward", "auto") or "auto"
+        if self._forward not in _FORWARDS:
+            raise ConfigError(f"option forward must be one of {_FORWARDS}, got {self._forward!r}")
+        self._kv_cache_mb = _positive_int(config.options, "kv_cache_mb", 1024)
+        self._prefill_chunk = _positive_int(config.options, "prefill_chunk", 256)
+        self._batcher: Batcher | None = None
+        self._free_slots: list[int] = []
+        self._admitted: list[_Sequence] = []  # batched requests, oldest first
+        self._scheduler: asyncio.Task[None] | None = None
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
         self._start_lock = asyncio.Lock()
@@ -159,19 +174,26 @@ class TorchEngine:
             if self._closed:  # close() ran while the weights were loading
                 runner.close()
                 raise UnavailableError("the torch engine was closed while it was starting")
+            batcher = await loop.run_in_executor(self._executor, self._build_batcher, runner)
             self._load_seconds = time.perf_counter() - began
             self._runner = runner
+            self._batcher = batcher
+            context_length = runner.context_length
+            if batcher is not None:  # a cache row holds prompt and answer
+                self._free_slots = list(range(batcher.llama.slots))
+                context_length = batcher.llama.max_len
             self._capabilities = Capabilities(
                 model=source.name,
-                context_length=runner.context_length,
+                context_length=context_length,
                 max_batch=self._config.max_running,
                 tokenizer=TokenizerSource(path=str(source.directory), gguf_file=source.gguf_file),
             )
             _log.info(
-                "loaded %s on %s in %.1f s",
+                "loaded %s on %s in %.1f s (%s)",
                 source.name,
                 runner.device,
                 self._load_seconds,
+                "continuous batching" if batcher is not None else "one sequence per step",
             )
 
     async def close(self) -> None:
@@ -199,12 +221,20 @@ class TorchEngine:
         """Report running and queued requests, queued prompt tokens and recent tokens/s."""
         queued = [s for s in self._sequences if s.phase is _Phase.QUEUED]
         running = len(self._sequences) - len(queued)
+        batcher = self._batcher
+        if batcher is None:
+            # No cache of its own to measure: occupied places stand in for KV-cache use.
+            usage = running / self._config.max_running
+            waiting = sum(len(s.request.prompt_token_ids) for s in queued)
+        else:
+            rows = [s.row for s in self._sequences if s.row is not None]
+            usage = sum(r.position for r in rows) / (batcher.llama.slots * batcher.llama.max_len)
+            waiting = sum(len(r.prompt) - r.position for r in rows if r.prefilling)
         return LoadReport(
             running=running,
             queued=len(queued),
-            queued_tokens=sum(len(s.request.prompt_token_ids) for s in queued),
-            # No paged cache to measure yet: occupied slots stand in for KV-cache use.
-            kv_cache_usage=running / self._config.max_running,
+            queued_tokens=waiting,
+            kv_cache_usage=usage,
             tokens_per_second=self._decode_rate(),
         )
 
@@ -218,9 +248,15 @@ class TorchEngine:
         generator or cancelling its task stops the work within one step.
         """
         sequence = self._admit(request)
-        producer = asyncio.create_task(
-            self._produce(sequence), name=f"tokenwire-torch:{request.request_id}"
-        )
+        producer: asyncio.Future[None]
+        if sequence.row is not None:
+            producer = asyncio.get_running_loop().create_future()
+            if self._scheduler is None:
+                self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
+        else:
+            producer = asyncio.create_task(
+                self._produce(sequence), name=f"tokenwire-torch:{request.request_id}"
+            )
         sequence.producer = producer
         try:
             while True:
@@ -305,6 +341,98 @@ class TorchEngine:
             where = source.directory / (source.gguf_file or "")
             raise ConfigError(f"cannot load the model at {where}: {exc}") from exc
 
+    def _build_batcher(self, runner: ModelRunner) -> Batcher | None:
+        """The own forward pass over a slotted cache, for a Llama model (worker thread);
+        None when the option or the architecture says transformers."""
+        model_type = getattr(runner.model.config, "model_type", "")
+        if self._forward == "transformers" or (self._forward == "auto" and model_type != "llama"):
+            return None
+        from tokenwire_torch.batching import Batcher
+        from tokenwire_torch.llama import LlamaForward
+
+        config = runner.model.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", heads))
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        dtype = runner.model.dtype
+        per_token = 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+        slots = self._config.max_running
+        budget = self._kv_cache_mb * 1024 * 1024
+        max_len = min(runner.context_length or 2048, budget // (slots * per_token))
+        if max_len < 16:
+            raise ConfigError(
+                f"kv_cache_mb={self._kv_cache_mb} leaves {max_len} positions per request at "
+                f"max_running={slots}; raise kv_cache_mb or lower max_running"
+            )
+        llama = LlamaForward(
+            runner.model, slots=slots, max_len=max_len, dtype=dtype, device=runner.device
+        )
+        return Batcher(llama, prefill_chunk=self._prefill_chunk)
+
+    async def _schedule(self) -> None:
+        """Step every admitted request together until none is left (see ``batching``)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batcher
+        assert batcher is not None
+        active: list[_Sequence] = []
+        try:
+            while True:
+                for sequence in [s for s in self._sequences if s.cancelled]:
+                    self._release(sequence)
+                # Admission order: the oldest prompt is prefilled first.
+                active = [s for s in self._admitted if s in self._sequences]
+                self._admitted = active
+                if not active:
+                    return
+                rows = [s.row for s in active if s.row is not None]
+                began = time.monotonic()
+                self._steps_executed += await loop.run_in_executor(
+                    self._executor, batcher.step, rows
+                )
+                ended = time.monotonic()
+                for sequence in active:
+                    row = sequence.row
+                    if sequence.cancelled or row is None:
+                        continue
+                    for token in row.tokens:
+                        sequence.phase = _Phase.RUNNING
+                        self._recent_steps.append((began, ended))
+                        if token in sequence.stop_token_ids:
+                            sequence.finish_reason = FinishReason.STOP
+                        else:
+                            sequence.pending.append(token)
+                            sequence.completion_tokens += 1
+                            if sequence.completion_tokens >= sequence.limit:
+                                sequence.finish_reason = FinishReason.LENGTH
+                    if sequence.finish_reason is not None:
+                        self._release(sequence)
+                    elif row.tokens:
+                        sequence.ready.set()
+        except Exception as exc:
+            _log.exception("torch batch step failed")
+            traceback.clear_frames(exc.__traceback__)
+            for sequence in list(self._sequences):
+                if sequence.row is not None:
+                    sequence.error = exc
+                    self._release(sequence)
+        finally:
+            self._scheduler = None
+            if any(s.row is not None for s in self._sequences):  # admitted during the exit
+                self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Take a batched request out: its slot is free for the next one at once."""
+        if sequence not in self._sequences:
+            return
+        self._sequences.discard(sequence)
+        if sequence.row is not None:
+            self._free_slots.append(sequence.row.slot)
+        if sequence.finish_reason is None and sequence.error is None:
+            sequence.error = UnavailableError("generation stopped before it finished")
+        sequence.ready.set()
+        if sequence.producer is not None and not sequence.producer.done():
+            sequence.producer.set_result(None)
+
     def _admit(self, request: GenerateRequest) -> _Sequence:
         """Check and register a request; no await here, so admission is atomic."""
         runner = self._require_runner()
@@ -322,12 +450,30 @@ class TorchEngine:
                 f"backend overloaded: {len(self._sequences)} requests running",
                 retry_after_s=_RETRY_AFTER_S,
             )
-        sequence = _Sequence(
-            request=request,
-            stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
-            state=runner.new_state(prompt, request.sampling),
-        )
+        context = self._capabilities.context_length
+        if self._batcher is not None:
+            if len(prompt) >= context:
+                raise InvalidArgumentError(
+                    f"the prompt has {len(prompt)} tokens; a cache row holds {context} "
+                    "(raise the torch option kv_cache_mb, or lower max_running)"
+                )
+            row = self._batcher.new_row(self._free_slots.pop(), prompt, request.sampling)
+            sequence = _Sequence(
+                request=request,
+                stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
+                state=None,
+                row=row,
+                limit=min(request.max_tokens, context - len(prompt)),
+            )
+        else:
+            sequence = _Sequence(
+                request=request,
+                stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
+                state=runner.new_state(prompt, request.sampling),
+            )
         self._sequences.add(sequence)
+        if sequence.row is not None:
+            self._admitted.append(sequence)
         return sequence
 
     async def _produce(self, sequence: _Sequence) -> None:
@@ -388,6 +534,20 @@ class TorchEngine:
             return 0.0
         elapsed = max(now - self._recent_steps[0][0], 1e-6)
         return len(self._recent_steps) / elapsed
+
+
+def _positive_int(options: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer option, or ``default`` when it is not set."""
+    value = options.get(name, "")
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"option {name} must be a positive integer, got {value!r}")
+    return number
 
 
 def _parse_num_threads(value: str) -> int | None:

@@ -500,7 +500,10 @@ async def test_admission_refuses_when_full(smollm: TorchEngine, story: list[int]
             info.value.message,
             info.value.retry_after_s,
         )
-        assert (MAX_RUNNING, 1.0) == (smollm.load().running, smollm.load().kv_cache_usage)
+        load = smollm.load()
+        assert MAX_RUNNING == load.running
+        # The cache in use: every request's prompt and tokens so far, of all the rows.
+        assert 0 < load.kv_cache_usage < 1
     finally:
         for stream in held:
             await stream.aclose()

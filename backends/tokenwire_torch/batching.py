@@ -1,0 +1,103 @@
+"""Continuous batching for the torch engine, over the own Llama forward pass.
+
+One scheduler task per engine loops while requests are admitted. Each round it
+drops what was cancelled or finished (freeing its cache slot), then runs one
+step on the engine's worker thread:
+
+* the next chunk of at most ``prefill_chunk`` prompt tokens of one request
+  still reading its prompt (oldest first), so a long prompt delays running
+  streams by at most one chunk's forward pass per step;
+* one token for every request past its prompt, all in one batched forward.
+
+Requests join and leave the batch at any step. Each samples with its own
+settings and its own seeded generator, so a seeded answer does not depend on
+its batch mates; greedy ones take the argmax of their own row::
+
+    batcher = Batcher(llama, eos_token_ids, prefill_chunk=256)
+    row = batcher.add(prompt_ids, sampling, slot)      # on the worker thread
+    finished = batcher.step(rows)                      # one step for those rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenwire.backend import SamplingParams
+from tokenwire_torch.llama import LlamaForward
+from tokenwire_torch.sampling import sample_next_token
+
+__all__ = ["Batcher", "Row"]
+
+
+@dataclass(eq=False)
+class Row:
+    """One request's place in the batch: its cache slot and how far it has come."""
+
+    slot: int
+    prompt: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    position: int = 0  # tokens already in the cache
+    last: int = -1  # the token to feed next (after the prompt)
+    tokens: list[int] = field(default_factory=list)  # produced by the last step, if any
+
+    @property
+    def prefilling(self) -> bool:
+        return self.position < len(self.prompt)
+
+
+class Batcher:
+    """Runs batched steps of :class:`LlamaForward` (on one thread only)."""
+
+    def __init__(self, llama: LlamaForward, *, prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.llama = llama
+        self.prefill_chunk = prefill_chunk
+
+    def new_row(self, slot: int, prompt: list[int], sampling: SamplingParams) -> Row:
+        """A request's row in ``slot``; its RNG is seeded from ``sampling.seed``."""
+        generator: torch.Generator | None = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=self.llama.device)
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed)
+        return Row(slot, prompt, sampling, generator)
+
+    def step(self, rows: list[Row]) -> int:
+        """One step over ``rows``: a prompt chunk of the first one still prefilling, and a
+        token for each past its prompt. Sets each row's ``tokens`` (one new token, or
+        none); returns the forward passes run."""
+        for row in rows:
+            row.tokens = []
+        passes = 0
+        prefill = next((row for row in rows if row.prefilling), None)
+        decoding = [row for row in rows if not row.prefilling]
+        if prefill is not None:
+            chunk = prefill.prompt[prefill.position : prefill.position + self.prefill_chunk]
+            logits = self.llama.forward([prefill.slot], [chunk], [prefill.position])
+            prefill.position += len(chunk)
+            passes += 1
+            if not prefill.prefilling:  # the prompt is in: its first token
+                self._take(prefill, logits[0])
+        if decoding:
+            logits = self.llama.forward(
+                [row.slot for row in decoding],
+                [[row.last] for row in decoding],
+                [row.position for row in decoding],
+            )
+            passes += 1
+            for index, row in enumerate(decoding):
+                row.position += 1
+                self._take(row, logits[index])
+        return passes
+
+    @staticmethod
+    def _take(row: Row, logits: torch.Tensor) -> None:
+        token = sample_next_token(logits, row.sampling, row.generator)
+        row.last = token
+        row.tokens = [token]
