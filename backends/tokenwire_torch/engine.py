@@ -56,9 +56,7 @@ _log = logging.getLogger("tokenwire_torch")
 
 _DTYPE_NAMES = frozenset({"auto", "float32", "bfloat16", "float16"})
 # Backend-specific settings accepted in ``BackendConfig.options``.
-_OPTION_NAMES = frozenset(
-    {"model_name", "num_threads", "forward", "kv_cache_mb", "prefill_chunk"}
-)
+_OPTION_NAMES = frozenset({"model_name", "num_threads", "forward", "kv_cache_mb", "prefill_chunk"})
 _FORWARDS = ("auto", "own", "transformers")
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
@@ -299,6 +297,11 @@ class TorchEngine:
     def load_seconds(self) -> float | None:
         """How long ``start()`` took to load the model; None before it has."""
         return self._load_seconds
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the batching cache holds, preallocated at start (0 without batching)."""
+        return self._batcher.llama.cache_bytes if self._batcher is not None else 0
 
     @property
     def model(self) -> Any:

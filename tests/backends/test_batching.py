@@ -1,0 +1,152 @@
+"""Continuous batching in the torch engine: joining, leaving, chunked prefill, the budget."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokenwire.backend import BackendConfig, GenerateRequest, SamplingParams
+from tokenwire.errors import ResourceExhaustedError
+from tokenwire_torch import TorchEngine, create_engine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random two-layer Llama (grouped-query attention), without EOS, on disk."""
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("batch-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+async def engine(checkpoint: Path) -> AsyncIterator[TorchEngine]:
+    """Three slots, prompts prefilled 8 tokens a step, float32."""
+    config = BackendConfig(
+        model_path=str(checkpoint),
+        max_running=3,
+        dtype="float32",
+        options={"prefill_chunk": "8", "kv_cache_mb": "4"},
+    )
+    started = create_engine(config)
+    assert isinstance(started, TorchEngine)
+    await started.start()
+    yield started
+    await started.close()
+
+
+def _request(prompt: list[int], tokens: int, **sampling: object) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=f"r{prompt[0]}-{tokens}",
+        prompt_token_ids=tuple(prompt),
+        max_tokens=tokens,
+        sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
+    )
+
+
+async def _all(engine: TorchEngine, request: GenerateRequest) -> list[int]:
+    return [t async for chunk in engine.generate(request) for t in chunk.token_ids]
+
+
+async def test_a_request_joining_a_running_batch_gets_its_own_greedy_tokens(
+    engine: TorchEngine,
+) -> None:
+    """B starts while A streams; each gets exactly the tokens it gets alone."""
+    first, second = [5, 6, 7, 8, 9], [200, 201, 202, 17, 18, 19, 20, 21, 22, 23, 24]
+    want_a = await _all(engine, _request(first, 30))
+    want_b = await _all(engine, _request(second, 20))
+    stream_a = engine.generate(_request(first, 30))
+    got_a = list((await anext(stream_a)).token_ids)
+    while len(got_a) < 5:
+        got_a += (await anext(stream_a)).token_ids
+    got_b = await _all(engine, _request(second, 20))
+    got_a += [t async for chunk in stream_a for t in chunk.token_ids]
+    assert (want_a, want_b) == (got_a, got_b)
+
+
+async def test_a_seeded_answer_does_not_depend_on_its_batch_mates(engine: TorchEngine) -> None:
+    """The same seed gives the same sampled tokens alone and beside another request."""
+    prompt, seeded = [40, 41, 42], {"temperature": 0.9, "top_p": 0.9, "seed": 7}
+    alone = await _all(engine, _request(prompt, 20, **seeded))
+    mate = engine.generate(_request([60, 61], 40, temperature=1.0))
+    await anext(mate)
+    together = await _all(engine, _request(prompt, 20, **seeded))
+    await mate.aclose()
+    assert alone == together
+
+
+async def test_a_cancel_frees_the_slot_at_once(engine: TorchEngine) -> None:
+    """Closing a stream frees its slot before aclose() returns: the engine is empty, and
+    a full set of new requests is admitted."""
+    streams = [engine.generate(_request([i + 1, 2, 3], 100)) for i in range(3)]
+    for stream in streams:
+        await anext(stream)
+    with pytest.raises(ResourceExhaustedError):
+        await anext(engine.generate(_request([9], 5)))
+    for stream in streams:
+        await stream.aclose()
+    load = engine.load()
+    assert (0, 0, 0.0) == (load.running, load.queued, load.kv_cache_usage)
+    again = [engine.generate(_request([i + 10], 3)) for i in range(3)]
+    for stream in again:
+        assert (await anext(stream)).token_ids
+        await stream.aclose()
+
+
+async def test_a_long_prompt_never_stalls_a_running_stream(engine: TorchEngine) -> None:
+    """A 96-token prompt arrives while A streams: it is prefilled 8 tokens a step, and A
+    gets a token every step meanwhile (12 steps: at least 12 tokens before B's first)."""
+    stream_a = engine.generate(_request([1, 2, 3], 120))
+    await anext(stream_a)
+    before = engine.steps_executed
+    stream_b = engine.generate(_request(list(range(100, 196)), 3))
+    first_b = await anext(stream_b)
+    steps = engine.steps_executed - before
+    received = 0
+    while True:
+        chunk = await anext(stream_a)
+        received += len(chunk.token_ids)
+        if received >= 12:
+            break
+    await stream_b.aclose()
+    await stream_a.aclose()
+    assert first_b.token_ids
+    # 12 prefill chunks of B, each step also decoding A (two passes a step).
+    assert 12 * 2 <= steps <= 13 * 2 + 2
+
+
+async def test_the_cache_is_a_fixed_budget(engine: TorchEngine) -> None:
+    """The cache is preallocated within kv_cache_mb, and admission past it is refused, so
+    no load grows it; a row holds prompt plus answer (the context reported)."""
+    assert 0 < engine.kv_cache_bytes <= 4 * 1024 * 1024
+    context = engine.capabilities.context_length
+    per_row = engine.kv_cache_bytes // 3
+    assert per_row // context == 2 * 2 * 2 * 16 * 4  # k and v, layers, kv heads, dim, float32
+    refused = 0
+    streams = []
+    for i in range(64):
+        try:
+            stream = engine.generate(_request([i + 1], 50))
+            await anext(stream)
+            streams.append(stream)
+        except ResourceExhaustedError:
+            refused += 1
+    assert (3, 61) == (len(streams), refused)
+    for stream in streams:
+        await stream.aclose()
