@@ -76,7 +76,8 @@ class Batcher:
             row.tokens = []
         passes = 0
         prefill = next((row for row in rows if row.prefilling), None)
-        decoding = [row for row in rows if not row.prefilling]
+        # By slot: consecutive slots are read as one view of the cache, without a copy.
+        decoding = sorted((row for row in rows if not row.prefilling), key=lambda r: r.slot)
         if prefill is not None:
             chunk = prefill.prompt[prefill.position : prefill.position + self.prefill_chunk]
             logits = self.llama.forward([prefill.slot], [chunk], [prefill.position])

@@ -29,12 +29,59 @@ import torch.nn.functional as F
 __all__ = ["LlamaForward"]
 
 
+INT4_GROUP = 32
+"""Weights per scale and minimum in the int4 format: the GGUF Q4_1 block size, so the
+file's own 4-bit weights come back exactly."""
+
+
+class _Linear:
+    """``x @ weight.T``, with the weight as it is (float) or packed as int4 groups."""
+
+    __slots__ = ("error", "packed", "scales", "weight")
+
+    def __init__(self, weight: torch.Tensor, int4: bool) -> None:
+        self.weight: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.error = 0.0  # largest |dequantized - original|, relative to the largest weight
+        if not int4:
+            self.weight = weight.contiguous()
+            return
+        rows, width = weight.shape
+        if width % INT4_GROUP:
+            raise ValueError(f"int4 needs input widths in groups of {INT4_GROUP}, got {width}")
+        groups = weight.float().reshape(rows, width // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        levels = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        restored = levels * scale[..., None] + low[..., None]
+        self.error = float((restored - groups).abs().max() / groups.abs().max().clamp(min=1e-12))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            levels.to(torch.int32).reshape(rows, width).contiguous(), 8
+        )
+        # The kernel computes (level - 8) * scale + zero: zero = minimum + 8 * scale.
+        zero = low + 8 * scale
+        self.scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+        self.scales = self.scales.to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return x @ self.weight.T
+        assert self.packed is not None
+        assert self.scales is not None
+        flat = x.reshape(-1, x.shape[-1])
+        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, INT4_GROUP, self.scales
+        )
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 @dataclass(frozen=True, slots=True)
 class _Layer:
-    qkv: torch.Tensor  # (q + 2 * kv heads) * head_dim x hidden
-    out: torch.Tensor  # hidden x heads * head_dim
-    gate_up: torch.Tensor  # 2 * intermediate x hidden
-    down: torch.Tensor  # hidden x intermediate
+    qkv: _Linear  # (q + 2 * kv heads) * head_dim x hidden
+    out: _Linear  # hidden x heads * head_dim
+    gate_up: _Linear  # 2 * intermediate x hidden
+    down: _Linear  # hidden x intermediate
     attention_norm: torch.Tensor
     mlp_norm: torch.Tensor
 
@@ -56,12 +103,21 @@ class LlamaForward:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        weights: str = "float",
     ) -> None:
         config = hf_model.config
         if getattr(config, "model_type", "llama") != "llama":
             raise ValueError(f"not a Llama model: {config.model_type!r}")
         if slots < 1 or max_len < 1:
             raise ValueError("slots and max_len must be >= 1")
+        if weights not in ("float", "int4"):
+            raise ValueError(f"weights must be 'float' or 'int4', got {weights!r}")
+        int4 = weights == "int4"
+        if int4:
+            if torch.device(device).type != "cpu":
+                raise ValueError("int4 weights run on the CPU kernels; use float on CUDA")
+            dtype = torch.bfloat16  # the int4 kernels take bf16 activations
+        self.weights = weights
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", self.heads))
         self.hidden = int(config.hidden_size)
@@ -71,25 +127,37 @@ class LlamaForward:
         self.max_len = max_len
         self.dtype = dtype
         self.device = torch.device(device)
-        weights: dict[str, torch.Tensor] = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in hf_model.state_dict().items()}
 
         def take(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+            return tensors[name].to(device=self.device, dtype=dtype).contiguous()
+
+        def weights_of(name: str) -> torch.Tensor:  # full precision, for quantizing
+            source: torch.Tensor = tensors[name]
+            wanted = torch.float32 if int4 else dtype
+            converted: torch.Tensor = source.to(device=self.device, dtype=wanted)
+            return converted
 
         self.embed = take("model.embed_tokens.weight")
-        self.lm_head = take("lm_head.weight") if "lm_head.weight" in weights else self.embed
+        self.lm_head = take("lm_head.weight") if "lm_head.weight" in tensors else self.embed
         self.norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(int(config.num_hidden_layers)):
             p = f"model.layers.{i}."
             self.layers.append(
                 _Layer(
-                    qkv=torch.cat(
-                        [take(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+                    qkv=_Linear(
+                        torch.cat(
+                            [weights_of(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+                        ),
+                        int4,
                     ),
-                    out=take(p + "self_attn.o_proj.weight"),
-                    gate_up=torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]),
-                    down=take(p + "mlp.down_proj.weight"),
+                    out=_Linear(weights_of(p + "self_attn.o_proj.weight"), int4),
+                    gate_up=_Linear(
+                        torch.cat([weights_of(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]),
+                        int4,
+                    ),
+                    down=_Linear(weights_of(p + "mlp.down_proj.weight"), int4),
                     attention_norm=take(p + "input_layernorm.weight"),
                     mlp_norm=take(p + "post_attention_layernorm.weight"),
                 )
@@ -105,6 +173,19 @@ class LlamaForward:
         angles = torch.cat([angles, angles], dim=-1)
         self._cos = angles.cos().to(device=self.device, dtype=dtype)
         self._sin = angles.sin().to(device=self.device, dtype=dtype)
+
+    @property
+    def int4_error(self) -> float:
+        """The largest relative change int4 packing made to any weight (0.0: lossless, as
+        for weights that were 4-bit in the file; 0.0 for float weights too)."""
+        return max(
+            (
+                lin.error
+                for layer in self.layers
+                for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)
+            ),
+            default=0.0,
+        )
 
     @property
     def cache_bytes(self) -> int:
@@ -148,7 +229,7 @@ class LlamaForward:
         x = self.embed[ids]  # B x T x H
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attention_norm, self.eps)
-            qkv = h @ layer.qkv.T
+            qkv = layer.qkv(h)
             q = qkv[..., :q_size]
             k = qkv[..., q_size : q_size + kv_size]
             v = qkv[..., q_size + kv_size :]
@@ -165,10 +246,10 @@ class LlamaForward:
             attended = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=groups > 1
             )  # B x H x T x D
-            x = x + attended.transpose(1, 2).reshape(batch, width, q_size) @ layer.out.T
+            x = x + layer.out(attended.transpose(1, 2).reshape(batch, width, q_size))
             h = _rms_norm(x, layer.mlp_norm, self.eps)
-            gate, up = (h @ layer.gate_up.T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer.down.T
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         last = _rms_norm(x[:, -1], self.norm, self.eps)
         return (last @ self.lm_head.T).float()
 

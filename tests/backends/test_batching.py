@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenwire.backend import BackendConfig, GenerateRequest, SamplingParams
+from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingParams
 from tokenwire.errors import ResourceExhaustedError
+from tokenwire.testing.conformance import EngineConformance
 from tokenwire_torch import TorchEngine, create_engine
 
 
@@ -150,3 +151,32 @@ async def test_the_cache_is_a_fixed_budget(engine: TorchEngine) -> None:
     assert (3, 61) == (len(streams), refused)
     for stream in streams:
         await stream.aclose()
+
+
+@pytest.fixture(params=["transformers", "own-float", "own-int4"])
+async def any_setting(request: pytest.FixtureRequest, checkpoint: Path) -> AsyncIterator[Engine]:
+    """The tiny model under every forward and weight setting."""
+    forward, _, weights = str(request.param).partition("-")
+    options = {"forward": forward, "kv_cache_mb": "4"}
+    if weights:
+        options["weights"] = weights
+    engine = create_engine(
+        BackendConfig(model_path=str(checkpoint), max_running=2, options=options)
+    )
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+class TestEverySettingConforms(EngineConformance):
+    """The framework's engine conformance suite on each forward and weight setting."""
+
+    @pytest.fixture
+    async def engine(self, any_setting: Engine) -> Engine:
+        """The engine under test."""
+        return any_setting
+
+    @pytest.fixture
+    def prompt_ids(self) -> list[int]:
+        """A short prompt (the tiny model has no EOS: it never ends early)."""
+        return [3, 4, 5, 6]

@@ -129,3 +129,29 @@ def test_slots_in_any_order_decode_alike(tiny: Any) -> None:
             got[row].append(last[row])
             positions[row] += 1
     assert want == got
+
+
+async def test_smollm2_int4_packs_the_files_4_bit_weights_exactly(torch_engine: Engine) -> None:
+    """The GGUF's Q4_1 layer weights pack into int4 groups of 32 with no change at all,
+    and int4 greedy decoding starts like the float model on a plain prompt."""
+    model: Any = torch_engine.model  # type: ignore[attr-defined]
+    llama = LlamaForward(model, slots=1, max_len=64, weights="int4")
+    assert 0.0 == llama.int4_error
+    assert torch.bfloat16 == llama.dtype
+    prompt = [1, 504, 3458, 282, 4649, 314, 253, 3576, 30]
+    # bf16 activations: the first tokens agree; later ones may drift at near-ties.
+    assert _reference(model, prompt, 8) == _greedy(llama, 0, prompt, 8)
+
+
+def test_int4_needs_whole_groups() -> None:
+    """A layer whose width is not a multiple of 32 cannot be packed: a clear error."""
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ValueError, match="groups of 32"):
+        LlamaForward(LlamaForCausalLM(config), slots=1, max_len=8, weights="int4")
