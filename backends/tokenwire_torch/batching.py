@@ -28,7 +28,17 @@ from tokenwire.backend import SamplingParams
 from tokenwire_torch.llama import LlamaForward
 from tokenwire_torch.sampling import sample_next_token
 
-__all__ = ["Batcher", "Row"]
+__all__ = ["Batcher", "Row", "common_prefix"]
+
+
+def common_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens ``prompt`` shares with ``cached``."""
+    shared = 0
+    for a, b in zip(cached, prompt, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 @dataclass(eq=False)
@@ -42,6 +52,7 @@ class Row:
     position: int = 0  # tokens already in the cache
     last: int = -1  # the token to feed next (after the prompt)
     tokens: list[int] = field(default_factory=list)  # produced by the last step, if any
+    cached: list[int] = field(default_factory=list)  # the tokens whose keys the slot holds
 
     @property
     def prefilling(self) -> bool:
@@ -57,8 +68,14 @@ class Batcher:
         self.llama = llama
         self.prefill_chunk = prefill_chunk
 
-    def new_row(self, slot: int, prompt: list[int], sampling: SamplingParams) -> Row:
-        """A request's row in ``slot``; its RNG is seeded from ``sampling.seed``."""
+    def new_row(
+        self, slot: int, prompt: list[int], sampling: SamplingParams, reuse: int = 0
+    ) -> Row:
+        """A request's row in ``slot``, whose first ``reuse`` prompt tokens the slot
+        already holds (a prefix cached from an earlier request); its RNG is seeded
+        from ``sampling.seed``."""
+        if not 0 <= reuse < len(prompt):
+            raise ValueError("reuse must leave at least one prompt token to run")
         generator: torch.Generator | None = None
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.llama.device)
@@ -66,7 +83,7 @@ class Batcher:
                 generator.seed()
             else:
                 generator.manual_seed(sampling.seed)
-        return Row(slot, prompt, sampling, generator)
+        return Row(slot, prompt, sampling, generator, position=reuse, cached=prompt[:reuse])
 
     def step(self, rows: list[Row]) -> int:
         """One step over ``rows``: a prompt chunk of the first one still prefilling, and a
@@ -82,6 +99,7 @@ class Batcher:
             chunk = prefill.prompt[prefill.position : prefill.position + self.prefill_chunk]
             logits = self.llama.forward([prefill.slot], [chunk], [prefill.position])
             prefill.position += len(chunk)
+            prefill.cached += chunk
             passes += 1
             if not prefill.prefilling:  # the prompt is in: its first token
                 self._take(prefill, logits[0])
@@ -94,6 +112,7 @@ class Batcher:
             passes += 1
             for index, row in enumerate(decoding):
                 row.position += 1
+                row.cached.append(row.last)
                 self._take(row, logits[index])
         return passes
 

@@ -64,6 +64,8 @@ _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
 _RATE_WINDOW_S = 5.0
 _RETRY_AFTER_S = 1.0
+# A cached prefix shorter than this is not worth picking a slot for.
+_MIN_PREFIX = 16
 
 
 class _Phase(enum.Enum):
@@ -148,6 +150,8 @@ class TorchEngine:
         self._batcher: Batcher | None = None
         self._free_slots: list[int] = []
         self._admitted: list[_Sequence] = []  # batched requests, oldest first
+        self._slot_tokens: dict[int, list[int]] = {}  # free slot → the tokens it holds
+        self._prefix_hits = 0  # prompt tokens served from the cache
         self._scheduler: asyncio.Task[None] | None = None
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
@@ -315,6 +319,11 @@ class TorchEngine:
         return self._load_seconds
 
     @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens whose keys came from the cache instead of a prefill, so far."""
+        return self._prefix_hits
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes the batching cache holds, preallocated at start (0 without batching)."""
         return self._batcher.llama.cache_bytes if self._batcher is not None else 0
@@ -446,13 +455,32 @@ class TorchEngine:
             if any(s.row is not None for s in self._sequences):  # admitted during the exit
                 self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
 
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with ``prompt`` (and
+        how many of them to reuse); without a useful one, the slot freed longest ago."""
+        from tokenwire_torch.batching import common_prefix
+
+        best, shared = self._free_slots[0], 0
+        for slot in self._free_slots:
+            length = common_prefix(self._slot_tokens.get(slot, []), prompt)
+            if length > shared:
+                best, shared = slot, length
+        if shared < _MIN_PREFIX:
+            best, shared = self._free_slots[0], 0  # oldest first: recent prefixes stay longest
+        self._free_slots.remove(best)
+        self._slot_tokens.pop(best, None)
+        return best, min(shared, len(prompt) - 1)
+
     def _release(self, sequence: _Sequence) -> None:
-        """Take a batched request out: its slot is free for the next one at once."""
+        """Take a batched request out: its slot is free for the next one at once, and
+        keeps its tokens' keys for a request that starts the same way (the next turn)."""
         if sequence not in self._sequences:
             return
         self._sequences.discard(sequence)
         if sequence.row is not None:
             self._free_slots.append(sequence.row.slot)
+            if sequence.error is None:  # a failed step may have left its keys half written
+                self._slot_tokens[sequence.row.slot] = sequence.row.cached
         if sequence.finish_reason is None and sequence.error is None:
             sequence.error = UnavailableError("generation stopped before it finished")
         sequence.ready.set()
@@ -483,10 +511,9 @@ class TorchEngine:
                     f"the prompt has {len(prompt)} tokens; a cache row holds {context} "
                     "(raise the torch option kv_cache_mb, or lower max_running)"
                 )
-            # The lowest free slot: running requests stay in one run of slots.
-            slot = min(self._free_slots)
-            self._free_slots.remove(slot)
-            row = self._batcher.new_row(slot, prompt, request.sampling)
+            slot, reuse = self._pick_slot(prompt)
+            row = self._batcher.new_row(slot, prompt, request.sampling, reuse)
+            self._prefix_hits += reuse
             sequence = _Sequence(
                 request=request,
                 stop_token_ids=request.stop_token_ids | runner.eos_token_ids,

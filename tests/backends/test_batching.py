@@ -180,3 +180,30 @@ class TestEverySettingConforms(EngineConformance):
     def prompt_ids(self) -> list[int]:
         """A short prompt (the tiny model has no EOS: it never ends early)."""
         return [3, 4, 5, 6]
+
+
+async def test_the_next_turn_reuses_the_cached_prefix(
+    engine: TorchEngine, checkpoint: Path
+) -> None:
+    """A second turn that starts with the first turn's prompt and answer prefills only
+    what is new, and answers exactly as an engine without the cache does; a prompt that
+    shares nothing reuses nothing."""
+    first = list(range(30, 70))
+    answer = await _all(engine, _request(first, 10))
+    second = first + answer[:9] + [7, 8, 9, 10]
+    hits = engine.prefix_cache_hits
+    reused = await _all(engine, _request(second, 12))
+    assert engine.prefix_cache_hits - hits >= len(first)
+    plain = create_engine(
+        BackendConfig(
+            model_path=str(checkpoint), max_running=1, options={"forward": "transformers"}
+        )
+    )
+    await plain.start()
+    try:
+        assert await _all(plain, _request(second, 12)) == reused  # type: ignore[arg-type]
+    finally:
+        await plain.close()
+    hits = engine.prefix_cache_hits
+    await _all(engine, _request([300, 301, 302] * 10, 3))
+    assert hits == engine.prefix_cache_hits
