@@ -57,7 +57,15 @@ _log = logging.getLogger("tokenwire_torch")
 _DTYPE_NAMES = frozenset({"auto", "float32", "bfloat16", "float16"})
 # Backend-specific settings accepted in ``BackendConfig.options``.
 _OPTION_NAMES = frozenset(
-    {"model_name", "num_threads", "forward", "kv_cache_mb", "prefill_chunk", "weights"}
+    {
+        "model_name",
+        "num_threads",
+        "forward",
+        "kv_cache_mb",
+        "prefill_chunk",
+        "weights",
+        "prefix_cache",
+    }
 )
 _FORWARDS = ("auto", "own", "transformers")
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
@@ -120,6 +128,8 @@ class TorchEngine:
       ``max_running`` rows; a row's length is the context the engine reports;
     * ``prefill_chunk``: prompt tokens prefilled per step (default 256), the
       most a new prompt delays running streams by, per step;
+    * ``prefix_cache``: ``on`` (default: a freed slot keeps its keys for a request
+      that starts the same way, such as the conversation's next turn) or ``off``;
     * ``weights``: ``float`` (default, the configured dtype) or ``int4`` (group
       32 with bf16 activations on the CPU; the GGUF's own Q4_1 weights pack
       exactly, and decoding runs about 1.6x faster).
@@ -144,6 +154,9 @@ class TorchEngine:
             raise ConfigError(f"option forward must be one of {_FORWARDS}, got {self._forward!r}")
         self._kv_cache_mb = _positive_int(config.options, "kv_cache_mb", 1024)
         self._prefill_chunk = _positive_int(config.options, "prefill_chunk", 256)
+        self._prefix_cache = (config.options.get("prefix_cache", "on") or "on") == "on"
+        if config.options.get("prefix_cache", "on") not in ("on", "off", ""):
+            raise ConfigError("option prefix_cache must be 'on' or 'off'")
         self._weights = config.options.get("weights", "float") or "float"
         if self._weights not in ("float", "int4"):
             raise ConfigError(f"option weights must be 'float' or 'int4', got {self._weights!r}")
@@ -479,7 +492,8 @@ class TorchEngine:
         self._sequences.discard(sequence)
         if sequence.row is not None:
             self._free_slots.append(sequence.row.slot)
-            if sequence.error is None:  # a failed step may have left its keys half written
+            # A failed step may have left its keys half written: not worth keeping.
+            if sequence.error is None and self._prefix_cache:
                 self._slot_tokens[sequence.row.slot] = sequence.row.cached
         if sequence.finish_reason is None and sequence.error is None:
             sequence.error = UnavailableError("generation stopped before it finished")

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingParams
-from tokenwire.errors import ResourceExhaustedError
+from tokenwire.errors import ConfigError, ResourceExhaustedError
 from tokenwire.testing.conformance import EngineConformance
 from tokenwire_torch import TorchEngine, create_engine
 
@@ -207,3 +207,22 @@ async def test_the_next_turn_reuses_the_cached_prefix(
     hits = engine.prefix_cache_hits
     await _all(engine, _request([300, 301, 302] * 10, 3))
     assert hits == engine.prefix_cache_hits
+
+
+async def test_the_prefix_cache_can_be_turned_off(checkpoint: Path) -> None:
+    """prefix_cache=off: a repeated prompt is prefilled again; any other value is refused."""
+    config = BackendConfig(
+        model_path=str(checkpoint), max_running=1, options={"prefix_cache": "off"}
+    )
+    engine = create_engine(config)
+    await engine.start()
+    try:
+        prompt = list(range(40, 80))
+        assert isinstance(engine, TorchEngine)
+        await _all(engine, _request(prompt, 4))
+        await _all(engine, _request([*prompt, 1, 2], 4))
+        assert 0 == engine.prefix_cache_hits
+    finally:
+        await engine.close()
+    with pytest.raises(ConfigError, match="prefix_cache"):
+        create_engine(BackendConfig(model_path=str(checkpoint), options={"prefix_cache": "maybe"}))
