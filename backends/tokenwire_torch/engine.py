@@ -163,7 +163,8 @@ class TorchEngine:
         self._batcher: Batcher | None = None
         self._free_slots: list[int] = []
         self._admitted: list[_Sequence] = []  # batched requests, oldest first
-        self._slot_tokens: dict[int, list[int]] = {}  # free slot → the tokens it holds
+        # free slot → (its last request's cache scope, the tokens whose keys it holds)
+        self._slot_tokens: dict[int, tuple[str, list[int]]] = {}
         self._prefix_hits = 0  # prompt tokens served from the cache
         self._scheduler: asyncio.Task[None] | None = None
         self._config = config
@@ -468,14 +469,18 @@ class TorchEngine:
             if any(s.row is not None for s in self._sequences):  # admitted during the exit
                 self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot whose cached tokens share the longest prefix with ``prompt`` (and
-        how many of them to reuse); without a useful one, the slot freed longest ago."""
+    def _pick_slot(self, prompt: list[int], scope: str) -> tuple[int, int]:
+        """The free slot of the same cache scope whose cached tokens share the longest
+        prefix with ``prompt`` (and how many to reuse); without a useful one, the slot
+        freed longest ago. Keys never cross scopes (see GenerateRequest.cache_scope)."""
         from tokenwire_torch.batching import common_prefix
 
         best, shared = self._free_slots[0], 0
-        for slot in self._free_slots:
-            length = common_prefix(self._slot_tokens.get(slot, []), prompt)
+        for slot in self._free_slots if scope else ():
+            held_scope, tokens = self._slot_tokens.get(slot, ("", []))
+            if held_scope != scope:
+                continue
+            length = common_prefix(tokens, prompt)
             if length > shared:
                 best, shared = slot, length
         if shared < _MIN_PREFIX:
@@ -494,7 +499,8 @@ class TorchEngine:
             self._free_slots.append(sequence.row.slot)
             # A failed step may have left its keys half written: not worth keeping.
             if sequence.error is None and self._prefix_cache:
-                self._slot_tokens[sequence.row.slot] = sequence.row.cached
+                scope = sequence.request.cache_scope
+                self._slot_tokens[sequence.row.slot] = (scope, sequence.row.cached)
         if sequence.finish_reason is None and sequence.error is None:
             sequence.error = UnavailableError("generation stopped before it finished")
         sequence.ready.set()
@@ -525,7 +531,7 @@ class TorchEngine:
                     f"the prompt has {len(prompt)} tokens; a cache row holds {context} "
                     "(raise the torch option kv_cache_mb, or lower max_running)"
                 )
-            slot, reuse = self._pick_slot(prompt)
+            slot, reuse = self._pick_slot(prompt, request.cache_scope)
             row = self._batcher.new_row(slot, prompt, request.sampling, reuse)
             self._prefix_hits += reuse
             sequence = _Sequence(

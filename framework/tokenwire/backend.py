@@ -76,7 +76,11 @@ class GenerateRequest:
 
     ``max_tokens`` is already bounded by the frontend so that prompt plus
     completion fits the engine's context; ``stop_token_ids`` end generation
-    (the stop token itself is not returned).
+    (the stop token itself is not returned). ``cache_scope`` bounds what an
+    engine with a prefix cache may reuse: only keys computed for a request of
+    the same scope (the gateway passes the conversation's id), so how fast a
+    prompt starts never tells one conversation about another's text; empty: no
+    reuse.
     """
 
     request_id: str
@@ -84,6 +88,7 @@ class GenerateRequest:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: frozenset[int] = frozenset()
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,12 +52,15 @@ async def engine(checkpoint: Path) -> AsyncIterator[TorchEngine]:
     await started.close()
 
 
-def _request(prompt: list[int], tokens: int, **sampling: object) -> GenerateRequest:
+def _request(
+    prompt: list[int], tokens: int, scope: str = "", **sampling: object
+) -> GenerateRequest:
     return GenerateRequest(
         request_id=f"r{prompt[0]}-{tokens}",
         prompt_token_ids=tuple(prompt),
         max_tokens=tokens,
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
+        cache_scope=scope,
     )
 
 
@@ -186,13 +189,17 @@ async def test_the_next_turn_reuses_the_cached_prefix(
     engine: TorchEngine, checkpoint: Path
 ) -> None:
     """A second turn that starts with the first turn's prompt and answer prefills only
-    what is new, and answers exactly as an engine without the cache does; a prompt that
-    shares nothing reuses nothing."""
+    what is new, and answers exactly as an engine without the cache does; the same
+    prompt in another conversation (scope), or one that shares nothing, reuses nothing."""
     first = list(range(30, 70))
-    answer = await _all(engine, _request(first, 10))
+    answer = await _all(engine, _request(first, 10, "conv-a"))
     second = first + answer[:9] + [7, 8, 9, 10]
     hits = engine.prefix_cache_hits
-    reused = await _all(engine, _request(second, 12))
+    await _all(engine, _request(second, 2, "conv-b"))
+    assert hits == engine.prefix_cache_hits  # another conversation's keys are never served
+    await _all(engine, _request(first, 10, "conv-a"))  # conv-a's keys, cached again
+    hits = engine.prefix_cache_hits
+    reused = await _all(engine, _request(second, 12, "conv-a"))
     assert engine.prefix_cache_hits - hits >= len(first)
     plain = create_engine(
         BackendConfig(
@@ -205,7 +212,7 @@ async def test_the_next_turn_reuses_the_cached_prefix(
     finally:
         await plain.close()
     hits = engine.prefix_cache_hits
-    await _all(engine, _request([300, 301, 302] * 10, 3))
+    await _all(engine, _request([300, 301, 302] * 10, 3, "conv-a"))
     assert hits == engine.prefix_cache_hits
 
 
@@ -219,8 +226,8 @@ async def test_the_prefix_cache_can_be_turned_off(checkpoint: Path) -> None:
     try:
         prompt = list(range(40, 80))
         assert isinstance(engine, TorchEngine)
-        await _all(engine, _request(prompt, 4))
-        await _all(engine, _request([*prompt, 1, 2], 4))
+        await _all(engine, _request(prompt, 4, "conv"))
+        await _all(engine, _request([*prompt, 1, 2], 4, "conv"))
         assert 0 == engine.prefix_cache_hits
     finally:
         await engine.close()

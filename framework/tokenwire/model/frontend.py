@@ -144,7 +144,7 @@ class ChatModel(Protocol):
 
     def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
 
-    def answer(self, turn: PreparedTurn, request_id: str) -> Answer: ...
+    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer: ...
 
 
 async def _stream(answer: Answer, name: str, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
@@ -275,14 +275,16 @@ class EngineFrontend:
         """Stream the answer; closing this iterator stops the engine's work."""
         return _stream(self.answer(turn, request_id), self.name, request_id)
 
-    def answer(self, turn: PreparedTurn, request_id: str) -> Answer:
-        """The engine's chunks for ``turn`` and their decoder (detokenizer, stop strings)."""
+    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer:
+        """The engine's chunks for ``turn`` and their decoder (detokenizer, stop strings);
+        ``cache_scope`` is what the engine may share cached keys within (a conversation)."""
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=turn.prompt_token_ids,
             max_tokens=turn.max_tokens,
             sampling=turn.params.sampling(),
             stop_token_ids=self.tokenizer.eos_token_ids,
+            cache_scope=cache_scope,
         )
         decoder = _EngineDecoder(self.tokenizer.detokenizer().step, turn)
         return Answer(self._engine.generate(request), decoder.decode)  # type: ignore[arg-type]
@@ -363,8 +365,9 @@ class TextFrontend:
         """Stream the answer; closing this iterator stops the backend's work."""
         return _stream(self.answer(turn, request_id), self.name, request_id)
 
-    def answer(self, turn: PreparedTurn, request_id: str) -> Answer:
-        """The backend's text chunks for ``turn``, passed through."""
+    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer:
+        """The backend's text chunks for ``turn``, passed through (a text backend keeps
+        its own caches: ``cache_scope`` is not used)."""
         request = TextRequest(
             request_id, turn.messages, turn.max_tokens, turn.params.sampling(), turn.params.stop
         )

@@ -202,7 +202,7 @@ class TurnRunner:
                             )
                         )
                         generating = True  # from here the engine has the prompt
-                        answer = model.answer(turn, state.turn_id)
+                        answer = model.answer(turn, state.turn_id, state.conversation_id)
                         chunks, decode, delta = answer.chunks, answer.decode, events.delta
                         screens = [
                             (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
