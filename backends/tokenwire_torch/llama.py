@@ -66,7 +66,7 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
-            return x @ self.weight.T
+            return F.linear(x, self.weight)
         assert self.packed is not None
         assert self.scales is not None
         flat = x.reshape(-1, x.shape[-1])
@@ -251,7 +251,7 @@ class LlamaForward:
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         last = _rms_norm(x[:, -1], self.norm, self.eps)
-        return (last @ self.lm_head.T).float()
+        return F.linear(last, self.lm_head).float()
 
 
 def _rope_theta(config: Any) -> float:
