@@ -4,9 +4,9 @@ One scheduler task per engine loops while requests are admitted. Each round it
 drops what was cancelled or finished (freeing its cache slot), then runs one
 step on the engine's worker thread:
 
-* the next chunk of at most ``prefill_chunk`` prompt tokens of one request
-  still reading its prompt (oldest first), so a long prompt delays running
-  streams by at most one chunk's forward pass per step;
+* the next prompt chunks of the requests still reading their prompts (oldest
+  first), ``prefill_chunk`` tokens in all, in one forward pass, so new prompts
+  delay running streams by at most that much prefill per step;
 * one token for every request past its prompt, all in one batched forward.
 
 Requests join and leave the batch at any step. Each samples with its own
@@ -86,23 +86,31 @@ class Batcher:
         return Row(slot, prompt, sampling, generator, position=reuse, cached=prompt[:reuse])
 
     def step(self, rows: list[Row]) -> int:
-        """One step over ``rows``: a prompt chunk of the first one still prefilling, and a
-        token for each past its prompt. Sets each row's ``tokens`` (one new token, or
-        none); returns the forward passes run."""
+        """One step over ``rows``: prompt chunks of the oldest still prefilling (up to
+        ``prefill_chunk`` tokens in all), and a token for each past its prompt. Sets
+        each row's ``tokens`` (one new token, or none); returns the forward passes run."""
         for row in rows:
             row.tokens = []
         passes = 0
-        prefill = next((row for row in rows if row.prefilling), None)
         # By slot: consecutive slots are read as one view of the cache, without a copy.
         decoding = sorted((row for row in rows if not row.prefilling), key=lambda r: r.slot)
-        if prefill is not None:
-            chunk = prefill.prompt[prefill.position : prefill.position + self.prefill_chunk]
-            logits = self.llama.forward([prefill.slot], [chunk], [prefill.position])
-            prefill.position += len(chunk)
-            prefill.cached += chunk
-            passes += 1
-            if not prefill.prefilling:  # the prompt is in: its first token
-                self._take(prefill, logits[0])
+        # Prompt chunks of the oldest prefilling requests, ``prefill_chunk`` tokens in all,
+        # in one pass: a step delays the running streams by at most that much prefill.
+        budget, prefill = self.prefill_chunk, []
+        for row in rows:
+            if row.prefilling and budget > 0:
+                size = min(len(row.prompt) - row.position, budget)
+                prefill.append((row, row.prompt[row.position : row.position + size]))
+                budget -= size
+        if prefill:
+            width = max(len(chunk) for _, chunk in prefill)
+            room = self.llama.max_len
+            fits = [(r, c) for r, c in prefill if r.position + width <= room]
+            alone = [(r, c) for r, c in prefill if r.position + width > room]
+            if fits:
+                passes += self._prefill(fits)
+            for single in alone:  # near the cache's end: no room for the padding
+                passes += self._prefill([single])
         if decoding:
             logits = self.llama.forward(
                 [row.slot for row in decoding],
@@ -115,6 +123,19 @@ class Batcher:
                 row.cached.append(row.last)
                 self._take(row, logits[index])
         return passes
+
+    def _prefill(self, group: list[tuple[Row, list[int]]]) -> int:
+        logits = self.llama.forward(
+            [row.slot for row, _ in group],
+            [chunk for _, chunk in group],
+            [row.position for row, _ in group],
+        )
+        for index, (row, chunk) in enumerate(group):
+            row.position += len(chunk)
+            row.cached += chunk
+            if not row.prefilling:  # the prompt is in: its first token
+                self._take(row, logits[index])
+        return 1
 
     @staticmethod
     def _take(row: Row, logits: torch.Tensor) -> None:

@@ -199,17 +199,25 @@ class LlamaForward:
         tokens: Sequence[Sequence[int]],
         positions: Sequence[int],
     ) -> torch.Tensor:
-        """Run ``tokens[i]`` (all of one length) for ``slots[i]`` starting at ``positions[i]``;
-        their keys and values land in the cache. Returns the logits after each slot's last
-        token, ``(len(slots), vocab)``, in float32."""
+        """Run ``tokens[i]`` for ``slots[i]`` starting at ``positions[i]``; their keys and
+        values land in the cache. Returns the logits after each slot's last token,
+        ``(len(slots), vocab)``, in float32.
+
+        Rows may differ in length (prompt chunks of several requests in one pass):
+        shorter ones are padded to the longest, and what the padding writes lies past
+        the row's last position, where nothing reads before the row's next tokens
+        overwrite it. Every row needs room for the longest in the cache.
+        """
         batch = len(slots)
-        width = len(tokens[0])
-        if any(len(t) != width for t in tokens) or not (batch == len(positions) > 0):
-            raise ValueError("one start position per slot, and the same number of tokens each")
+        lengths = [len(t) for t in tokens]
+        width = max(lengths, default=0)
+        if not (batch == len(positions) > 0) or min(lengths) < 1:
+            raise ValueError("one start position per slot, and at least one token each")
         if max(positions) + width > self.max_len:
             raise ValueError(f"positions past the cache's {self.max_len}")
         dev = self.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)  # B x T
+        padded = [list(t) + [0] * (width - len(t)) for t in tokens]
+        ids = torch.tensor(padded, dtype=torch.long, device=dev)  # B x T
         start = torch.tensor(positions, dtype=torch.long, device=dev)
         slot = torch.tensor(slots, dtype=torch.long, device=dev)
         pos = start[:, None] + torch.arange(width, device=dev)[None, :]  # B x T
@@ -250,7 +258,8 @@ class LlamaForward:
             h = _rms_norm(x, layer.mlp_norm, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        last = _rms_norm(x[:, -1], self.norm, self.eps)
+        ends = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
+        last = _rms_norm(x[torch.arange(batch, device=dev), ends], self.norm, self.eps)
         return F.linear(last, self.lm_head).float()
 
 

@@ -94,10 +94,10 @@ def test_a_reused_slot_does_not_see_its_old_keys(tiny: Any) -> None:
 
 
 def test_bad_calls_are_refused(tiny: Any) -> None:
-    """Ragged chunks and positions past the cache are ValueErrors, not silent garbage."""
+    """An empty row and positions past the cache are ValueErrors, not silent garbage."""
     llama = LlamaForward(tiny, slots=2, max_len=8)
-    with pytest.raises(ValueError, match="same number"):
-        llama.forward([0, 1], [[1, 2], [3]], [0, 0])
+    with pytest.raises(ValueError, match="at least one token"):
+        llama.forward([0, 1], [[1, 2], []], [0, 0])
     with pytest.raises(ValueError, match="past the cache"):
         llama.forward([0], [[1, 2, 3]], [6])
 
@@ -155,3 +155,23 @@ def test_int4_needs_whole_groups() -> None:
     )
     with pytest.raises(ValueError, match="groups of 32"):
         LlamaForward(LlamaForCausalLM(config), slots=1, max_len=8, weights="int4")
+
+
+def test_prompts_of_different_lengths_prefill_together(tiny: Any) -> None:
+    """Two prompts of 3 and 9 tokens in one padded pass give the logits and then the
+    greedy tokens each gets alone."""
+    short, long = [4, 5, 6], [100, 101, 102, 103, 104, 105, 106, 107, 108]
+    alone = LlamaForward(tiny, slots=1, max_len=64)
+    want = [_greedy(alone, 0, short, 6), _greedy(alone, 0, long, 6)]
+    llama = LlamaForward(tiny, slots=2, max_len=64)
+    logits = llama.forward([0, 1], [short, long], [0, 0])
+    last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
+    got = [[last[0]], [last[1]]]
+    positions = [len(short), len(long)]
+    for _ in range(5):
+        logits = llama.forward([0, 1], [[last[0]], [last[1]]], positions)
+        last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
+        for row in (0, 1):
+            got[row].append(last[row])
+            positions[row] += 1
+    assert want == got
