@@ -148,7 +148,8 @@ class TorchEngine:
             raise ConfigError(
                 f"unknown torch backend options {unknown}; known: {sorted(_OPTION_NAMES)}"
             )
-        self._num_threads = _parse_num_threads(config.options.get("num_threads", ""))
+        # 0: torch's default (one thread per core).
+        self._num_threads = _positive_int(config.options, "num_threads", 0) or None
         self._forward = config.options.get("forward", "auto") or "auto"
         if self._forward not in _FORWARDS:
             raise ConfigError(f"option forward must be one of {_FORWARDS}, got {self._forward!r}")
@@ -624,16 +625,3 @@ def _positive_int(options: Mapping[str, str], name: str, default: int) -> int:
     if number < 1:
         raise ConfigError(f"option {name} must be a positive integer, got {value!r}")
     return number
-
-
-def _parse_num_threads(value: str) -> int | None:
-    """Read the ``num_threads`` option: a positive int, or empty for torch's default."""
-    if not value:
-        return None
-    try:
-        threads = int(value)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ConfigError(f"option num_threads must be a positive integer, got {value!r}")
-    return threads

@@ -50,6 +50,21 @@ def _greedy(llama: LlamaForward, slot: int, prompt: list[int], steps: int) -> li
     return out
 
 
+def _decode_together(
+    llama: LlamaForward, slots: list[int], first: list[int], positions: list[int], steps: int
+) -> list[list[int]]:
+    """Greedy tokens of ``slots`` decoded in one batch, starting from their first tokens."""
+    last, positions = list(first), list(positions)
+    got = [[token] for token in first]
+    for _ in range(steps):
+        logits = llama.forward(slots, [[token] for token in last], positions)
+        last = [int(logits[row].argmax(-1)) for row in range(len(slots))]
+        for row in range(len(slots)):
+            got[row].append(last[row])
+            positions[row] += 1
+    return got
+
+
 def test_greedy_tokens_match_transformers(tiny: Any) -> None:
     """20 greedy tokens of the own forward equal transformers' generate()."""
     llama = LlamaForward(tiny, slots=2, max_len=64)
@@ -120,15 +135,7 @@ def test_slots_in_any_order_decode_alike(tiny: Any) -> None:
         int(llama.forward([2], [first], [0]).argmax(-1)),
         int(llama.forward([0], [second], [0]).argmax(-1)),
     ]
-    got = [[last[0]], [last[1]]]
-    positions = [len(first), len(second)]
-    for _ in range(5):
-        logits = llama.forward([2, 0], [[last[0]], [last[1]]], positions)
-        last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
-        for row in (0, 1):
-            got[row].append(last[row])
-            positions[row] += 1
-    assert want == got
+    assert want == _decode_together(llama, [2, 0], last, [len(first), len(second)], 5)
 
 
 async def test_smollm2_int4_packs_the_files_4_bit_weights_exactly(torch_engine: Engine) -> None:
@@ -166,12 +173,4 @@ def test_prompts_of_different_lengths_prefill_together(tiny: Any) -> None:
     llama = LlamaForward(tiny, slots=2, max_len=64)
     logits = llama.forward([0, 1], [short, long], [0, 0])
     last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
-    got = [[last[0]], [last[1]]]
-    positions = [len(short), len(long)]
-    for _ in range(5):
-        logits = llama.forward([0, 1], [[last[0]], [last[1]]], positions)
-        last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
-        for row in (0, 1):
-            got[row].append(last[row])
-            positions[row] += 1
-    assert want == got
+    assert want == _decode_together(llama, [0, 1], last, [len(short), len(long)], 5)
