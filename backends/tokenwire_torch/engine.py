@@ -16,14 +16,12 @@ producer appends tokens to the request's buffer and wakes the consumer (the
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenwire.backend import (
@@ -44,11 +42,13 @@ from tokenwire.errors import (
     TokenwireError,
     UnavailableError,
 )
+from tokenwire_torch.admitted import Admitted, Phase
 from tokenwire_torch.source import ModelSource, provisional_model_name, resolve_model_source
 
 if TYPE_CHECKING:
-    from tokenwire_torch._runner import DecodeState, ModelRunner
-    from tokenwire_torch.batching import Batcher, Row
+    from tokenwire_torch._runner import ModelRunner
+    from tokenwire_torch.batching import Batcher
+    from tokenwire_torch.scheduler import SlotScheduler
 
 __all__ = ["TorchEngine"]
 
@@ -72,37 +72,6 @@ _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
 _RATE_WINDOW_S = 5.0
 _RETRY_AFTER_S = 1.0
-# A cached prefix shorter than this is not worth picking a slot for.
-_MIN_PREFIX = 16
-
-
-class _Phase(enum.Enum):
-    QUEUED = "queued"  # admitted, prefill not done yet
-    RUNNING = "running"  # producing tokens
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One admitted request: shared by its producer task and its consumer generator.
-
-    Only the event loop thread mutates these fields; the worker thread reads
-    ``cancelled`` and uses ``state``, which it receives as an argument.
-    """
-
-    request: GenerateRequest
-    stop_token_ids: frozenset[int]
-    state: DecodeState | None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: list[int] = field(default_factory=list)
-    phase: _Phase = _Phase.QUEUED
-    completion_tokens: int = 0
-    steps: int = 0
-    cancelled: bool = False
-    finish_reason: FinishReason | None = None
-    error: BaseException | None = None
-    producer: asyncio.Future[None] | None = None
-    row: Row | None = None  # its place in the batch, when the engine batches
-    limit: int = 0  # most completion tokens
 
 
 class TorchEngine:
@@ -161,19 +130,13 @@ class TorchEngine:
         self._weights = config.options.get("weights", "float") or "float"
         if self._weights not in ("float", "int4"):
             raise ConfigError(f"option weights must be 'float' or 'int4', got {self._weights!r}")
-        self._batcher: Batcher | None = None
-        self._free_slots: list[int] = []
-        self._admitted: list[_Sequence] = []  # batched requests, oldest first
-        # free slot → (its last request's cache scope, the tokens whose keys it holds)
-        self._slot_tokens: dict[int, tuple[str, list[int]]] = {}
-        self._prefix_hits = 0  # prompt tokens served from the cache
-        self._scheduler: asyncio.Task[None] | None = None
+        self._scheduler: SlotScheduler | None = None
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
         self._start_lock = asyncio.Lock()
         self._runner: ModelRunner | None = None
         self._closed = False
-        self._sequences: set[_Sequence] = set()
+        self._sequences: set[Admitted] = set()
         self._steps_executed = 0
         self._recent_steps: deque[tuple[float, float]] = deque()  # (start, end) per step
         self._load_seconds: float | None = None
@@ -210,11 +173,18 @@ class TorchEngine:
             batcher = await loop.run_in_executor(self._executor, self._build_batcher, runner)
             self._load_seconds = time.perf_counter() - began
             self._runner = runner
-            self._batcher = batcher
             context_length = runner.context_length
             if batcher is not None:  # a cache row holds prompt and answer
-                self._free_slots = list(range(batcher.llama.slots))
-                context_length = batcher.llama.max_len
+                from tokenwire_torch.scheduler import SlotScheduler
+
+                self._scheduler = SlotScheduler(
+                    batcher,
+                    self._executor,
+                    self._sequences,
+                    prefix_cache=self._prefix_cache,
+                    recent_steps=self._recent_steps,
+                )
+                context_length = self._scheduler.context_length
             self._capabilities = Capabilities(
                 model=source.name,
                 context_length=context_length,
@@ -252,16 +222,17 @@ class TorchEngine:
 
     def load(self) -> LoadReport:
         """Report running and queued requests, queued prompt tokens and recent tokens/s."""
-        queued = [s for s in self._sequences if s.phase is _Phase.QUEUED]
+        queued = [s for s in self._sequences if s.phase is Phase.QUEUED]
         running = len(self._sequences) - len(queued)
-        batcher = self._batcher
-        if batcher is None:
+        scheduler = self._scheduler
+        if scheduler is None:
             # No cache of its own to measure: occupied places stand in for KV-cache use.
             usage = running / self._config.max_running
             waiting = sum(len(s.request.prompt_token_ids) for s in queued)
         else:
             rows = [s.row for s in self._sequences if s.row is not None]
-            usage = sum(r.position for r in rows) / (batcher.llama.slots * batcher.llama.max_len)
+            llama = scheduler.batcher.llama
+            usage = sum(r.position for r in rows) / (llama.slots * llama.max_len)
             waiting = sum(len(r.prompt) - r.position for r in rows if r.prefilling)
         return LoadReport(
             running=running,
@@ -282,10 +253,9 @@ class TorchEngine:
         """
         sequence = self._admit(request)
         producer: asyncio.Future[None]
-        if sequence.row is not None:
+        if sequence.row is not None and self._scheduler is not None:
             producer = asyncio.get_running_loop().create_future()
-            if self._scheduler is None:
-                self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
+            self._scheduler.wake()
         else:
             producer = asyncio.create_task(
                 self._produce(sequence), name=f"tokenwire-torch:{request.request_id}"
@@ -326,7 +296,8 @@ class TorchEngine:
     @property
     def steps_executed(self) -> int:
         """Forward passes run so far, all requests together (prefills included)."""
-        return self._steps_executed
+        batched = self._scheduler.steps_executed if self._scheduler is not None else 0
+        return self._steps_executed + batched
 
     @property
     def load_seconds(self) -> float | None:
@@ -336,12 +307,13 @@ class TorchEngine:
     @property
     def prefix_cache_hits(self) -> int:
         """Prompt tokens whose keys came from the cache instead of a prefill, so far."""
-        return self._prefix_hits
+        return self._scheduler.prefix_hits if self._scheduler is not None else 0
 
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes the batching cache holds, preallocated at start (0 without batching)."""
-        return self._batcher.llama.cache_bytes if self._batcher is not None else 0
+        scheduler = self._scheduler
+        return scheduler.batcher.llama.cache_bytes if scheduler is not None else 0
 
     @property
     def model(self) -> Any:
@@ -419,96 +391,7 @@ class TorchEngine:
         )
         return Batcher(llama, prefill_chunk=self._prefill_chunk)
 
-    async def _schedule(self) -> None:
-        """Step every admitted request together until none is left (see ``batching``)."""
-        loop = asyncio.get_running_loop()
-        batcher = self._batcher
-        assert batcher is not None
-        active: list[_Sequence] = []
-        try:
-            while True:
-                for sequence in [s for s in self._sequences if s.cancelled]:
-                    self._release(sequence)
-                # Admission order: the oldest prompt is prefilled first.
-                active = [s for s in self._admitted if s in self._sequences]
-                self._admitted = active
-                if not active:
-                    return
-                rows = [s.row for s in active if s.row is not None]
-                began = time.monotonic()
-                self._steps_executed += await loop.run_in_executor(
-                    self._executor, batcher.step, rows
-                )
-                ended = time.monotonic()
-                for sequence in active:
-                    row = sequence.row
-                    if sequence.cancelled or row is None:
-                        continue
-                    for token in row.tokens:
-                        sequence.phase = _Phase.RUNNING
-                        self._recent_steps.append((began, ended))
-                        if token in sequence.stop_token_ids:
-                            sequence.finish_reason = FinishReason.STOP
-                        else:
-                            sequence.pending.append(token)
-                            sequence.completion_tokens += 1
-                            if sequence.completion_tokens >= sequence.limit:
-                                sequence.finish_reason = FinishReason.LENGTH
-                    if sequence.finish_reason is not None:
-                        self._release(sequence)
-                    elif row.tokens:
-                        sequence.ready.set()
-        except Exception as exc:
-            _log.exception("torch batch step failed")
-            traceback.clear_frames(exc.__traceback__)
-            for sequence in list(self._sequences):
-                if sequence.row is not None:
-                    sequence.error = exc
-                    self._release(sequence)
-        finally:
-            self._scheduler = None
-            if any(s.row is not None for s in self._sequences):  # admitted during the exit
-                self._scheduler = asyncio.create_task(self._schedule(), name="tokenwire-torch")
-
-    def _pick_slot(self, prompt: list[int], scope: str) -> tuple[int, int]:
-        """The free slot of the same cache scope whose cached tokens share the longest
-        prefix with ``prompt`` (and how many to reuse); without a useful one, the slot
-        freed longest ago. Keys never cross scopes (see GenerateRequest.cache_scope)."""
-        from tokenwire_torch.batching import common_prefix
-
-        best, shared = self._free_slots[0], 0
-        for slot in self._free_slots if scope else ():
-            held_scope, tokens = self._slot_tokens.get(slot, ("", []))
-            if held_scope != scope:
-                continue
-            length = common_prefix(tokens, prompt)
-            if length > shared:
-                best, shared = slot, length
-        if shared < _MIN_PREFIX:
-            best, shared = self._free_slots[0], 0  # oldest first: recent prefixes stay longest
-        self._free_slots.remove(best)
-        self._slot_tokens.pop(best, None)
-        return best, min(shared, len(prompt) - 1)
-
-    def _release(self, sequence: _Sequence) -> None:
-        """Take a batched request out: its slot is free for the next one at once, and
-        keeps its tokens' keys for a request that starts the same way (the next turn)."""
-        if sequence not in self._sequences:
-            return
-        self._sequences.discard(sequence)
-        if sequence.row is not None:
-            self._free_slots.append(sequence.row.slot)
-            # A failed step may have left its keys half written: not worth keeping.
-            if sequence.error is None and self._prefix_cache:
-                scope = sequence.request.cache_scope
-                self._slot_tokens[sequence.row.slot] = (scope, sequence.row.cached)
-        if sequence.finish_reason is None and sequence.error is None:
-            sequence.error = UnavailableError("generation stopped before it finished")
-        sequence.ready.set()
-        if sequence.producer is not None and not sequence.producer.done():
-            sequence.producer.set_result(None)
-
-    def _admit(self, request: GenerateRequest) -> _Sequence:
+    def _admit(self, request: GenerateRequest) -> Admitted:
         """Check and register a request; no await here, so admission is atomic."""
         runner = self._require_runner()
         prompt = list(request.prompt_token_ids)
@@ -526,34 +409,29 @@ class TorchEngine:
                 retry_after_s=_RETRY_AFTER_S,
             )
         context = self._capabilities.context_length
-        if self._batcher is not None:
+        if self._scheduler is not None:
             if len(prompt) >= context:
                 raise InvalidArgumentError(
                     f"the prompt has {len(prompt)} tokens; a cache row holds {context} "
                     "(raise the torch option kv_cache_mb, or lower max_running)"
                 )
-            slot, reuse = self._pick_slot(prompt, request.cache_scope)
-            row = self._batcher.new_row(slot, prompt, request.sampling, reuse)
-            self._prefix_hits += reuse
-            sequence = _Sequence(
+            sequence = Admitted(
                 request=request,
                 stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
                 state=None,
-                row=row,
                 limit=min(request.max_tokens, context - len(prompt)),
             )
+            self._scheduler.place(sequence, prompt)
         else:
-            sequence = _Sequence(
+            sequence = Admitted(
                 request=request,
                 stop_token_ids=request.stop_token_ids | runner.eos_token_ids,
                 state=runner.new_state(prompt, request.sampling),
             )
         self._sequences.add(sequence)
-        if sequence.row is not None:
-            self._admitted.append(sequence)
         return sequence
 
-    async def _produce(self, sequence: _Sequence) -> None:
+    async def _produce(self, sequence: Admitted) -> None:
         """Run decode steps for one request until it finishes, fails or is cancelled."""
         loop = asyncio.get_running_loop()
         request = sequence.request
@@ -566,7 +444,7 @@ class TorchEngine:
                 token = await loop.run_in_executor(self._executor, self._step, sequence)
                 if token is None:  # cancelled while waiting for the worker thread
                     break
-                sequence.phase = _Phase.RUNNING
+                sequence.phase = Phase.RUNNING
                 self._recent_steps.append((began, time.monotonic()))
                 if token in sequence.stop_token_ids:
                     sequence.finish_reason = FinishReason.STOP
@@ -592,7 +470,7 @@ class TorchEngine:
                 sequence.error = UnavailableError("generation stopped before it finished")
             sequence.ready.set()
 
-    def _step(self, sequence: _Sequence) -> int | None:
+    def _step(self, sequence: Admitted) -> int | None:
         """One forward pass for ``sequence`` (runs on the worker thread)."""
         state, runner = sequence.state, self._runner
         if sequence.cancelled or state is None or runner is None:
