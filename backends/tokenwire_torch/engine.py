@@ -1,9 +1,15 @@
-"""The torch engine: token ids in, token ids out, on CPU or CUDA through transformers.
+"""The torch engine: token ids in, token ids out, on CPU or CUDA.
 
-Each request has a producer task that submits one decode step at a time to a
-single worker thread shared by the whole engine, so concurrent requests
-interleave step by step and torch is only ever driven from one thread. The
-producer appends tokens to the request's buffer and wakes the consumer (the
+Torch is only ever driven from the engine's one worker thread. Two paths:
+
+* **batched** (Llama models, the default): one scheduler steps every admitted
+  request together over the own forward pass, a cache slot each
+  (:mod:`tokenwire_torch.scheduler`, :mod:`tokenwire_torch.batching`);
+* **one sequence per step** (``forward=transformers``, any architecture): each
+  request has a producer task that submits its own decode steps, so requests
+  interleave step by step.
+
+Either way tokens land in the request's buffer and wake the consumer (the
 ``generate`` generator), which yields everything ready as one chunk::
 
     engine = create_engine(BackendConfig())
