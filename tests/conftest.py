@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -18,12 +19,14 @@ import os
 import re
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tokenwire.backend import BackendConfig, Engine
 from tokenwire.config import LoggingConfig
@@ -121,6 +124,28 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             + "\n  ".join(problems),
             returncode=pytest.ExitCode.USAGE_ERROR,
         )
+
+
+def require_redis() -> None:
+    """Skip the calling test when Redis is unreachable, or fail it when services are required."""
+    require_service("Redis", REDIS_URL, redis_problem())
+
+
+@contextlib.asynccontextmanager
+async def redis_key_prefix(scope: str) -> AsyncIterator[str]:
+    """A fresh Redis key prefix for ``scope`` (Redis required); its keys are deleted on exit."""
+    require_redis()
+    prefix = f"tokenwire-test:{scope}:{uuid.uuid4().hex}:"
+    try:
+        yield prefix
+    finally:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ afterwards. When Redis is unreachable the Redis runs skip, or fail with
 from __future__ import annotations
 
 import asyncio
-import uuid
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from tests.conftest import REDIS_URL, redis_problem, require_service
+from tests.conftest import REDIS_URL, redis_key_prefix
 from tokenwire.live import LiveEvent, MemoryLiveBus
 from tokenwire.live.bus import Lagged
 from tokenwire.live.redis_bus import RedisLiveBus
@@ -26,59 +25,38 @@ Bus = MemoryLiveBus | RedisLiveBus
 MakeBus = Callable[..., Any]  # (**options) -> Awaitable[Bus]
 
 
-def require_redis() -> None:
-    """Skip the test when Redis is unreachable, or fail it when services are required."""
-    require_service("Redis", REDIS_URL, redis_problem())
-
-
-async def delete_prefix(prefix: str) -> None:
-    """Delete every Redis key under ``prefix``."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[str]:
     """A fresh Redis key prefix (Redis required), its keys deleted after the test."""
-    require_redis()
-    prefix = f"tokenwire-test:live:{uuid.uuid4().hex}:"
-    try:
+    async with redis_key_prefix("live") as prefix:
         yield prefix
-    finally:
-        await delete_prefix(prefix)
 
 
 @pytest.fixture(params=BUSES)
 async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[MakeBus]:
     """Opens buses of one kind; Redis ones share a key prefix of this test's own."""
     kind: str = request.param
-    prefix = f"tokenwire-test:live:{uuid.uuid4().hex}:"
-    if kind == "redis":
-        require_redis()
-    opened: list[Bus] = []
-
-    async def make(**options: Any) -> Bus:
-        bus: Bus
-        if kind == "memory":
-            bus = MemoryLiveBus(**options)
-        else:
-            bus = RedisLiveBus(REDIS_URL, key_prefix=prefix, **options)
-        await bus.open()
-        opened.append(bus)
-        return bus
-
-    try:
-        yield make
-    finally:
-        for bus in opened:
-            await bus.close()
+    async with contextlib.AsyncExitStack() as stack:
+        prefix = ""
         if kind == "redis":
-            await delete_prefix(prefix)
+            prefix = await stack.enter_async_context(redis_key_prefix("live"))
+        opened: list[Bus] = []
+
+        async def make(**options: Any) -> Bus:
+            bus: Bus
+            if kind == "memory":
+                bus = MemoryLiveBus(**options)
+            else:
+                bus = RedisLiveBus(REDIS_URL, key_prefix=prefix, **options)
+            await bus.open()
+            opened.append(bus)
+            return bus
+
+        try:
+            yield make
+        finally:  # before the prefix's keys are deleted
+            for bus in opened:
+                await bus.close()
 
 
 def delta(index: int, turn_id: str = "t-1") -> LiveEvent:

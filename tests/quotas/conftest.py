@@ -10,17 +10,15 @@ fail: CI must prove the shared store (see ``tests/conftest.py``).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import REDIS_URL, redis_problem, require_service
+from tests.conftest import REDIS_URL, redis_key_prefix
 from tokenwire.auth.principal import Principal
 from tokenwire.context import current_call
 from tokenwire.interceptors import ErrorsInterceptor
@@ -34,31 +32,11 @@ STORES = ["memory", "redis"]
 T = TypeVar("T")
 
 
-async def require_redis() -> None:
-    """Skip the test when Redis is unreachable, or fail it when services are required."""
-    require_service("Redis", REDIS_URL, redis_problem())
-
-
-async def delete_prefix(prefix: str) -> None:
-    """Delete every Redis key under ``prefix``."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def redis_prefix() -> AsyncIterator[str]:
     """A fresh Redis key prefix (Redis required), its keys deleted after the test."""
-    await require_redis()
-    prefix = f"tokenwire-test:{uuid.uuid4().hex}:"
-    try:
+    async with redis_key_prefix("quotas") as prefix:
         yield prefix
-    finally:
-        await delete_prefix(prefix)
 
 
 @pytest.fixture(params=STORES)
@@ -69,15 +47,13 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
         yield memory
         await memory.close()
         return
-    await require_redis()
-    prefix = f"tokenwire-test:{uuid.uuid4().hex}:"
-    shared = RedisQuotaStore(REDIS_URL, key_prefix=prefix)
-    await shared.start()
-    try:
-        yield shared
-    finally:
-        await shared.close()
-        await delete_prefix(prefix)
+    async with redis_key_prefix("quotas") as prefix:
+        shared = RedisQuotaStore(REDIS_URL, key_prefix=prefix)
+        await shared.start()
+        try:
+            yield shared
+        finally:
+            await shared.close()
 
 
 class PrincipalFromMetadata(Interceptor):
