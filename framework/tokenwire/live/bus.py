@@ -318,9 +318,10 @@ class MemoryLiveBus:
         self._events -= len(channel.events)
 
     def _evict(self, keep: _Channel, now: float) -> None:
-        """Drop the least recently used buffers nobody follows until under ``max_events``."""
+        """Drop the least recently used buffers nobody follows (never ``keep``) until
+        within ``max_conversations`` and ``max_events``; followed ones move back."""
         for _ in range(len(self._channels)):
-            if self._events <= self._max_events:
+            if len(self._channels) <= self._max_conversations and self._events <= self._max_events:
                 return
             oldest_id, oldest = next(iter(self._channels.items()))
             if oldest.followers or oldest is keep:
@@ -331,16 +332,7 @@ class MemoryLiveBus:
 
     def _add_channel(self, conversation_id: str, now: float) -> _Channel:
         channel = self._channels[conversation_id] = _Channel(self._buffer_events, now)
-        # Evict the least recently used buffers nobody follows; followed ones move back.
-        for _ in range(len(self._channels)):
-            if len(self._channels) <= self._max_conversations:
-                break
-            oldest_id, oldest = next(iter(self._channels.items()))
-            if oldest.followers or oldest is channel:
-                oldest.touched_at = now
-                self._channels.move_to_end(oldest_id)
-            else:
-                self._drop(oldest_id)
+        self._evict(channel, now)
         return channel
 
     def _expire(self, now: float) -> None:
