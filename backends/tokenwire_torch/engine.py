@@ -373,12 +373,8 @@ class TorchEngine:
         from tokenwire_torch.batching import Batcher
         from tokenwire_torch.llama import LlamaForward
 
-        config = runner.model.config
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", heads))
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         dtype = torch.bfloat16 if self._weights == "int4" else runner.model.dtype
-        per_token = 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+        per_token = LlamaForward.cache_bytes_per_token(runner.model.config, dtype)
         slots = self._config.max_running
         budget = self._kv_cache_mb * 1024 * 1024
         max_len = min(runner.context_length or 2048, budget // (slots * per_token))

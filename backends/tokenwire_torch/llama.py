@@ -118,10 +118,8 @@ class LlamaForward:
                 raise ValueError("int4 weights run on the CPU kernels; use float on CUDA")
             dtype = torch.bfloat16  # the int4 kernels take bf16 activations
         self.weights = weights
-        self.heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", self.heads))
         self.hidden = int(config.hidden_size)
-        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden // self.heads)
+        self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self.eps = float(config.rms_norm_eps)
         self.slots = slots
         self.max_len = max_len
@@ -173,6 +171,12 @@ class LlamaForward:
         angles = torch.cat([angles, angles], dim=-1)
         self._cos = angles.cos().to(device=self.device, dtype=dtype)
         self._sin = angles.sin().to(device=self.device, dtype=dtype)
+
+    @staticmethod
+    def cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+        """Bytes of keys and values one position of one slot takes, for ``config``."""
+        _, kv_heads, head_dim = _attention_shape(config)
+        return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
 
     @property
     def int4_error(self) -> float:
@@ -261,6 +265,14 @@ class LlamaForward:
         ends = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
         last = _rms_norm(x[torch.arange(batch, device=dev), ends], self.norm, self.eps)
         return F.linear(last, self.lm_head).float()
+
+
+def _attention_shape(config: Any) -> tuple[int, int, int]:
+    """Query heads, key/value heads and head width of a Llama config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    return heads, kv_heads, head_dim
 
 
 def _rope_theta(config: Any) -> float:
