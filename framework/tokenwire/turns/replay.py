@@ -100,51 +100,48 @@ async def _attach(
     """The turn's deltas and its finished event from the bus, in order, from its start;
     or its done record from the store, as soon as streaming from the bus cannot be exact
     (start not buffered, events lagged) or the store says the turn ended."""
-    follower = live.follow(turn.conversation_id, from_start=True)
     exact = False
     offset = 0  # characters of the answer passed on
     step: asyncio.Future[LiveEvent | Lagged] | None = None
-    try:
-        while True:
-            if step is None:
-                step = asyncio.ensure_future(anext(follower))
-            done, _ = await asyncio.wait({step}, timeout=POLL_S)
-            if not done:
-                record = await _get_turn(store, owner, turn.turn_id)
-                if not record.running:
-                    yield record
+    async with closing(live.follow(turn.conversation_id, from_start=True)) as follower:
+        try:
+            while True:
+                if step is None:
+                    step = asyncio.ensure_future(anext(follower))
+                done, _ = await asyncio.wait({step}, timeout=POLL_S)
+                if not done:
+                    record = await _get_turn(store, owner, turn.turn_id)
+                    if not record.running:
+                        yield record
+                        return
+                    continue
+                item = step.result()  # StopAsyncIteration: the bus closed; the store decides
+                step = None
+                if isinstance(item, Lagged):
+                    exact = False
+                    continue
+                if item.turn_id != turn.turn_id:
+                    continue
+                if item.kind == "started":
+                    exact = True  # every delta from here on is on the bus, in order
+                    offset = 0
+                elif item.kind == "finished":
+                    # The record is committed before "finished" is published.
+                    complete = exact and item.offset == offset
+                    yield item if complete else await _get_turn(store, owner, turn.turn_id)
                     return
-                continue
-            item = step.result()  # StopAsyncIteration: the bus closed; the store decides
-            step = None
-            if isinstance(item, Lagged):
-                exact = False
-                continue
-            if item.turn_id != turn.turn_id:
-                continue
-            if item.kind == "started":
-                exact = True  # every delta from here on is on the bus, in order
-                offset = 0
-            elif item.kind == "finished":
-                # The record is committed before "finished" is published.
-                complete = exact and item.offset == offset
-                yield item if complete else await _get_turn(store, owner, turn.turn_id)
-                return
-            elif exact and item.offset == offset:
-                offset += len(item.text)
-                yield item
-            else:  # a delta missing before this one (a bus that dropped it): not exact
-                exact = False
-    except StopAsyncIteration:
-        yield await _wait_until_done(store, owner, turn.turn_id)
-    finally:
-        if step is not None:
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
-        aclose = getattr(follower, "aclose", None)
-        if aclose is not None:
-            await aclose()
+                elif exact and item.offset == offset:
+                    offset += len(item.text)
+                    yield item
+                else:  # a delta missing before this one (a bus that dropped it): not exact
+                    exact = False
+        except StopAsyncIteration:
+            yield await _wait_until_done(store, owner, turn.turn_id)
+        finally:
+            if step is not None:  # a read in flight: stopped before the follower closes
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
 
 
 async def _wait_until_done(store: ConversationStore, owner: str, turn_id: str) -> TurnRecord:
