@@ -14,7 +14,6 @@ command-line overrides. Every field has a default and a one-line description;
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tomllib
 import types
@@ -26,7 +25,7 @@ from typing import Any
 
 from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
-from tokenwire.config_fields import parse_pairs, setting
+from tokenwire.config_fields import parse_pairs, require_positive, setting
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
@@ -156,10 +155,7 @@ class StoreConfig:
             raise ConfigError(f"store.backend must be 'sqlite' or 'postgres', got {self.backend!r}")
         if self.live not in ("memory", "redis"):
             raise ConfigError(f"store.live must be 'memory' or 'redis', got {self.live!r}")
-        for name in ("idempotency_ttl_s", "heartbeat_s", "gateway_timeout_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"store.{name} must be a positive number, got {value!r}")
+        require_positive("store", self, "idempotency_ttl_s", "heartbeat_s", "gateway_timeout_s")
         if self.gateway_timeout_s <= 2 * self.heartbeat_s:
             raise ConfigError("store.gateway_timeout_s must be more than twice store.heartbeat_s")
         if self.postgres_pool_size < 1 or self.live_buffer_events < 16:

@@ -8,12 +8,13 @@ Every section (``ServerConfig``, ``AuthConfig``, ``QuotaConfig``...) uses it, so
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from typing import Any
 
 from tokenwire.errors import ConfigError
 
-__all__ = ["parse_pairs", "setting"]
+__all__ = ["parse_pairs", "require_positive", "setting"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -27,3 +28,11 @@ def parse_pairs(text: str, where: str, example: str = "key=value,key=value") -> 
     if any(len(pair) != 2 for pair in pairs):
         raise ConfigError(f"{where}: expected {example!r}, got {text!r}")
     return {key.strip(): value.strip() for key, value in pairs}
+
+
+def require_positive(section: str, config: object, *names: str) -> None:
+    """ConfigError unless each field ``names`` of ``config`` is a positive, finite number."""
+    for name in names:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{section}.{name} must be a positive number, got {value!r}")

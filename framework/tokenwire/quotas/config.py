@@ -35,14 +35,13 @@ The limits called ``*_per_minute`` hold per ``window_s`` seconds (60 by default)
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenwire.config_fields import parse_pairs, setting
+from tokenwire.config_fields import parse_pairs, require_positive, setting
 from tokenwire.errors import ConfigError
 
 __all__ = ["PLAN_FIELDS", "PlanLimits", "QuotaConfig", "parse_plan", "parse_plans"]
@@ -197,10 +196,9 @@ class QuotaConfig:
         object.__setattr__(self, "tenant_plans", types.MappingProxyType(tenant_plans))
         if self.store not in _STORES:
             raise ConfigError(f"quotas.store must be 'memory' or 'redis', got {self.store!r}")
-        for name in ("window_s", "lease_ttl_s", "redis_timeout_s", "concurrency_retry_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"quotas.{name} must be a positive number, got {value!r}")
+        require_positive(
+            "quotas", self, "window_s", "lease_ttl_s", "redis_timeout_s", "concurrency_retry_s"
+        )
 
     def validate(self) -> None:
         """Check the plans that other fields name; raises ConfigError.
