@@ -105,3 +105,22 @@ async def test_zero_history_sends_only_the_new_message() -> None:
     """With max_history_messages=0 a continued conversation sends no earlier message."""
     first, second = await prompts(LimitsConfig(max_history_messages=0), "one", "two")
     assert ("<|user|>one\n<|assistant|>", "<|user|>two\n<|assistant|>") == (first, second)
+
+
+async def test_the_engine_may_share_the_system_prompt_across_conversations() -> None:
+    """Each request names its conversation as the cache scope, and the opening every
+    conversation has (system prompt and template, up to the user's text) as the part
+    whose cached keys any conversation may reuse; without a system prompt, the
+    template's opening alone."""
+    for system, opening in (("Be brief.", "<|system|>Be brief.\n<|user|>"), ("", "<|user|>")):
+        backend = FakeBackend(reply=REPLY)
+        limits = LimitsConfig(system_prompt=system)
+        async with running_server(backend, config_for_tests(limits=limits)) as running:
+            first = await complete(running, "Hi")
+            await complete(running, "Again", first)
+            second = await complete(running, "Hi")
+        scopes = [log.request.cache_scope for log in backend.requests]
+        assert [first, first, second] == scopes
+        assert first != second
+        shared = {log.request.shared_prefix_tokens for log in backend.requests}
+        assert {len(opening.encode())} == shared

@@ -28,17 +28,7 @@ from tokenwire.backend import SamplingParams
 from tokenwire_torch.llama import LlamaForward
 from tokenwire_torch.sampling import sample_next_token
 
-__all__ = ["Batcher", "Row", "common_prefix"]
-
-
-def common_prefix(cached: list[int], prompt: list[int]) -> int:
-    """How many leading tokens ``prompt`` shares with ``cached``."""
-    shared = 0
-    for a, b in zip(cached, prompt, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return shared
+__all__ = ["Batcher", "Row"]
 
 
 @dataclass(eq=False)

@@ -22,10 +22,10 @@ import traceback
 from collections import deque
 from concurrent.futures import Executor
 
-from tokenwire.backend import FinishReason
+from tokenwire.backend import FinishReason, common_prefix
 from tokenwire.errors import UnavailableError
 from tokenwire_torch.admitted import Admitted, Phase
-from tokenwire_torch.batching import Batcher, common_prefix
+from tokenwire_torch.batching import Batcher
 
 __all__ = ["MIN_PREFIX", "SlotScheduler"]
 
@@ -69,7 +69,7 @@ class SlotScheduler:
     def place(self, admitted: Admitted, prompt: list[int]) -> None:
         """Give ``admitted`` a slot and its row (no await: admission stays atomic)."""
         request = admitted.request
-        slot, reuse = self._pick_slot(prompt, request.cache_scope)
+        slot, reuse = self._pick_slot(prompt, request.cache_scope, request.shared_prefix_tokens)
         admitted.row = self.batcher.new_row(slot, prompt, request.sampling, reuse)
         self.prefix_hits += reuse
         self._order.append(admitted)
@@ -128,23 +128,25 @@ class SlotScheduler:
             elif row.tokens:
                 admitted.ready.set()
 
-    def _pick_slot(self, prompt: list[int], scope: str) -> tuple[int, int]:
-        """The free slot of the same cache scope whose cached tokens share the longest
-        prefix with ``prompt`` (and how many to reuse); without a useful one, the slot
-        freed longest ago. Keys never cross scopes (see GenerateRequest.cache_scope)."""
-        best, shared = self._free[0], 0
-        for slot in self._free if scope else ():
+    def _pick_slot(self, prompt: list[int], scope: str, shared: int) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest usable prefix with
+        ``prompt`` (and how many to reuse): all of it within the same cache scope, at
+        most the first ``shared`` tokens (the part every conversation has) from another
+        scope's slot; without a useful one, the slot freed longest ago. See
+        GenerateRequest.cache_scope."""
+        best, reuse = self._free[0], 0
+        for slot in self._free if scope or shared else ():
             held_scope, tokens = self._held.get(slot, ("", []))
-            if held_scope != scope:
-                continue
             length = common_prefix(tokens, prompt)
-            if length > shared:
-                best, shared = slot, length
-        if shared < MIN_PREFIX:
-            best, shared = self._free[0], 0  # oldest first: recent prefixes stay longest
+            if not (scope and held_scope == scope):
+                length = min(length, shared)
+            if length > reuse:
+                best, reuse = slot, length
+        if reuse < MIN_PREFIX:
+            best, reuse = self._free[0], 0  # oldest first: recent prefixes stay longest
         self._free.remove(best)
         self._held.pop(best, None)
-        return best, min(shared, len(prompt) - 1)
+        return best, min(reuse, len(prompt) - 1)
 
     def release(self, admitted: Admitted) -> None:
         """Take a request out: its slot is free for the next one at once, and keeps its

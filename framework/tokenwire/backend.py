@@ -44,6 +44,7 @@ __all__ = [
     "TextRequest",
     "TokenizerSource",
     "available_backends",
+    "common_prefix",
     "create_backend",
 ]
 
@@ -80,7 +81,9 @@ class GenerateRequest:
     engine with a prefix cache may reuse: only keys computed for a request of
     the same scope (the gateway passes the conversation's id), so how fast a
     prompt starts never tells one conversation about another's text; empty: no
-    reuse.
+    reuse. The exception is the first ``shared_prefix_tokens`` of the prompt:
+    the same for every conversation (the operator's system prompt and the chat
+    template's own opening), their keys may be reused across scopes.
     """
 
     request_id: str
@@ -89,6 +92,17 @@ class GenerateRequest:
     sampling: SamplingParams = SamplingParams()
     stop_token_ids: frozenset[int] = frozenset()
     cache_scope: str = ""
+    shared_prefix_tokens: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (for prefix caches)."""
+    shared = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
 
 
 @dataclass(frozen=True, slots=True)

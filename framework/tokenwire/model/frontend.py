@@ -35,6 +35,7 @@ from tokenwire.backend import (
     TextBackend,
     TextChunk,
     TextRequest,
+    common_prefix,
 )
 from tokenwire.config import LimitsConfig
 from tokenwire.errors import ConfigError, InternalError, InvalidArgumentError
@@ -196,6 +197,16 @@ class StopMatcher:
         return held
 
 
+_MAX_HEADS = 16  # distinct system prompts whose template opening is kept
+
+
+def _leading_system(messages: Sequence[ChatMessage]) -> int:
+    count = 0
+    while count < len(messages) and messages[count].role == "system":
+        count += 1
+    return count
+
+
 def _resolve_max_tokens(params: TurnParams, prompt: int, context: int, default: int) -> int:
     if prompt >= context:
         raise InvalidArgumentError(
@@ -222,6 +233,8 @@ class EngineFrontend:
         self._engine = engine
         self._limits = limits
         self._tokenizer = tokenizer
+        # leading system messages → the template's tokens up to the first user message
+        self._heads: dict[tuple[ChatMessage, ...], tuple[int, ...]] = {}
 
     @property
     def backend(self) -> Backend:
@@ -275,6 +288,24 @@ class EngineFrontend:
         """Stream the answer; closing this iterator stops the engine's work."""
         return _stream(self.answer(turn, request_id), self.name, request_id)
 
+    def shared_prefix_tokens(self, turn: PreparedTurn) -> int:
+        """How many leading prompt tokens every conversation with the same system
+        messages has: those messages (the operator's system prompt: clients send no
+        system messages) and the template's opening, up to the first user message's
+        text. Their keys are safe to reuse across conversations."""
+        system = tuple(turn.messages[: _leading_system(turn.messages)])
+        head = self._heads.get(system)
+        if head is None:
+            one, two = (
+                self.tokenizer.encode_chat([*system, ChatMessage("user", text)])
+                for text in ("a", "b")
+            )
+            head = tuple(one[: common_prefix(one, two)])
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            self._heads[system] = head
+        return common_prefix(head, turn.prompt_token_ids)
+
     def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer:
         """The engine's chunks for ``turn`` and their decoder (detokenizer, stop strings);
         ``cache_scope`` is what the engine may share cached keys within (a conversation)."""
@@ -285,6 +316,7 @@ class EngineFrontend:
             sampling=turn.params.sampling(),
             stop_token_ids=self.tokenizer.eos_token_ids,
             cache_scope=cache_scope,
+            shared_prefix_tokens=self.shared_prefix_tokens(turn),
         )
         decoder = _EngineDecoder(self.tokenizer.detokenizer().step, turn)
         return Answer(self._engine.generate(request), decoder.decode)  # type: ignore[arg-type]
