@@ -47,6 +47,7 @@ class EngineReport:
 
     forward: str
     max_tokens: int
+    weights: str = ""  # the format the engine ran (weights=auto resolved)
     generate_tok_s: dict[int, float] = field(default_factory=dict)  # batch → tokens/s
     server: dict[int, LoadResult] = field(default_factory=dict)  # streams → the load's result
     second_turn_ttft_ms: dict[str, float] = field(default_factory=dict)  # cache on/off → TTFT
@@ -60,6 +61,7 @@ class EngineReport:
     def summary(self) -> dict[str, Any]:
         return {
             "forward": self.forward,
+            "weights": self.weights,
             "max_tokens": self.max_tokens,
             "generate_tokens_per_s": self.generate_tok_s,
             "server": {str(k): v.summary() for k, v in self.server.items()},
@@ -84,18 +86,22 @@ def _generate_rate(model: Any, prompt_ids: list[int], batch: int, max_tokens: in
 
 
 async def measure_engine(
-    concurrency: Sequence[int], max_tokens: int, turns: int, forward: str
+    concurrency: Sequence[int],
+    max_tokens: int,
+    turns: int,
+    forward: str,
+    options: dict[str, str] | None = None,
 ) -> EngineReport:
-    """generate() at batch 1 and at the most streams, then the server at each concurrency."""
+    """generate() at batch 1 and at the most streams, then the server at each concurrency;
+    ``options`` are more torch backend options (weights, compile, ...)."""
     from tokenwire_torch import TorchEngine
 
     started = time.perf_counter()
     most = max(concurrency)
-    engine = TorchEngine(
-        BackendConfig(device="cpu", max_running=max(most, 1), options={"forward": forward})
-    )
+    settings = {**(options or {}), "forward": forward}
+    engine = TorchEngine(BackendConfig(device="cpu", max_running=max(most, 1), options=settings))
     await engine.start()
-    report = EngineReport(forward, max_tokens)
+    report = EngineReport(forward, max_tokens, weights=engine.weights or "transformers")
     try:
         limits = LimitsConfig(default_max_tokens=max_tokens)
         async with (
@@ -120,7 +126,9 @@ async def measure_engine(
         await engine.close()
     if forward != "transformers":
         for cache in ("on", "off"):
-            report.second_turn_ttft_ms[cache] = await _second_turn_ttft(cache, max_tokens)
+            report.second_turn_ttft_ms[cache] = await _second_turn_ttft(
+                {**settings, "prefix_cache": cache}, max_tokens
+            )
     report.elapsed_s = time.perf_counter() - started
     return report
 
@@ -130,15 +138,13 @@ _HISTORY = " ".join(
 )
 
 
-async def _second_turn_ttft(prefix_cache: str, max_tokens: int) -> float:
+async def _second_turn_ttft(options: dict[str, str], max_tokens: int) -> float:
     """TTFT of a conversation's second turn (a long first message, then a short one),
     median of 3 conversations, with the engine's prefix cache on or off."""
     from tokenwire.proto.v1 import chat_pb2
     from tokenwire_torch import TorchEngine
 
-    engine = TorchEngine(
-        BackendConfig(device="cpu", max_running=2, options={"prefix_cache": prefix_cache})
-    )
+    engine = TorchEngine(BackendConfig(device="cpu", max_running=2, options=options))
     await engine.start()
     samples = []
     try:
@@ -174,7 +180,8 @@ def _params(max_tokens: int) -> Any:
 
 def format_report(report: EngineReport) -> str:
     lines = [
-        f"Torch engine through the server (forward: {report.forward}) vs transformers "
+        f"Torch engine through the server (forward: {report.forward}, weights: "
+        f"{report.weights}) vs transformers "
         f"generate(), {report.max_tokens} tokens per turn, greedy; {report.elapsed_s:.0f} s",
         "generate(): "
         + ", ".join(f"batch {b}: {r:.1f} tok/s" for b, r in sorted(report.generate_tok_s.items())),
@@ -211,11 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=2, help="turns per client")
     parser.add_argument("--forward", default="auto", choices=("auto", "own", "transformers"))
+    parser.add_argument("--weights", default="auto", choices=("auto", "float", "int8", "int4"))
+    parser.add_argument("--compile", default="off", choices=("on", "off"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="error"))
+    options = {"weights": args.weights, "compile": args.compile}
     report = asyncio.run(
-        measure_engine(args.concurrency, args.max_tokens, args.turns, args.forward)
+        measure_engine(args.concurrency, args.max_tokens, args.turns, args.forward, options)
     )
     print(json.dumps(report.summary(), indent=2) if args.json else format_report(report))
     with contextlib.suppress(Exception):

@@ -71,8 +71,12 @@ _OPTION_NAMES = frozenset(
         "prefill_chunk",
         "weights",
         "prefix_cache",
+        "quantized_rows",
+        "compile",
     }
 )
+_WEIGHTS = ("auto", "float", "int8", "int4")
+_SWITCHES = ("on", "off")
 _FORWARDS = ("auto", "own", "transformers")
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
 # Decode throughput in load() covers the steps that ended this recently.
@@ -105,9 +109,18 @@ class TorchEngine:
       most a new prompt delays running streams by, per step;
     * ``prefix_cache``: ``on`` (default: a freed slot keeps its keys for a request
       that starts the same way, such as the conversation's next turn) or ``off``;
-    * ``weights``: ``float`` (default, the configured dtype) or ``int4`` (group
-      32 with bf16 activations on the CPU; the GGUF's own Q4_1 weights pack
-      exactly, and decoding runs about 1.6x faster).
+    * ``weights``: ``auto`` (default: ``int4`` on a CPU with native bf16 when
+      the file's layer weights are 4-bit, as the bundled GGUF's Q4_1 are, so they
+      pack exactly; ``float`` otherwise), ``float`` (the configured dtype),
+      ``int8`` (per output row) or ``int4`` (groups of 32). Quantized formats run
+      on the CPU with bf16 activations, and only for decode steps of at most
+      ``quantized_rows`` rows; prompts and bigger batches use a bf16 copy of the
+      same weights, where dense matmuls are faster;
+    * ``quantized_rows``: the largest decode batch that uses the quantized
+      weights (default 8);
+    * ``compile``: ``on`` compiles the decode step with ``torch.compile`` and
+      runs it once per shape at start-up, so no request pays for compiling;
+      ``off`` (default).
     """
 
     def __init__(self, config: BackendConfig) -> None:
@@ -130,13 +143,12 @@ class TorchEngine:
             raise ConfigError(f"option forward must be one of {_FORWARDS}, got {self._forward!r}")
         self._kv_cache_mb = _positive_int(config.options, "kv_cache_mb", 1024)
         self._prefill_chunk = _positive_int(config.options, "prefill_chunk", 256)
-        self._prefix_cache = (config.options.get("prefix_cache", "on") or "on") == "on"
-        if config.options.get("prefix_cache", "on") not in ("on", "off", ""):
-            raise ConfigError("option prefix_cache must be 'on' or 'off'")
-        self._weights = config.options.get("weights", "float") or "float"
-        if self._weights not in ("float", "int4"):
-            raise ConfigError(f"option weights must be 'float' or 'int4', got {self._weights!r}")
+        self._prefix_cache = _choice(config.options, "prefix_cache", _SWITCHES, "on") == "on"
+        self._compile = _choice(config.options, "compile", _SWITCHES, "off") == "on"
+        self._weights = _choice(config.options, "weights", _WEIGHTS, "auto")
+        self._quantized_rows = _positive_int(config.options, "quantized_rows", 8)
         self._scheduler: SlotScheduler | None = None
+        self._weights_used: str | None = None
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-torch")
         self._start_lock = asyncio.Lock()
@@ -322,6 +334,12 @@ class TorchEngine:
         return scheduler.batcher.llama.cache_bytes if scheduler is not None else 0
 
     @property
+    def weights(self) -> str | None:
+        """The weight format the batching path runs (``weights=auto`` resolved); None
+        before ``start()`` and on the one-sequence-per-step path."""
+        return self._weights_used
+
+    @property
     def model(self) -> Any:
         """The loaded transformers model, for inspection; raises before ``start()``."""
         return self._require_runner().model
@@ -373,24 +391,45 @@ class TorchEngine:
         from tokenwire_torch.batching import Batcher
         from tokenwire_torch.llama import LlamaForward
 
-        dtype = torch.bfloat16 if self._weights == "int4" else runner.model.dtype
+        weights = self._weights
+        if weights == "auto":
+            # The quantized kernels pay off only with native bf16 on the CPU; then the
+            # file's own 4-bit weights pack exactly (checked below), else float.
+            cpu_bf16 = runner.device.type == "cpu" and _cpu_has_bf16()
+            weights = "int4" if cpu_bf16 and self._config.dtype == "auto" else "float"
+        dtype = torch.bfloat16 if weights != "float" else runner.model.dtype
         per_token = LlamaForward.cache_bytes_per_token(runner.model.config, dtype)
         slots = self._config.max_running
         budget = self._kv_cache_mb * 1024 * 1024
-        max_len = min(runner.context_length or 2048, budget // (slots * per_token))
+        # Compiled on CUDA, decode batches are padded with rows of one scratch slot.
+        rows = slots + (1 if self._compile and runner.device.type == "cuda" else 0)
+        max_len = min(runner.context_length or 2048, budget // (rows * per_token))
         if max_len < 16:
             raise ConfigError(
                 f"kv_cache_mb={self._kv_cache_mb} leaves {max_len} positions per request at "
                 f"max_running={slots}; raise kv_cache_mb or lower max_running"
             )
-        llama = LlamaForward(
-            runner.model,
-            slots=slots,
-            max_len=max_len,
-            dtype=dtype,
-            device=runner.device,
-            weights=self._weights,
-        )
+
+        def build(weights: str, dtype: torch.dtype) -> LlamaForward:
+            return LlamaForward(
+                runner.model,
+                slots=slots,
+                max_len=max_len,
+                dtype=dtype,
+                device=runner.device,
+                weights=weights,
+                quantized_rows=self._quantized_rows,
+                compile=self._compile,
+            )
+
+        try:
+            llama = build(weights, dtype)
+            if self._weights == "auto" and llama.int4_error > 0:  # not 4-bit in the file
+                weights, llama = "float", build("float", runner.model.dtype)
+        except ValueError as exc:
+            raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
+        self._weights_used = weights
+        llama.warm_up()
         return Batcher(llama, prefill_chunk=self._prefill_chunk)
 
     def _admit(self, request: GenerateRequest) -> Admitted:
@@ -491,6 +530,22 @@ class TorchEngine:
             return 0.0
         elapsed = max(now - self._recent_steps[0][0], 1e-6)
         return len(self._recent_steps) / elapsed
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether torch's CPU kernels run bf16 natively here (AVX512-BF16 or AMX)."""
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _choice(options: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices`` for option ``name``, or ``default`` when it is not set."""
+    value = options.get(name, "") or default
+    if value not in choices:
+        raise ConfigError(f"option {name} must be one of {choices}, got {value!r}")
+    return value
 
 
 def _positive_int(options: Mapping[str, str], name: str, default: int) -> int:

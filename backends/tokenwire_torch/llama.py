@@ -34,45 +34,67 @@ INT4_GROUP = 32
 file's own 4-bit weights come back exactly."""
 
 
+WEIGHT_FORMATS = ("float", "int8", "int4")
+"""How :class:`LlamaForward` holds its matmul weights: as they are (in the dtype), or
+also quantized, int8 per output row or int4 in groups of ``INT4_GROUP`` (bf16
+activations). Quantized kernels read a quarter to half the bytes but redo the
+dequantizing for every row, so they win on the few rows of a small decode batch
+and lose on big batches and prompts: those use a bf16 copy of the same
+(dequantized) weights."""
+
+
 class _Linear:
-    """``x @ weight.T``, with the weight as it is (float) or packed as int4 groups."""
+    """``x @ weight.T``: dense (``weight``, in the model's dtype), or through the
+    quantized copy (int8 per row or int4 per group) when asked and there is one."""
 
-    __slots__ = ("error", "packed", "scales", "weight")
+    __slots__ = ("error", "kind", "packed", "scales", "weight")
 
-    def __init__(self, weight: torch.Tensor, int4: bool) -> None:
-        self.weight: torch.Tensor | None = None
+    def __init__(self, weight: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
+        self.kind = kind
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
         self.error = 0.0  # largest |dequantized - original|, relative to the largest weight
-        if not int4:
-            self.weight = weight.contiguous()
+        if kind == "float":
+            self.weight = weight.to(dtype).contiguous()
             return
-        rows, width = weight.shape
-        if width % INT4_GROUP:
-            raise ValueError(f"int4 needs input widths in groups of {INT4_GROUP}, got {width}")
-        groups = weight.float().reshape(rows, width // INT4_GROUP, INT4_GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        levels = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-        restored = levels * scale[..., None] + low[..., None]
-        self.error = float((restored - groups).abs().max() / groups.abs().max().clamp(min=1e-12))
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            levels.to(torch.int32).reshape(rows, width).contiguous(), 8
+        original = weight.float()
+        if kind == "int8":
+            scale = (original.abs().amax(-1) / 127).clamp(min=1e-12)
+            levels = (original / scale[:, None]).round().clamp(-127, 127)
+            restored = levels * scale[:, None]
+            self.packed = levels.to(torch.int8).contiguous()
+            self.scales = scale.to(torch.bfloat16)
+        else:
+            rows, width = weight.shape
+            if width % INT4_GROUP:
+                raise ValueError(f"int4 needs input widths in groups of {INT4_GROUP}, got {width}")
+            groups = original.reshape(rows, width // INT4_GROUP, INT4_GROUP)
+            low, high = groups.amin(-1), groups.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-12)
+            levels = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+            restored = (levels * scale[..., None] + low[..., None]).reshape(rows, width)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                levels.to(torch.int32).reshape(rows, width).contiguous(), 8
+            )
+            # The kernel computes (level - 8) * scale + zero: zero = minimum + 8 * scale.
+            zero = low + 8 * scale
+            self.scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+            self.scales = self.scales.to(torch.bfloat16)
+        self.error = float(
+            (restored - original).abs().max() / original.abs().max().clamp(min=1e-12)
         )
-        # The kernel computes (level - 8) * scale + zero: zero = minimum + 8 * scale.
-        zero = low + 8 * scale
-        self.scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-        self.scales = self.scales.to(torch.bfloat16)
+        self.weight = restored.to(dtype).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
+    def __call__(self, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+        if not quantized or self.packed is None:
             return F.linear(x, self.weight)
-        assert self.packed is not None
-        assert self.scales is not None
         flat = x.reshape(-1, x.shape[-1])
-        out: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, INT4_GROUP, self.scales
-        )
+        if self.kind == "int8":
+            out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat, self.packed, INT4_GROUP, self.scales
+            )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -93,6 +115,12 @@ class LlamaForward:
     copied, in ``dtype``). A slot's cache is only ever read up to the positions
     written for it, so a slot is reused by simply starting it again at 0 (or at
     any position whose earlier keys it still holds: a shared prefix).
+
+    ``weights`` is one of :data:`WEIGHT_FORMATS` (quantized ones for decode steps
+    of at most ``quantized_rows`` rows); ``compile`` compiles the decode step
+    (call :meth:`warm_up` before serving); ``fixed_shapes`` (default: when
+    compiling on CUDA, for CUDA graphs) pads decode batches to powers of two
+    and attends over whole rows, so a step's shapes never change.
     """
 
     def __init__(
@@ -104,22 +132,28 @@ class LlamaForward:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         weights: str = "float",
+        quantized_rows: int = 8,
+        compile: bool = False,
+        fixed_shapes: bool | None = None,
     ) -> None:
         config = hf_model.config
         if getattr(config, "model_type", "llama") != "llama":
             raise ValueError(f"not a Llama model: {config.model_type!r}")
         if slots < 1 or max_len < 1:
             raise ValueError("slots and max_len must be >= 1")
-        if weights not in ("float", "int4"):
-            raise ValueError(f"weights must be 'float' or 'int4', got {weights!r}")
-        int4 = weights == "int4"
-        if int4:
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+        quantized = weights != "float"
+        if quantized:
             if torch.device(device).type != "cpu":
-                raise ValueError("int4 weights run on the CPU kernels; use float on CUDA")
-            dtype = torch.bfloat16  # the int4 kernels take bf16 activations
+                raise ValueError(f"{weights} weights run on the CPU kernels; use float on CUDA")
+            dtype = torch.bfloat16  # the quantized kernels take bf16 activations
         self.weights = weights
+        # Decode steps of at most this many rows use the quantized weights.
+        self.quantized_rows = quantized_rows if quantized else 0
         self.hidden = int(config.hidden_size)
         self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
+        self._gqa = self.heads > self.kv_heads
         self.eps = float(config.rms_norm_eps)
         self.slots = slots
         self.max_len = max_len
@@ -127,50 +161,82 @@ class LlamaForward:
         self.device = torch.device(device)
         tensors: dict[str, torch.Tensor] = {k: v.detach() for k, v in hf_model.state_dict().items()}
 
-        def take(name: str) -> torch.Tensor:
-            return tensors[name].to(device=self.device, dtype=dtype).contiguous()
+        def take(name: str) -> torch.Tensor:  # the residual stream's: float32
+            return tensors[name].to(device=self.device, dtype=torch.float32).contiguous()
 
-        def weights_of(name: str) -> torch.Tensor:  # full precision, for quantizing
-            source: torch.Tensor = tensors[name]
-            wanted = torch.float32 if int4 else dtype
-            converted: torch.Tensor = source.to(device=self.device, dtype=wanted)
-            return converted
+        def linear(*names: str) -> _Linear:  # full precision in, for quantizing
+            wanted = torch.float32 if quantized else dtype
+            joined = torch.cat([tensors[n].to(device=self.device, dtype=wanted) for n in names])
+            return _Linear(joined, weights, dtype)
 
         self.embed = take("model.embed_tokens.weight")
-        self.lm_head = take("lm_head.weight") if "lm_head.weight" in tensors else self.embed
+        head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+        # The output projection reads 49k x 576 weights a step: int8 per row when the
+        # layers are quantized (the file holds it as 8-bit blocks), never int4.
+        self.lm_head = _Linear(
+            tensors[head].to(device=self.device, dtype=torch.float32 if quantized else dtype),
+            "int8" if quantized else "float",
+            dtype,
+        )
         self.norm = take("model.norm.weight")
         self.layers: list[_Layer] = []
         for i in range(int(config.num_hidden_layers)):
             p = f"model.layers.{i}."
             self.layers.append(
                 _Layer(
-                    qkv=_Linear(
-                        torch.cat(
-                            [weights_of(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-                        ),
-                        int4,
-                    ),
-                    out=_Linear(weights_of(p + "self_attn.o_proj.weight"), int4),
-                    gate_up=_Linear(
-                        torch.cat([weights_of(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]),
-                        int4,
-                    ),
-                    down=_Linear(weights_of(p + "mlp.down_proj.weight"), int4),
+                    qkv=linear(*(p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v"))),
+                    out=linear(p + "self_attn.o_proj.weight"),
+                    gate_up=linear(*(p + f"mlp.{n}_proj.weight" for n in ("gate", "up"))),
+                    down=linear(p + "mlp.down_proj.weight"),
                     attention_norm=take(p + "input_layernorm.weight"),
                     mlp_norm=take(p + "post_attention_layernorm.weight"),
                 )
             )
-        shape = (len(self.layers), slots, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.values = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Keys then values of every kv head, per layer and slot: one write a layer.
+        # CUDA graphs replay fixed shapes: decode steps then pad their batch to a
+        # power of two (rows of one extra scratch slot) and attend over whole rows.
+        self._graphed = compile and self.device.type == "cuda"
+        if fixed_shapes is not None:
+            self._graphed = fixed_shapes
+        scratch = 1 if self._graphed else 0
+        shape = (len(self.layers), slots + scratch, 2 * self.kv_heads, max_len, self.head_dim)
+        self.cache = torch.zeros(shape, dtype=dtype, device=self.device)
         theta = _rope_theta(config)
         inv_freq = 1.0 / (
             theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         )
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
+        # Rotation as x * cos + roll(x, half) * sin, with the sign of the first half in sin.
+        half = self.head_dim // 2
+        sin = angles.sin()
+        sin[:, :half] = -sin[:, :half]
         self._cos = angles.cos().to(device=self.device, dtype=dtype)
-        self._sin = angles.sin().to(device=self.device, dtype=dtype)
+        self._sin = sin.to(device=self.device, dtype=dtype)
+        self._compiled: Any = None
+        if compile:
+            # Decode steps only (prompt chunks vary too much in shape to be worth it).
+            # On the CPU sizes are symbolic: one graph serves every batch of 2 or more
+            # rows and every span (a single row is a graph of its own).
+            self._compiled = torch.compile(
+                self._run,
+                dynamic=not self._graphed,
+                fullgraph=True,
+                mode="reduce-overhead" if self._graphed else None,
+            )
+
+    def warm_up(self) -> None:
+        """Run decode steps of the shapes serving will see (one row, two, and one past
+        the quantized rows), so compiling and kernel set-up happen now, not for a user.
+        Writes keys into the first slots, which a request overwrites anyway."""
+        sizes = {1, min(2, self.slots)}
+        if self.quantized_rows:
+            sizes.add(min(self.quantized_rows + 1, self.slots))
+        if self._graphed:  # one graph per power of two
+            sizes = {_bucket(size, self.slots) for size in range(1, self.slots + 1)}
+        for size in sorted(sizes):
+            for span in sorted({min(2, self.max_len), min(17, self.max_len)}):  # 2+ keys
+                self.forward(list(range(size)), [[0]] * size, [span - 1] * size)
 
     @staticmethod
     def cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -180,8 +246,8 @@ class LlamaForward:
 
     @property
     def int4_error(self) -> float:
-        """The largest relative change int4 packing made to any weight (0.0: lossless, as
-        for weights that were 4-bit in the file; 0.0 for float weights too)."""
+        """The largest relative change quantizing made to any layer weight (0.0: lossless,
+        as for weights that were 4-bit in the file; 0.0 for float weights too)."""
         return max(
             (
                 lin.error
@@ -193,8 +259,8 @@ class LlamaForward:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes the key and value caches hold."""
-        return 2 * self.keys.numel() * self.keys.element_size()
+        """Bytes the key and value cache holds."""
+        return self.cache.numel() * self.cache.element_size()
 
     @torch.inference_mode()
     def forward(
@@ -219,52 +285,106 @@ class LlamaForward:
             raise ValueError("one start position per slot, and at least one token each")
         if max(positions) + width > self.max_len:
             raise ValueError(f"positions past the cache's {self.max_len}")
+        quantized = batch * width <= self.quantized_rows
+        if width == 1 and self._graphed:
+            return self._graphed_decode(slots, tokens, positions, quantized)
         dev = self.device
-        padded = [list(t) + [0] * (width - len(t)) for t in tokens]
-        ids = torch.tensor(padded, dtype=torch.long, device=dev)  # B x T
-        start = torch.tensor(positions, dtype=torch.long, device=dev)
-        slot = torch.tensor(slots, dtype=torch.long, device=dev)
-        pos = start[:, None] + torch.arange(width, device=dev)[None, :]  # B x T
+        if width == 1:
+            ids = torch.tensor([t[0] for t in tokens], dtype=torch.long, device=dev)[:, None]
+            pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]  # B x 1
+            ends = None
+        else:
+            padded = [list(t) + [0] * (width - len(t)) for t in tokens]
+            ids = torch.tensor(padded, dtype=torch.long, device=dev)  # B x T
+            start = torch.tensor(positions, dtype=torch.long, device=dev)
+            pos = start[:, None] + torch.arange(width, device=dev)[None, :]  # B x T
+            ends = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
         span = int(max(positions)) + width  # keys to attend over
-        cos, sin = self._cos[pos][:, :, None, :], self._sin[pos][:, :, None, :]  # B x T x 1 x D
+        slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        first = slots[0]
+        consecutive = list(slots) == list(range(first, first + batch))
+        run = self._compiled if width == 1 and self._compiled is not None else self._run
+        return run(ids, pos, slot, ends, span, first if consecutive else -1, quantized)
+
+    def _graphed_decode(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        positions: Sequence[int],
+        quantized: bool,
+    ) -> torch.Tensor:
+        """A decode step in fixed shapes, as CUDA graphs need: the batch padded to a
+        power of two with rows of the scratch slot, attention over the whole row."""
+        batch = len(slots)
+        size = _bucket(batch, self.slots)
+        pad = size - batch
+        dev = self.device
+        ids = torch.tensor([t[0] for t in tokens] + [0] * pad, dtype=torch.long, device=dev)
+        pos = torch.tensor([*positions] + [0] * pad, dtype=torch.long, device=dev)
+        slot = torch.tensor([*slots] + [self.slots] * pad, dtype=torch.long, device=dev)
+        run = self._compiled if self._compiled is not None else self._run
+        logits: torch.Tensor = run(
+            ids[:, None], pos[:, None], slot, None, self.max_len, -1, quantized
+        )
+        return logits[:batch].clone()  # the graph's output buffer is reused
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        slot: torch.Tensor,
+        ends: torch.Tensor | None,
+        span: int,
+        first: int,
+        quantized: bool,
+    ) -> torch.Tensor:
+        """The layers over prepared tensors: ``ids`` and ``pos`` are B x T, ``slot`` B,
+        ``ends`` each row's last token (None: T is 1), ``first`` the first slot when the
+        slots are consecutive (else -1); ``quantized`` picks the quantized weights."""
+        batch, width = ids.shape
+        dev = self.device
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        # One rotation for query and key heads alike; value heads pass unrotated.
+        turned = heads + kv_heads
+        cos = self._cos[pos][:, :, None, :].expand(batch, width, turned, head_dim)
+        sin = self._sin[pos][:, :, None, :].expand(batch, width, turned, head_dim)
+        plain = torch.ones(batch, width, kv_heads, head_dim, dtype=self.dtype, device=dev)
+        cos = torch.cat([cos, plain], dim=2)
+        sin = torch.cat([sin, torch.zeros_like(plain)], dim=2)  # B x T x (H + 2 KV) x D
         # Causal within the chunk, and never past what this slot has written.
         visible = torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None]  # B x T x S
         mask = visible[:, None, :, :]  # B x 1 x T x S
         flat_slot = slot[:, None].expand(batch, width).reshape(-1)
         flat_pos = pos.reshape(-1)
-        groups = self.heads // self.kv_heads
-        first = slots[0]
-        consecutive = list(slots) == list(range(first, first + batch))
-        rows = slice(first, first + batch) if consecutive else None
-        q_size = self.heads * self.head_dim
-        kv_size = self.kv_heads * self.head_dim
+        q_size = heads * head_dim
+        half = head_dim // 2
+        # The residual stream stays float32 (as do the norms); matmuls and attention
+        # run in the dtype. With bf16, that keeps greedy text closer to float32's.
         x = self.embed[ids]  # B x T x H
         for index, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.attention_norm, self.eps)
-            qkv = layer.qkv(h)
-            q = qkv[..., :q_size]
-            k = qkv[..., q_size : q_size + kv_size]
-            v = qkv[..., q_size + kv_size :]
-            q = _rotate(q.view(batch, width, self.heads, self.head_dim), cos, sin)
-            k = _rotate(k.view(batch, width, self.kv_heads, self.head_dim), cos, sin)
-            v = v.view(batch, width, self.kv_heads, self.head_dim)
-            keys, values = self.keys[index], self.values[index]
-            keys[flat_slot, :, flat_pos] = k.reshape(-1, self.kv_heads, self.head_dim)
-            values[flat_slot, :, flat_pos] = v.reshape(-1, self.kv_heads, self.head_dim)
-            if rows is not None:  # consecutive slots: a view, no copy
-                k_all, v_all = keys[rows, :, :span], values[rows, :, :span]
+            h = F.rms_norm(x, (self.hidden,), layer.attention_norm, self.eps).to(self.dtype)
+            qkv = layer.qkv(h, quantized).view(batch, width, heads + 2 * kv_heads, head_dim)
+            qkv = torch.addcmul(qkv * cos, qkv.roll(half, -1), sin)
+            cache = self.cache[index]
+            cache[flat_slot, :, flat_pos] = qkv[:, :, heads:].reshape(-1, 2 * kv_heads, head_dim)
+            if first >= 0:  # consecutive slots: a view, no copy
+                held = cache[first : first + batch, :, :span]
             else:
-                k_all, v_all = keys[slot, :, :span], values[slot, :, :span]  # B x KV x S x D
+                held = cache[:, :, :span].index_select(0, slot)  # B x 2 KV x S x D
             attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=groups > 1
+                qkv[:, :, :heads].transpose(1, 2),
+                held[:, :kv_heads],
+                held[:, kv_heads:],
+                attn_mask=mask,
+                enable_gqa=self._gqa,
             )  # B x H x T x D
-            x = x + layer.out(attended.transpose(1, 2).reshape(batch, width, q_size))
-            h = _rms_norm(x, layer.mlp_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        ends = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
-        last = _rms_norm(x[torch.arange(batch, device=dev), ends], self.norm, self.eps)
-        return F.linear(last, self.lm_head).float()
+            x = x + layer.out(attended.transpose(1, 2).reshape(batch, width, q_size), quantized)
+            h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps).to(self.dtype)
+            gate, up = layer.gate_up(h, quantized).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up, quantized)
+        last = x[:, 0] if ends is None else x[torch.arange(batch, device=dev), ends]
+        last = F.rms_norm(last, (self.hidden,), self.norm, self.eps).to(self.dtype)
+        return self.lm_head(last, quantized).float()
 
 
 def _attention_shape(config: Any) -> tuple[int, int, int]:
@@ -291,12 +411,6 @@ def _rope_theta(config: Any) -> float:
         return 10000.0
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _bucket(batch: int, most: int) -> int:
+    """The power of two at or above ``batch``, but no more than ``most``."""
+    return min(1 << (batch - 1).bit_length(), most)

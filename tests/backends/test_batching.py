@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -53,7 +54,7 @@ async def engine(checkpoint: Path) -> AsyncIterator[TorchEngine]:
 
 
 def _request(
-    prompt: list[int], tokens: int, scope: str = "", **sampling: object
+    prompt: list[int], tokens: int, scope: str = "", shared: int = 0, **sampling: object
 ) -> GenerateRequest:
     return GenerateRequest(
         request_id=f"r{prompt[0]}-{tokens}",
@@ -61,6 +62,7 @@ def _request(
         max_tokens=tokens,
         sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
         cache_scope=scope,
+        shared_prefix_tokens=shared,
     )
 
 
@@ -156,15 +158,32 @@ async def test_the_cache_is_a_fixed_budget(engine: TorchEngine) -> None:
         await stream.aclose()
 
 
-@pytest.fixture(params=["transformers", "own-float", "own-int4"])
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(
+    params=[
+        "transformers",
+        "own-float",
+        "own-int8",
+        "own-int4",
+        pytest.param("own-cuda", marks=_CUDA),
+        pytest.param("own-cuda-compiled", marks=_CUDA),
+    ]
+)
 async def any_setting(request: pytest.FixtureRequest, checkpoint: Path) -> AsyncIterator[Engine]:
-    """The tiny model under every forward and weight setting."""
-    forward, _, weights = str(request.param).partition("-")
+    """The tiny model under every forward and weight setting (and on CUDA, bf16, with
+    CUDA graphs or without, where there is a GPU)."""
+    forward, _, setting = str(request.param).partition("-")
     options = {"forward": forward, "kv_cache_mb": "4"}
-    if weights:
-        options["weights"] = weights
+    device = "cpu"
+    if setting.startswith("cuda"):
+        device = "cuda"
+        options["compile"] = "on" if setting.endswith("compiled") else "off"
+    elif setting:
+        options["weights"] = setting
     engine = create_engine(
-        BackendConfig(model_path=str(checkpoint), max_running=2, options=options)
+        BackendConfig(model_path=str(checkpoint), device=device, max_running=2, options=options)
     )
     await engine.start()
     yield engine
@@ -216,6 +235,30 @@ async def test_the_next_turn_reuses_the_cached_prefix(
     assert hits == engine.prefix_cache_hits
 
 
+async def test_the_shared_opening_is_reused_across_conversations(
+    engine: TorchEngine, checkpoint: Path
+) -> None:
+    """Another conversation reuses the keys of the first ``shared_prefix_tokens`` (a
+    system prompt every conversation has), never more even where more tokens match,
+    and answers as an engine without the cache does."""
+    system = list(range(30, 60))
+    await _all(engine, _request([*system, 1, 2, 3, 4, 5, 6], 5, "conv-a"))
+    hits = engine.prefix_cache_hits
+    prompt = [*system, 1, 2, 3, 4, 9]
+    answer = await _all(engine, _request(prompt, 8, "conv-b", shared=len(system)))
+    assert len(system) == engine.prefix_cache_hits - hits
+    plain = create_engine(
+        BackendConfig(
+            model_path=str(checkpoint), max_running=1, options={"forward": "transformers"}
+        )
+    )
+    await plain.start()
+    try:
+        assert await _all(plain, _request(prompt, 8)) == answer  # type: ignore[arg-type]
+    finally:
+        await plain.close()
+
+
 async def test_the_prefix_cache_can_be_turned_off(checkpoint: Path) -> None:
     """prefix_cache=off: a repeated prompt is prefilled again; any other value is refused."""
     config = BackendConfig(
@@ -233,3 +276,50 @@ async def test_the_prefix_cache_can_be_turned_off(checkpoint: Path) -> None:
         await engine.close()
     with pytest.raises(ConfigError, match="prefix_cache"):
         create_engine(BackendConfig(model_path=str(checkpoint), options={"prefix_cache": "maybe"}))
+
+
+async def test_compiled_decode_gives_the_same_tokens(checkpoint: Path) -> None:
+    """compile=on: the decode step is compiled during start() (warm-up), and greedy
+    answers alone and batched equal those of the engine without it."""
+    answers = {}
+    for switch in ("off", "on"):
+        engine = create_engine(
+            BackendConfig(
+                model_path=str(checkpoint),
+                max_running=2,
+                dtype="float32",
+                options={"compile": switch, "kv_cache_mb": "4"},
+            )
+        )
+        await engine.start()
+        try:
+            assert isinstance(engine, TorchEngine)
+            steps = engine.steps_executed
+            alone = await _all(engine, _request([5, 6, 7], 12))
+            assert engine.steps_executed - steps == 12  # no step runs twice for compiling
+            together = await asyncio.gather(
+                _all(engine, _request([5, 6, 7], 12)), _all(engine, _request([8, 9], 12))
+            )
+            answers[switch] = (alone, together)
+        finally:
+            await engine.close()
+    assert answers["off"] == answers["on"]
+
+
+async def test_weights_auto_takes_the_files_format(torch_engine: Engine) -> None:
+    """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 on a CPU
+    with native bf16 (float where there is none); a float checkpoint stays float."""
+    from tokenwire_torch.engine import _cpu_has_bf16
+
+    assert isinstance(torch_engine, TorchEngine)
+    assert torch_engine.weights == ("int4" if _cpu_has_bf16() else "float")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("weights", "int2"), ("compile", "yes"), ("quantized_rows", "0"), ("forward", "fast")],
+)
+def test_bad_engine_options_are_refused(checkpoint: Path, name: str, value: str) -> None:
+    """Each option names its allowed values when given another."""
+    with pytest.raises(ConfigError, match=name):
+        create_engine(BackendConfig(model_path=str(checkpoint), options={name: value}))
