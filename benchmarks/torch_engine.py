@@ -113,7 +113,7 @@ async def measure_engine(
                     _messages(DEFAULT_PROMPT), _params(max_tokens)
                 ).prompt_token_ids
             )
-            for batch in sorted({1, most}):
+            for batch in sorted({1, *concurrency}):
                 report.generate_tok_s[batch] = await asyncio.to_thread(
                     _generate_rate, engine.model, prompt_ids, batch, max_tokens
                 )
@@ -218,12 +218,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=2, help="turns per client")
     parser.add_argument("--forward", default="auto", choices=("auto", "own", "transformers"))
-    parser.add_argument("--weights", default="auto", choices=("auto", "float", "int8", "int4"))
-    parser.add_argument("--compile", default="off", choices=("on", "off"))
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a torch backend option (weights=int8, num_threads=1, compile=on, ...); repeatable",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="error"))
-    options = {"weights": args.weights, "compile": args.compile}
+    options = dict(item.partition("=")[::2] for item in args.option)
     report = asyncio.run(
         measure_engine(args.concurrency, args.max_tokens, args.turns, args.forward, options)
     )

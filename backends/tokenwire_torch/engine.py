@@ -389,13 +389,13 @@ class TorchEngine:
         import torch
 
         from tokenwire_torch.batching import Batcher
-        from tokenwire_torch.llama import LlamaForward
+        from tokenwire_torch.llama import LlamaForward, cpu_has_bf16
 
         weights = self._weights
         if weights == "auto":
             # The quantized kernels pay off only with native bf16 on the CPU; then the
             # file's own 4-bit weights pack exactly (checked below), else float.
-            cpu_bf16 = runner.device.type == "cpu" and _cpu_has_bf16()
+            cpu_bf16 = runner.device.type == "cpu" and cpu_has_bf16()
             weights = "int4" if cpu_bf16 and self._config.dtype == "auto" else "float"
         dtype = torch.bfloat16 if weights != "float" else runner.model.dtype
         per_token = LlamaForward.cache_bytes_per_token(runner.model.config, dtype)
@@ -530,14 +530,6 @@ class TorchEngine:
             return 0.0
         elapsed = max(now - self._recent_steps[0][0], 1e-6)
         return len(self._recent_steps) / elapsed
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether torch's CPU kernels run bf16 natively here (AVX512-BF16 or AMX)."""
-    import torch
-
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def _choice(options: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:

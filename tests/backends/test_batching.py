@@ -309,10 +309,10 @@ async def test_compiled_decode_gives_the_same_tokens(checkpoint: Path) -> None:
 async def test_weights_auto_takes_the_files_format(torch_engine: Engine) -> None:
     """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 on a CPU
     with native bf16 (float where there is none); a float checkpoint stays float."""
-    from tokenwire_torch.engine import _cpu_has_bf16
+    from tokenwire_torch.llama import cpu_has_bf16
 
     assert isinstance(torch_engine, TorchEngine)
-    assert torch_engine.weights == ("int4" if _cpu_has_bf16() else "float")
+    assert torch_engine.weights == ("int4" if cpu_has_bf16() else "float")
 
 
 @pytest.mark.parametrize(
