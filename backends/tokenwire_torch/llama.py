@@ -47,7 +47,7 @@ class _Linear:
     """``x @ weight.T``: dense (``weight``, in the model's dtype), or through the
     quantized copy (int8 per row or int4 per group) when asked and there is one."""
 
-    __slots__ = ("dense", "error", "kind", "packed", "scales", "weight")
+    __slots__ = ("error", "kind", "packed", "scales", "weight")
 
     def __init__(self, weight: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
         self.kind = kind
@@ -56,7 +56,6 @@ class _Linear:
         self.error = 0.0  # largest |dequantized - original|, relative to the largest weight
         if kind == "float":
             self.weight = weight.to(dtype).contiguous()
-            self.dense = _prepacked(self.weight)
             return
         original = weight.float()
         if kind == "int8":
@@ -85,15 +84,9 @@ class _Linear:
             (restored - original).abs().max() / original.abs().max().clamp(min=1e-12)
         )
         self.weight = restored.to(dtype).contiguous()
-        self.dense = _prepacked(self.weight)
 
     def __call__(self, x: torch.Tensor, quantized: bool) -> torch.Tensor:
         if not quantized or self.packed is None:
-            if self.dense is not None:
-                dense: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-                    x, self.dense, None, "none", [], ""
-                )
-                return dense
             return F.linear(x, self.weight)
         flat = x.reshape(-1, x.shape[-1])
         if self.kind == "int8":
@@ -103,22 +96,6 @@ class _Linear:
                 flat, self.packed, INT4_GROUP, self.scales
             )
         return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def _prepacked(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` reordered once into oneDNN's blocked layout, for bf16 on a CPU with
-    native bf16 (1.3-2x faster matmuls than ``F.linear``, which reorders each call);
-    None elsewhere (float32 keeps exactly transformers' matmuls)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return None
-    if not cpu_has_bf16():  # also False without oneDNN
-        return None
-    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS)
-    return packed
-
-
-PACKED_ROWS = 32
-"""The batch size oneDNN's weight layout is chosen for (it serves any)."""
 
 
 def cpu_has_bf16() -> bool:
