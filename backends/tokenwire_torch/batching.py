@@ -108,10 +108,16 @@ class Batcher:
                 [row.position for row in decoding],
             )
             passes += 1
+            # Greedy rows take the argmax: one call for the whole batch.
+            best = logits.argmax(-1).tolist()
             for index, row in enumerate(decoding):
                 row.position += 1
                 row.cached.append(row.last)
-                self._take(row, logits[index])
+                if row.sampling.temperature <= 0:
+                    row.last = best[index]
+                    row.tokens = [row.last]
+                else:
+                    self._take(row, logits[index])
         return passes
 
     def _prefill(self, group: list[tuple[Row, list[int]]]) -> int:
