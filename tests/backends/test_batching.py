@@ -220,16 +220,7 @@ async def test_the_next_turn_reuses_the_cached_prefix(
     hits = engine.prefix_cache_hits
     reused = await _all(engine, _request(second, 12, "conv-a"))
     assert engine.prefix_cache_hits - hits >= len(first)
-    plain = create_engine(
-        BackendConfig(
-            model_path=str(checkpoint), max_running=1, options={"forward": "transformers"}
-        )
-    )
-    await plain.start()
-    try:
-        assert await _all(plain, _request(second, 12)) == reused  # type: ignore[arg-type]
-    finally:
-        await plain.close()
+    assert await _uncached(checkpoint, second, 12) == reused
     hits = engine.prefix_cache_hits
     await _all(engine, _request([300, 301, 302] * 10, 3, "conv-a"))
     assert hits == engine.prefix_cache_hits
@@ -247,6 +238,11 @@ async def test_the_shared_opening_is_reused_across_conversations(
     prompt = [*system, 1, 2, 3, 4, 9]
     answer = await _all(engine, _request(prompt, 8, "conv-b", shared=len(system)))
     assert len(system) == engine.prefix_cache_hits - hits
+    assert await _uncached(checkpoint, prompt, 8) == answer
+
+
+async def _uncached(checkpoint: Path, prompt: list[int], tokens: int) -> list[int]:
+    """The greedy answer of an engine without a prefix cache (transformers' forward)."""
     plain = create_engine(
         BackendConfig(
             model_path=str(checkpoint), max_running=1, options={"forward": "transformers"}
@@ -254,7 +250,7 @@ async def test_the_shared_opening_is_reused_across_conversations(
     )
     await plain.start()
     try:
-        assert await _all(plain, _request(prompt, 8)) == answer  # type: ignore[arg-type]
+        return await _all(plain, _request(prompt, tokens))  # type: ignore[arg-type]
     finally:
         await plain.close()
 
