@@ -423,12 +423,15 @@ class TorchEngine:
                 compile=self._compile,
             )
 
+        llama: LlamaForward | None = None
         try:
             llama = build(weights, dtype)
-            if self._weights == "auto" and llama.int4_error > 0:  # not 4-bit in the file
-                weights, llama = "float", build("float", runner.model.dtype)
         except ValueError as exc:
-            raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
+            if self._weights != "auto":
+                raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
+        if llama is None or (self._weights == "auto" and llama.int4_error > 0):
+            # auto, and the layers are not 4-bit in the file (or do not pack): float
+            weights, llama = "float", build("float", runner.model.dtype)
         self._weights_used = weights
         llama.warm_up()
         return Batcher(llama, prefill_chunk=self._prefill_chunk)

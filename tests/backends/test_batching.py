@@ -319,3 +319,32 @@ def test_bad_engine_options_are_refused(checkpoint: Path, name: str, value: str)
     """Each option names its allowed values when given another."""
     with pytest.raises(ConfigError, match=name):
         create_engine(BackendConfig(model_path=str(checkpoint), options={name: value}))
+
+
+async def test_weights_auto_falls_back_to_float_where_int4_cannot_pack(tmp_path: Path) -> None:
+    """A model whose widths are not whole groups of 32 runs float under weights=auto,
+    and weights=int4 fails at start-up naming the reason."""
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    auto = create_engine(BackendConfig(model_path=str(tmp_path), options={"kv_cache_mb": "4"}))
+    await auto.start()
+    try:
+        assert isinstance(auto, TorchEngine)
+        assert "float" == auto.weights
+        assert await _all(auto, _request([1, 2, 3], 4))
+    finally:
+        await auto.close()
+    forced = create_engine(
+        BackendConfig(model_path=str(tmp_path), options={"weights": "int4", "kv_cache_mb": "4"})
+    )
+    with pytest.raises(ConfigError, match="groups of 32"):
+        await forced.start()
+    await forced.close()
