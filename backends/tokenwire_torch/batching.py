@@ -43,6 +43,7 @@ class Row:
     last: int = -1  # the token to feed next (after the prompt)
     tokens: list[int] = field(default_factory=list)  # produced by the last step, if any
     cached: list[int] = field(default_factory=list)  # the tokens whose keys the slot holds
+    copy_from: int = -1  # a slot whose first ``position`` keys to copy in before the step
 
     @property
     def prefilling(self) -> bool:
@@ -59,11 +60,17 @@ class Batcher:
         self.prefill_chunk = prefill_chunk
 
     def new_row(
-        self, slot: int, prompt: list[int], sampling: SamplingParams, reuse: int = 0
+        self,
+        slot: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        reuse: int = 0,
+        copy_from: int = -1,
     ) -> Row:
         """A request's row in ``slot``, whose first ``reuse`` prompt tokens the slot
-        already holds (a prefix cached from an earlier request); its RNG is seeded
-        from ``sampling.seed``."""
+        already holds (a prefix cached from an earlier request), or slot ``copy_from``
+        holds, to be copied in before the row's first step; its RNG is seeded from
+        ``sampling.seed``."""
         if not 0 <= reuse < len(prompt):
             raise ValueError("reuse must leave at least one prompt token to run")
         generator: torch.Generator | None = None
@@ -73,7 +80,15 @@ class Batcher:
                 generator.seed()
             else:
                 generator.manual_seed(sampling.seed)
-        return Row(slot, prompt, sampling, generator, position=reuse, cached=prompt[:reuse])
+        return Row(
+            slot,
+            prompt,
+            sampling,
+            generator,
+            position=reuse,
+            cached=prompt[:reuse],
+            copy_from=copy_from,
+        )
 
     def step(self, rows: list[Row]) -> int:
         """One step over ``rows``: prompt chunks of the oldest still prefilling (up to
@@ -81,6 +96,9 @@ class Batcher:
         each row's ``tokens`` (one new token, or none); returns the forward passes run."""
         for row in rows:
             row.tokens = []
+            if row.copy_from >= 0:  # before any write of this step: the keys are still there
+                self.llama.copy_prefix(row.copy_from, row.slot, row.position)
+                row.copy_from = -1
         passes = 0
         # By slot: consecutive slots are read as one view of the cache, without a copy.
         decoding = sorted((row for row in rows if not row.prefilling), key=lambda r: r.slot)

@@ -263,6 +263,12 @@ class LlamaForward:
             default=0.0,
         )
 
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the keys and values of ``source``'s first ``length`` positions into
+        ``target`` (a shared prefix one slot computed and another reuses)."""
+        self.cache[:, target, :, :length] = self.cache[:, source, :, :length]
+
     @property
     def cache_bytes(self) -> int:
         """Bytes the key and value cache holds."""

@@ -69,8 +69,14 @@ class SlotScheduler:
     def place(self, admitted: Admitted, prompt: list[int]) -> None:
         """Give ``admitted`` a slot and its row (no await: admission stays atomic)."""
         request = admitted.request
-        slot, reuse = self._pick_slot(prompt, request.cache_scope, request.shared_prefix_tokens)
-        admitted.row = self.batcher.new_row(slot, prompt, request.sampling, reuse)
+        shared = request.shared_prefix_tokens
+        slot, reuse = self._pick_slot(prompt, request.cache_scope, shared)
+        source, copied = self._shared_source(prompt, min(shared, len(prompt) - 1), slot)
+        if copied > max(reuse, MIN_PREFIX - 1):
+            reuse = copied
+        else:
+            source = -1
+        admitted.row = self.batcher.new_row(slot, prompt, request.sampling, reuse, source)
         self.prefix_hits += reuse
         self._order.append(admitted)
 
@@ -147,6 +153,27 @@ class SlotScheduler:
         self._free.remove(best)
         self._held.pop(best, None)
         return best, min(reuse, len(prompt) - 1)
+
+    def _shared_source(self, prompt: list[int], shared: int, target: int) -> tuple[int, int]:
+        """A slot (running or free) whose first keys are the first ``shared`` tokens of
+        ``prompt``, the part every conversation has, and how many match; (-1, 0)
+        without one. Those keys stay put until a later step: a running row writes
+        only past them, and a free slot is written only after the copy."""
+        best, length = -1, 0
+        if shared < MIN_PREFIX or not self._prefix_cache:
+            return best, length
+        holders = [(slot, tokens) for slot, (_, tokens) in self._held.items()]
+        live = [a.row for a in self._order if a in self._live and a.row is not None]
+        holders += [(row.slot, row.cached) for row in live]
+        for slot, tokens in holders:
+            if slot == target:
+                continue
+            matched = min(common_prefix(tokens, prompt), shared)
+            if matched > length:
+                best, length = slot, matched
+                if length == shared:
+                    break
+        return best, length
 
     def release(self, admitted: Admitted) -> None:
         """Take a request out: its slot is free for the next one at once, and keeps its

@@ -241,6 +241,23 @@ async def test_the_shared_opening_is_reused_across_conversations(
     assert await _uncached(checkpoint, prompt, 8) == answer
 
 
+async def test_the_shared_opening_is_copied_from_a_running_conversation(
+    engine: TorchEngine, checkpoint: Path
+) -> None:
+    """While one conversation still streams, another that starts with the same shared
+    opening gets those keys copied into its own slot (no prefill for them), and answers
+    as an engine without the cache does."""
+    system = list(range(30, 60))
+    running = engine.generate(_request([*system, 1, 2, 3], 50, "conv-a"))
+    await anext(running)
+    hits = engine.prefix_cache_hits
+    prompt = [*system, 7, 8, 9, 10]
+    answer = await _all(engine, _request(prompt, 8, "conv-b", shared=len(system)))
+    await running.aclose()
+    assert len(system) == engine.prefix_cache_hits - hits
+    assert await _uncached(checkpoint, prompt, 8) == answer
+
+
 async def _uncached(checkpoint: Path, prompt: list[int], tokens: int) -> list[int]:
     """The greedy answer of an engine without a prefix cache (transformers' forward)."""
     plain = create_engine(
