@@ -13,9 +13,9 @@ Requests join and leave the batch at any step. Each samples with its own
 settings and its own seeded generator, so a seeded answer does not depend on
 its batch mates; greedy ones take the argmax of their own row::
 
-    batcher = Batcher(llama, eos_token_ids, prefill_chunk=256)
-    row = batcher.add(prompt_ids, sampling, slot)      # on the worker thread
-    finished = batcher.step(rows)                      # one step for those rows
+    batcher = Batcher(llama, prefill_chunk=256)
+    row = batcher.new_row(slot, prompt_ids, sampling)  # a request's place
+    batcher.step(rows)              # on the worker thread: sets each row's tokens
 """
 
 from __future__ import annotations
@@ -131,11 +131,7 @@ class Batcher:
             for index, row in enumerate(decoding):
                 row.position += 1
                 row.cached.append(row.last)
-                if row.sampling.temperature <= 0:
-                    row.last = best[index]
-                    row.tokens = [row.last]
-                else:
-                    self._take(row, logits[index])
+                self._take(row, logits[index], best[index])
         return passes
 
     def _prefill(self, group: list[tuple[Row, list[int]]]) -> int:
@@ -152,7 +148,11 @@ class Batcher:
         return 1
 
     @staticmethod
-    def _take(row: Row, logits: torch.Tensor) -> None:
-        token = sample_next_token(logits, row.sampling, row.generator)
+    def _take(row: Row, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample ``row``'s next token; ``greedy``: the row's argmax, if known."""
+        if greedy is not None and row.sampling.temperature <= 0:
+            token = greedy
+        else:
+            token = sample_next_token(logits, row.sampling, row.generator)
         row.last = token
         row.tokens = [token]

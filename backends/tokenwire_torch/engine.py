@@ -139,9 +139,7 @@ class TorchEngine:
             )
         # 0: torch's default (one thread per core).
         self._num_threads = _positive_int(config.options, "num_threads", 0) or None
-        self._forward = config.options.get("forward", "auto") or "auto"
-        if self._forward not in _FORWARDS:
-            raise ConfigError(f"option forward must be one of {_FORWARDS}, got {self._forward!r}")
+        self._forward = _choice(config.options, "forward", _FORWARDS, "auto")
         self._kv_cache_mb = _positive_int(config.options, "kv_cache_mb", 1024)
         self._prefill_chunk = _positive_int(config.options, "prefill_chunk", 256)
         self._prefix_cache = _choice(config.options, "prefix_cache", _SWITCHES, "on") == "on"
@@ -402,8 +400,7 @@ class TorchEngine:
         per_token = LlamaForward.cache_bytes_per_token(runner.model.config, dtype)
         slots = self._config.max_running
         budget = self._kv_cache_mb * 1024 * 1024
-        # Compiled on CUDA, decode batches are padded with rows of one scratch slot.
-        rows = slots + (1 if self._compile and runner.device.type == "cuda" else 0)
+        rows = slots + LlamaForward.scratch_slots(self._compile, runner.device)
         max_len = min(runner.context_length or 2048, budget // (rows * per_token))
         if max_len < 16:
             raise ConfigError(
@@ -429,7 +426,7 @@ class TorchEngine:
         except ValueError as exc:
             if self._weights != "auto":
                 raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
-        if llama is None or (self._weights == "auto" and llama.int4_error > 0):
+        if llama is None or (self._weights == "auto" and llama.quantize_error > 0):
             # auto, and the layers are not 4-bit in the file (or do not pack): float
             weights, llama = "float", build("float", runner.model.dtype)
         self._weights_used = weights

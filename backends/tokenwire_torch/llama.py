@@ -201,9 +201,9 @@ class LlamaForward:
         # Keys then values of every kv head, per layer and slot: one write a layer.
         # CUDA graphs replay fixed shapes: decode steps then pad their batch to a
         # power of two (rows of one extra scratch slot) and attend over whole rows.
-        self._graphed = compile and self.device.type == "cuda"
-        if fixed_shapes is not None:
-            self._graphed = fixed_shapes
+        if fixed_shapes is None:
+            fixed_shapes = self.scratch_slots(compile, self.device) > 0
+        self._graphed = fixed_shapes
         scratch = 1 if self._graphed else 0
         shape = (len(self.layers), slots + scratch, 2 * self.kv_heads, max_len, self.head_dim)
         self.cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -245,13 +245,19 @@ class LlamaForward:
                 self.forward(list(range(size)), [[0]] * size, [span - 1] * size)
 
     @staticmethod
+    def scratch_slots(compile: bool, device: torch.device | str) -> int:
+        """Cache rows beyond ``slots`` that padding needs: one when the decode step is
+        compiled on CUDA (fixed shapes for CUDA graphs, unless told otherwise)."""
+        return 1 if compile and torch.device(device).type == "cuda" else 0
+
+    @staticmethod
     def cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
         """Bytes of keys and values one position of one slot takes, for ``config``."""
         _, kv_heads, head_dim = _attention_shape(config)
         return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
 
     @property
-    def int4_error(self) -> float:
+    def quantize_error(self) -> float:
         """The largest relative change quantizing made to any layer weight (0.0: lossless,
         as for weights that were 4-bit in the file; 0.0 for float weights too)."""
         return max(

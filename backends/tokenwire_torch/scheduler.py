@@ -9,7 +9,7 @@ request finished or was cancelled, keeping the slot's keys for a later request
 of the same scope that starts the same way::
 
     scheduler = SlotScheduler(batcher, executor, admitted_set, prefix_cache=True)
-    scheduler.place(admitted)          # on admission, no await
+    scheduler.place(admitted, prompt)  # on admission, no await
     scheduler.wake()                   # make sure the step loop runs
 """
 
