@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.backends.conftest import tiny_llama
 from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingParams
 from tokenwire.errors import ConfigError, ResourceExhaustedError
 from tokenwire.testing.conformance import EngineConformance
@@ -19,21 +19,8 @@ from tokenwire_torch import TorchEngine, create_engine
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random two-layer Llama (grouped-query attention), without EOS, on disk."""
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(1)
     directory = tmp_path_factory.mktemp("batch-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama(seed=1, eos=False).save_pretrained(directory)
     return directory
 
 
@@ -341,16 +328,14 @@ def test_bad_engine_options_are_refused(checkpoint: Path, name: str, value: str)
 async def test_weights_auto_falls_back_to_float_where_int4_cannot_pack(tmp_path: Path) -> None:
     """A model whose widths are not whole groups of 32 runs float under weights=auto,
     and weights=int4 fails at start-up naming the reason."""
-    config = LlamaConfig(
+    ungrouped = tiny_llama(
         vocab_size=64,
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    ungrouped.save_pretrained(tmp_path)
     auto = create_engine(BackendConfig(model_path=str(tmp_path), options={"kv_cache_mb": "4"}))
     await auto.start()
     try:

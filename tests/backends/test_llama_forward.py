@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.backends.conftest import tiny_llama
 from tokenwire.backend import ChatMessage, Engine
 from tokenwire.model.tokenizers import load_tokenizer
 from tokenwire_torch.llama import LlamaForward
@@ -16,17 +16,7 @@ from tokenwire_torch.llama import LlamaForward
 @pytest.fixture(scope="module")
 def tiny() -> Any:
     """A small random Llama with grouped-query attention, in float32."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed=0, vocab_size=300)
 
 
 def _reference(model: Any, prompt: list[int], steps: int, at_least: int | None = None) -> list[int]:
@@ -161,7 +151,7 @@ async def test_smollm2_int4_packs_the_files_4_bit_weights_exactly(torch_engine: 
     and int4 greedy decoding starts like the float model on a plain prompt."""
     model: Any = torch_engine.model  # type: ignore[attr-defined]
     llama = LlamaForward(model, slots=1, max_len=64, weights="int4")
-    assert 0.0 == llama.int4_error
+    assert 0.0 == llama.quantize_error
     assert torch.bfloat16 == llama.dtype
     prompt = [1, 504, 3458, 282, 4649, 314, 253, 3576, 30]
     # bf16 activations: the first tokens agree; later ones may drift at near-ties.
@@ -242,16 +232,9 @@ def _agreement(torch_engine: Engine, llama: LlamaForward) -> tuple[int, int]:
 
 def test_int4_needs_whole_groups() -> None:
     """A layer whose width is not a multiple of 32 cannot be packed: a clear error."""
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    ungrouped = tiny_llama(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1)
     with pytest.raises(ValueError, match="groups of 32"):
-        LlamaForward(LlamaForCausalLM(config), slots=1, max_len=8, weights="int4")
+        LlamaForward(ungrouped, slots=1, max_len=8, weights="int4")
 
 
 def test_prompts_of_different_lengths_prefill_together(tiny: Any) -> None:

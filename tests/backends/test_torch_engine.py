@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
+from tests.backends.conftest import tiny_llama
 from tokenwire.backend import (
     BackendConfig,
     Chunk,
@@ -89,21 +90,11 @@ def story(tokenizer: Any) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random two-layer Llama saved as a transformers checkpoint, without EOS."""
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+    model = tiny_llama(
+        seed=0, eos=False, hidden_size=32, intermediate_size=64, max_position_embeddings=64
     )
-    torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model.save_pretrained(directory)
     return directory
 
 
