@@ -4,6 +4,7 @@ tokenwire serve                         # SmolLM2 on the CPU, 127.0.0.1:50051
 tokenwire serve --listen 0.0.0.0:50051 --config tokenwire.toml
 tokenwire chat "What is the capital of France?"
 tokenwire chat                          # interactive; Ctrl-C cancels an answer
+tokenwire worker --listen 0.0.0.0:50061 # an engine for gateways ([router] workers)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from tokenwire import __version__
 from tokenwire import client as chat_client
 from tokenwire.auth.cli import add_keys_parser, run_keys
-from tokenwire.config import describe, load_config
+from tokenwire.config import Config, describe, load_config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import configure_logging
 
@@ -42,25 +43,43 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--help-config", action="store_true", help="list every setting and exit")
 
 
+def _add_worker(sub: Any) -> None:
+    p = sub.add_parser(
+        "worker", help="host one engine for gateways, over the VllmEngine gRPC protocol"
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file ([worker], [backend], ...)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (worker.listen)")
+    p.add_argument("--backend", help="backend entry point name (backend.name)")
+    p.add_argument("--model-path", help="model file or directory (backend.model_path)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (backend.device)")
+    p.add_argument("--log-format", choices=("console", "json"), help="logging.format")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="any setting, e.g. --set worker.token_file=/etc/token (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``tokenwire`` command."""
     parser = argparse.ArgumentParser(prog="tokenwire", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tokenwire {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_worker(sub)
     chat = sub.add_parser("chat", help="chat with a running server")
     chat_client.add_arguments(chat)
     add_keys_parser(sub)
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    if args.help_config:
-        print(describe())
-        return 0
+def _load(args: argparse.Namespace, listen_key: str) -> Config:
+    """The configuration with the command's flags and ``--set`` applied on top."""
     overrides: dict[str, str] = {}
     for flag, key in (
-        ("listen", "server.listen"),
+        ("listen", listen_key),
         ("backend", "backend.name"),
         ("model_path", "backend.model_path"),
         ("device", "backend.device"),
@@ -75,10 +94,26 @@ def _serve(args: argparse.Namespace) -> int:
         overrides[key.strip()] = value
     config = load_config(args.config, overrides=overrides)
     configure_logging(config.logging)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(describe())
+        return 0
+    config = _load(args, "server.listen")
     from tokenwire.server import TokenwireServer  # heavy: grpc servers, stores
 
     server = TokenwireServer(config)
     asyncio.run(server.serve())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    config = _load(args, "worker.listen")
+    from tokenwire.worker.server import WorkerServer  # heavy: grpc, the engine
+
+    asyncio.run(WorkerServer(config).serve())
     return 0
 
 
@@ -88,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "worker":
+            return _worker(args)
         if args.command == "keys":
             return run_keys(args)
         return chat_client.main(args)

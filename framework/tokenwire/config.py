@@ -29,6 +29,8 @@ from tokenwire.config_fields import parse_pairs, require_positive, setting
 from tokenwire.errors import ConfigError
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
+from tokenwire.router.config import RouterConfig
+from tokenwire.worker.config import WorkerConfig
 
 __all__ = [
     "ENV_PREFIX",
@@ -188,6 +190,8 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
 
 def _sections() -> Iterator[tuple[str, type[Any]]]:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.auth.bootstrap import admin_key_notice
 from tokenwire.backend import Backend, create_backend
-from tokenwire.config import Config, ServerConfig
+from tokenwire.config import Config
 from tokenwire.errors import ConfigError
 from tokenwire.interceptors import Interceptor, InterceptorChain
 from tokenwire.live import LiveBus, live_bus_from_config
@@ -37,12 +37,14 @@ from tokenwire.proto.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from tokenwire.router.engine import RoutedEngine
 from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.services.chat import ChatServicer
 from tokenwire.services.conversations import CONVERSATION_SERVICE_NAME, ConversationServicer
 from tokenwire.services.models import ModelServicer
 from tokenwire.stores import open_store_from_config
 from tokenwire.stores.conversations import ConversationStore
+from tokenwire.tls import server_credentials
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.turns.runner import TurnRunner
 
@@ -81,7 +83,14 @@ class TokenwireServer:
         self.pipeline = build_pipeline(config, interceptors=interceptors, policies=policies)
         self._interceptors = list(self.pipeline.interceptors)
         self._policies = list(self.pipeline.policies)
-        self._backend = backend if backend is not None else create_backend(config.backend)
+        if backend is None:
+            # Workers named: every turn goes to one of them; else the engine runs here.
+            backend = (
+                RoutedEngine(config.router)
+                if config.router.worker_list
+                else create_backend(config.backend)
+            )
+        self._backend = backend
         self.model: ChatModel = frontend_for(self._backend, config.limits)
         self._store = store if store is not None else open_store_from_config(config.store)
         self._live = live if live is not None else live_bus_from_config(config.store)
@@ -179,7 +188,9 @@ class TokenwireServer:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         try:
-            credentials = _server_credentials(cfg)
+            credentials = server_credentials(
+                "server", cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file
+            )
             if credentials is None:
                 self.port = server.add_insecure_port(cfg.listen)
             else:
@@ -245,31 +256,3 @@ class TokenwireServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
-
-
-def _read_pem(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path!r}: {exc}") from exc
-
-
-def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the config, or None for a plaintext port."""
-    if not (cfg.tls_cert_file or cfg.tls_key_file or cfg.tls_client_ca_file):
-        return None
-    if not (cfg.tls_cert_file and cfg.tls_key_file):
-        raise ConfigError("server.tls_cert_file and server.tls_key_file must be set together")
-    pair = (
-        _read_pem(cfg.tls_key_file, "server.tls_key_file"),
-        _read_pem(cfg.tls_cert_file, "server.tls_cert_file"),
-    )
-    client_ca = (
-        _read_pem(cfg.tls_client_ca_file, "server.tls_client_ca_file")
-        if cfg.tls_client_ca_file
-        else None
-    )
-    return grpc.ssl_server_credentials(
-        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )

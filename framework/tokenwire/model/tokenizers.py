@@ -140,6 +140,10 @@ class TransformersTokenizer:
     def eos_token_ids(self) -> frozenset[int]:
         return self._eos
 
+    def save(self, directory: str) -> None:
+        """Write the tokenizer's files (chat template included) into ``directory``."""
+        self._tok.save_pretrained(directory)
+
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 

@@ -13,6 +13,7 @@ from tokenwire.testing.server import (
     RunningServer,
     config_for_tests,
     running_server,
+    running_worker,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "config_for_tests",
     "create_fake_backend",
     "running_server",
+    "running_worker",
 ]

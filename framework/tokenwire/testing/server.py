@@ -25,13 +25,21 @@ from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.turns.policy import TurnPolicy
+from tokenwire.worker.config import WorkerConfig
+from tokenwire.worker.server import WorkerServer
 
 if TYPE_CHECKING:  # typed async stubs exist only in the .pyi files
     from tokenwire.proto.v1.chat_pb2_grpc import ChatServiceAsyncStub
     from tokenwire.proto.v1.conversations_pb2_grpc import ConversationServiceAsyncStub
     from tokenwire.proto.v1.models_pb2_grpc import ModelServiceAsyncStub
 
-__all__ = ["BorrowedEngine", "RunningServer", "config_for_tests", "running_server"]
+__all__ = [
+    "BorrowedEngine",
+    "RunningServer",
+    "config_for_tests",
+    "running_server",
+    "running_worker",
+]
 
 
 def config_for_tests(**sections: Any) -> Config:
@@ -130,4 +138,23 @@ async def running_server(
         )
     finally:
         await channel.close(None)
+        await server.stop(0)
+
+
+@asynccontextmanager
+async def running_worker(
+    engine: Engine, config: Config | None = None, **worker: Any
+) -> AsyncIterator[WorkerServer]:
+    """Start a worker around ``engine`` on a free port; stop it (grace 0) on exit.
+
+    Keyword arguments set ``[worker]`` fields, e.g. ``token="s3cret"``.
+    """
+    config = config or config_for_tests()
+    settings = {"listen": "127.0.0.1:0", **worker}
+    config = dataclasses.replace(config, worker=dataclasses.replace(WorkerConfig(), **settings))
+    server = WorkerServer(config, engine=engine)
+    await server.start()
+    try:
+        yield server
+    finally:
         await server.stop(0)

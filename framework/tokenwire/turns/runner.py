@@ -163,6 +163,11 @@ class TurnRunner:
             reserved = True
             try:
                 turn = await self._prepare(request, model, principal.owner)
+                # An engine that knows it cannot start the turn now (every worker full)
+                # refuses it here, before anything is stored or charged.
+                admit = getattr(model.backend, "check_admission", None)
+                if admit is not None:
+                    admit()
                 state.prompt_tokens = turn.prompt_tokens
                 info = TurnInfo(
                     turn_id=state.turn_id,

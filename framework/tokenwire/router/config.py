@@ -1,0 +1,100 @@
+"""The ``[router]`` section: the gateway's workers and how turns are spread over them.
+
+Empty ``workers`` (the default) keeps the embedded single-process mode: the
+engine of ``[backend]`` runs inside the gateway, with no network hop. Name workers
+to route every turn to one of them instead::
+
+    [router]
+    workers = "10.0.0.5:50061, 10.0.0.6:50061"          # a static list
+    # workers = "dns:///tokenwire-workers.default.svc:50061"  # re-resolved (Kubernetes)
+    policy = "ttft"
+    token_file = "/etc/tokenwire/worker-token"
+
+List-valued settings are comma-separated strings, so they work unchanged as
+``TOKENWIRE_ROUTER_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenwire.auth.config import split_list
+from tokenwire.config_fields import require_positive, setting
+from tokenwire.errors import ConfigError
+from tokenwire.router.fleet import POLICY_NAMES
+from tokenwire.worker.config import read_token
+
+__all__ = ["RouterConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Remote engine workers and the load-aware router in front of them."""
+
+    workers: str = setting(
+        "",
+        "comma-separated HOST:PORT of workers, or dns:///NAME:PORT entries re-resolved "
+        "every dns_refresh_s; empty: the [backend] engine runs in-process",
+    )
+    policy: str = setting(
+        "ttft",
+        "ttft (least estimated time to first token, conversation affinity while it pays), "
+        "round_robin, least_requests or power_of_two",
+    )
+    token: str = setting("", "shared secret sent to workers as a bearer token")
+    token_file: str = setting("", "file holding the shared secret (instead of token)")
+    tls_ca_file: str = setting("", "PEM CA the workers' certificates chain to; set: TLS")
+    tls_cert_file: str = setting("", "PEM client certificate for mTLS to workers")
+    tls_key_file: str = setting("", "PEM private key of tls_cert_file")
+    poll_interval_s: float = setting(
+        0.05, "how often each worker's load is polled (GetLoads) and its health checked"
+    )
+    dns_refresh_s: float = setting(5.0, "how often dns:/// workers are resolved again")
+    connect_timeout_s: float = setting(
+        5.0, "at start, how long to wait for the first worker to answer"
+    )
+    retries: int = setting(
+        2, "other workers a turn tries when its worker fails before the first token"
+    )
+    eject_after_failures: int = setting(
+        3, "consecutive failures (calls or health checks) that take a worker out of rotation"
+    )
+    eject_s: float = setting(
+        2.0, "how long an ejected worker sits out before health checks may bring it back"
+    )
+    affinity_conversations: int = setting(
+        100_000, "conversations whose last worker the router remembers (least recent go first)"
+    )
+    max_queue_per_slot: float = setting(
+        1.0,
+        "a worker counts as saturated when waiting requests reach this many per request it "
+        "runs at once; with every worker saturated, turns are refused (RESOURCE_EXHAUSTED)",
+    )
+    tokenizer_cache_dir: str = setting(
+        "~/.cache/tokenwire/tokenizers", "where the tokenizer files workers send are unpacked"
+    )
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(
+                f"router.policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}"
+            )
+        require_positive(
+            "router", self, "poll_interval_s", "dns_refresh_s", "connect_timeout_s", "eject_s"
+        )
+        if self.retries < 0 or self.eject_after_failures < 1 or self.affinity_conversations < 0:
+            raise ConfigError(
+                "router.retries must be >= 0, eject_after_failures >= 1, "
+                "affinity_conversations >= 0"
+            )
+        if self.max_queue_per_slot < 0:
+            raise ConfigError("router.max_queue_per_slot must be >= 0")
+
+    @property
+    def worker_list(self) -> tuple[str, ...]:
+        """The configured worker entries."""
+        return split_list(self.workers)
+
+    def secret(self) -> str:
+        """The shared token for workers; empty: none."""
+        return read_token(self.token, self.token_file, "router")

@@ -1,0 +1,287 @@
+"""The router as an engine: each request goes to one of many remote workers.
+
+The gateway's frontend, conversations, auth, quotas and moderation see one
+:class:`~tokenwire.backend.Engine`; behind it, :class:`RoutedEngine` picks a worker
+per turn (:mod:`tokenwire.router.fleet`), polls every worker's load and health,
+and handles failures:
+
+* a worker that fails before the first token (unreachable, draining, at capacity)
+  is left for another, up to ``router.retries`` times, without the client noticing;
+* a failure after the first token ends the answer with UNAVAILABLE (the turn runner
+  stores the partial answer as incomplete);
+* failures in a row eject a worker for ``router.eject_s``; health checks bring it
+  back, as they bring back a restarted one;
+* with every worker saturated, :meth:`check_admission` refuses the turn with
+  RESOURCE_EXHAUSTED and a retry delay before it starts.
+
+Workers come from a static list or ``dns:///name:port`` entries re-resolved
+every ``router.dns_refresh_s`` (a Kubernetes headless Service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+
+from tokenwire.backend import Capabilities, Chunk, GenerateRequest, LoadReport
+from tokenwire.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    TokenwireError,
+    UnavailableError,
+)
+from tokenwire.logs import get_logger
+from tokenwire.router.config import RouterConfig
+from tokenwire.router.fleet import Fleet, TurnView, WorkerState
+from tokenwire.router.remote import RemoteEngine
+from tokenwire.tls import channel_credentials
+
+__all__ = ["RoutedEngine", "resolve_workers"]
+
+_log = get_logger("tokenwire.router")
+_RETRY_AFTER_S = 0.5
+_HEALTH_EVERY = 4  # polls between HealthCheck calls (draining shows there first)
+_MAX_BATCH = 1 << 20  # admission is the router's own (check_admission), not a fixed count
+
+
+class RoutedEngine:
+    """An engine whose requests run on the workers of ``config``."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        if not config.worker_list:
+            raise ConfigError("router.workers names no worker")
+        self.config = config
+        self._secret = config.secret()
+        self._credentials = channel_credentials(
+            "router", config.tls_ca_file, config.tls_cert_file, config.tls_key_file
+        )
+        self.fleet = Fleet(
+            config.policy,
+            affinity_conversations=config.affinity_conversations,
+            max_queue_per_slot=config.max_queue_per_slot,
+            eject_after_failures=config.eject_after_failures,
+            eject_s=config.eject_s,
+        )
+        self._capabilities = Capabilities(model="", context_length=0)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def start(self) -> None:
+        """Find the workers and wait (``connect_timeout_s``) for one to answer; its
+        model and tokenizer become the router's."""
+        await self._refresh()
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        last: Exception | None = None
+        while True:
+            for worker in list(self.fleet.workers.values()):
+                probe = self._connect(worker.key, probe=True)
+                try:
+                    await probe.start()
+                except TokenwireError as exc:
+                    last = exc
+                    continue
+                finally:
+                    await probe.close()
+                self._capabilities = Capabilities(
+                    model=probe.capabilities.model,
+                    context_length=probe.capabilities.context_length,
+                    max_batch=_MAX_BATCH,
+                    tokenizer=probe.capabilities.tokenizer,
+                )
+                break
+            if self._capabilities.context_length or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+            await self._refresh()
+        if not self._capabilities.context_length:
+            raise ConfigError(
+                f"no worker of router.workers={self.config.workers!r} answered within "
+                f"{self.config.connect_timeout_s} s: {last}"
+            )
+        self._tasks = [asyncio.create_task(self._poll_forever())]
+        if any(entry.startswith("dns:") for entry in self.config.worker_list):
+            self._tasks.append(asyncio.create_task(self._resolve_forever()))
+        _log.info("routing", workers=len(self.fleet.workers), policy=self.config.policy)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for worker in list(self.fleet.workers.values()):
+            await _engine(worker).close()
+
+    def load(self) -> LoadReport:
+        """The fleet's load, summed over usable workers."""
+        usable = self.fleet.usable()
+        return LoadReport(
+            running=sum(w.load.running for w in usable),
+            queued=sum(w.load.queued for w in usable),
+            queued_tokens=sum(w.load.queued_tokens for w in usable),
+            kv_cache_usage=max((w.load.kv_cache_usage for w in usable), default=0.0),
+            tokens_per_second=sum(w.load.tokens_per_second for w in usable),
+        )
+
+    def check_admission(self) -> None:
+        """Before a turn starts: refuse it when no worker could take it now."""
+        if self.fleet.saturated():
+            raise ResourceExhaustedError(
+                "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
+            )
+        if not self.fleet.usable():
+            raise UnavailableError("no model worker is available; retry shortly")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        turn = TurnView(
+            len(request.prompt_token_ids), request.cache_scope, request.shared_prefix_tokens
+        )
+        tried: list[str] = []
+        last: TokenwireError | None = None
+        for _ in range(self.config.retries + 1):
+            worker = self.fleet.choose(turn, exclude=tried)
+            if worker is None:
+                break
+            tried.append(worker.key)
+            fleet = self.fleet
+            fleet.sent(worker, turn)
+            started = time.monotonic()
+            stream = _engine(worker).generate(request)
+            got_first = False
+            tokens = 0
+            try:
+                try:
+                    chunk = await stream.__anext__()
+                except (UnavailableError, ResourceExhaustedError) as exc:
+                    last = exc  # nothing reached the client: another worker may answer
+                    fleet.failed(worker)
+                    continue
+                got_first = True
+                fleet.first_token(worker, turn, time.monotonic() - started)
+                while True:
+                    tokens += len(chunk.token_ids)
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+                    chunk = await stream.__anext__()
+            except UnavailableError:
+                fleet.failed(worker)
+                raise
+            finally:
+                fleet.finished(
+                    worker,
+                    turn,
+                    got_first=got_first,
+                    duration_s=time.monotonic() - started,
+                    cached_tokens=turn.prompt_tokens + tokens,
+                )
+                await stream.aclose()  # type: ignore[attr-defined]
+        if isinstance(last, InvalidArgumentError):
+            raise last
+        if last is not None and not isinstance(last, ResourceExhaustedError):
+            raise UnavailableError("no model worker could take the turn; retry shortly")
+        raise ResourceExhaustedError(
+            "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
+        )
+
+    def _connect(self, target: str, *, probe: bool = False) -> RemoteEngine:
+        """An engine client for ``target``; a probe also fetches model and tokenizer."""
+        return RemoteEngine(
+            target,
+            token=self._secret,
+            credentials=self._credentials,
+            tokenizer_cache_dir=self.config.tokenizer_cache_dir,
+            timeout_s=self.config.connect_timeout_s,
+            fetch_tokenizer=probe,
+        )
+
+    # -- background: load, health, discovery ---------------------------------
+
+    async def _poll_forever(self) -> None:
+        interval = self.config.poll_interval_s
+        rounds = 0
+        while not self._closed:
+            workers = list(self.fleet.workers.values())
+            check_health = rounds % _HEALTH_EVERY == 0
+            await asyncio.gather(*(self._poll(w, check_health) for w in workers))
+            rounds += 1
+            await asyncio.sleep(interval)
+
+    async def _poll(self, worker: WorkerState, check_health: bool) -> None:
+        engine = _engine(worker)
+        now = time.monotonic()
+        if not worker.healthy and now < worker.ejected_until:
+            return  # sitting out its ejection
+        try:
+            if check_health or not worker.healthy:
+                healthy = await engine.healthy()
+                worker.draining = not healthy
+            report = await engine.poll()
+        except Exception as exc:  # unreachable or refusing: count it
+            self.fleet.failed(worker)
+            if worker.failures == self.config.eject_after_failures:
+                _log.warning("worker ejected", worker=worker.key, error=str(exc))
+            return
+        was_down = not worker.healthy
+        self.fleet.report(worker, report, engine.max_running)
+        if was_down:
+            _log.info("worker back in rotation", worker=worker.key)
+
+    async def _resolve_forever(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.dns_refresh_s)
+            try:
+                await self._refresh()
+            except Exception:
+                _log.exception("resolving workers failed; keeping the last list")
+
+    async def _refresh(self) -> None:
+        """Bring the fleet in line with the configured list (DNS resolved now)."""
+        wanted = await resolve_workers(self.config.worker_list)
+        for key in wanted:
+            if key not in self.fleet.workers:
+                self.fleet.add(key, self._connect(key))
+        for key in [k for k in self.fleet.workers if k not in wanted]:
+            gone = self.fleet.remove(key)
+            if gone is not None:
+                await _engine(gone).close()
+
+
+def _engine(worker: WorkerState) -> RemoteEngine:
+    engine = worker.handle
+    assert isinstance(engine, RemoteEngine)
+    return engine
+
+
+async def resolve_workers(entries: tuple[str, ...]) -> list[str]:
+    """``host:port`` entries as given; ``dns:///name:port`` resolved to every address."""
+    found: list[str] = []
+    loop = asyncio.get_running_loop()
+    for entry in entries:
+        if not entry.startswith("dns:"):
+            found.append(entry)
+            continue
+        name = entry.removeprefix("dns:").lstrip("/")
+        host, sep, port = name.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"router.workers entry {entry!r} needs a port: dns:///NAME:PORT")
+        try:
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            _log.warning("cannot resolve workers", entry=entry, error=str(exc))
+            continue
+        for family, _, _, _, address in infos:
+            ip = address[0]
+            target = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            if target not in found:
+                found.append(target)
+    return found

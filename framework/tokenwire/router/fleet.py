@@ -1,0 +1,240 @@
+"""What the router knows of its workers, and the policies that choose among them.
+
+Plain state and arithmetic, no I/O: the gateway's :class:`~tokenwire.router.engine.RoutedEngine`
+feeds it from live load reports and the turns it routes, and the router benchmark
+drives the very same code over a simulated fleet.
+
+Between two load reports a worker's numbers would go stale, and every turn of a
+burst would pile onto the same "least loaded" worker; so the fleet also counts
+what it sent itself since (requests in flight, prompt tokens not yet prefilled).
+
+Policies (``router.policy``):
+
+* ``ttft`` (default): the least estimated time to first token for *this* turn:
+  prompt tokens queued ahead of it plus its own uncached ones, at the prefill speed
+  measured on that worker, plus the wait for a free slot when it has none. A
+  worker that served the conversation's last turn holds its prefix, so its
+  estimate counts only the new tokens: affinity holds while it pays and yields
+  when that worker is busier than the saving.
+* ``least_requests``, ``power_of_two`` (two at random, the one with fewer
+  requests), ``round_robin``: for comparison.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tokenwire.backend import LoadReport
+
+__all__ = ["POLICY_NAMES", "Fleet", "TurnView", "WorkerState"]
+
+POLICY_NAMES = ("ttft", "round_robin", "least_requests", "power_of_two")
+_EWMA = 0.2  # weight of a new observation in the measured speeds
+_DEFAULT_S_PER_TOKEN = 2e-4  # before a worker's first measured prefill
+_DEFAULT_TURN_S = 2.0  # before a worker's first measured turn
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """One worker as the router sees it."""
+
+    key: str
+    load: LoadReport = field(default_factory=LoadReport)
+    max_running: int = 0  # 0: unknown
+    healthy: bool = True
+    draining: bool = False
+    ejected_until: float = 0.0
+    failures: int = 0  # consecutive
+    in_flight: int = 0  # sent by this router, not yet finished
+    sent_since_report: int = 0  # sent since the last load report
+    pending_tokens: int = 0  # prompt tokens sent, first token not yet back
+    s_per_token: float = _DEFAULT_S_PER_TOKEN  # measured prefill speed
+    turn_s: float = _DEFAULT_TURN_S  # measured turn duration
+    handle: object = None  # the transport's object (an engine client)
+
+    def requests(self) -> int:
+        """Running plus waiting, counting what was sent since the last report."""
+        return self.load.running + self.load.queued + self.sent_since_report
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    def saturated(self, max_queue_per_slot: float) -> bool:
+        if self.max_running <= 0:
+            return False
+        return self.requests() >= self.max_running * (1 + max_queue_per_slot)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnView:
+    """What a policy may know of the turn it routes."""
+
+    prompt_tokens: int
+    scope: str = ""  # the conversation: its last worker holds its prefix
+    shared_prefix_tokens: int = 0  # cached on every worker that served anyone
+
+
+class Fleet:
+    """The workers, their state, and the choice of one per turn."""
+
+    def __init__(
+        self,
+        policy: str = "ttft",
+        *,
+        affinity_conversations: int = 100_000,
+        max_queue_per_slot: float = 1.0,
+        eject_after_failures: int = 3,
+        eject_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if policy not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICY_NAMES)}")
+        self.policy = policy
+        self.workers: dict[str, WorkerState] = {}
+        self._affinity: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._affinity_limit = affinity_conversations
+        self._max_queue = max_queue_per_slot
+        self._eject_after = eject_after_failures
+        self._eject_s = eject_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._next = 0
+        self._choose = {
+            "ttft": self._least_ttft,
+            "round_robin": self._round_robin,
+            "least_requests": self._least_requests,
+            "power_of_two": self._power_of_two,
+        }[policy]
+
+    # -- membership and load -------------------------------------------------
+
+    def add(self, key: str, handle: object = None) -> WorkerState:
+        state = self.workers.get(key)
+        if state is None:
+            state = self.workers[key] = WorkerState(key, handle=handle)
+        return state
+
+    def remove(self, key: str) -> WorkerState | None:
+        return self.workers.pop(key, None)
+
+    def report(self, worker: WorkerState, load: LoadReport, max_running: int) -> None:
+        """A fresh load report: it counts everything sent before it."""
+        worker.load = load
+        worker.max_running = max_running or worker.max_running
+        worker.sent_since_report = 0
+        worker.healthy = True
+        worker.failures = 0
+
+    def failed(self, worker: WorkerState) -> None:
+        """A call or a health check failed: eject after enough in a row."""
+        worker.failures += 1
+        if worker.failures >= self._eject_after:
+            worker.healthy = False
+            worker.ejected_until = self._clock() + self._eject_s
+
+    # -- choosing ------------------------------------------------------------
+
+    def usable(self) -> list[WorkerState]:
+        now = self._clock()
+        return [w for w in self.workers.values() if w.usable(now)]
+
+    def saturated(self) -> bool:
+        """True when every usable worker is full (and there is at least one)."""
+        usable = self.usable()
+        return bool(usable) and all(w.saturated(self._max_queue) for w in usable)
+
+    def choose(self, turn: TurnView, exclude: Sequence[str] = ()) -> WorkerState | None:
+        """The worker for ``turn`` (None: no usable worker outside ``exclude``)."""
+        now = self._clock()
+        candidates = [
+            w
+            for w in self.workers.values()
+            if w.usable(now) and w.key not in exclude and not w.saturated(self._max_queue)
+        ]
+        if not candidates:
+            return None
+        return self._choose(candidates, turn)
+
+    def _round_robin(self, candidates: list[WorkerState], turn: TurnView) -> WorkerState:
+        self._next += 1
+        return candidates[self._next % len(candidates)]
+
+    def _least_requests(self, candidates: list[WorkerState], turn: TurnView) -> WorkerState:
+        least = min(w.requests() for w in candidates)
+        return self._rng.choice([w for w in candidates if w.requests() == least])
+
+    def _power_of_two(self, candidates: list[WorkerState], turn: TurnView) -> WorkerState:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self._rng.sample(candidates, 2)
+        return a if a.requests() <= b.requests() else b
+
+    def _least_ttft(self, candidates: list[WorkerState], turn: TurnView) -> WorkerState:
+        held = self._affinity.get(turn.scope) if turn.scope else None
+        best: WorkerState | None = None
+        best_s = float("inf")
+        for w in candidates:
+            cached = turn.shared_prefix_tokens
+            if held is not None and held[0] == w.key:
+                cached = max(cached, min(held[1], turn.prompt_tokens - 1))
+            ahead = w.load.queued_tokens + w.pending_tokens
+            estimate = (ahead + turn.prompt_tokens - cached) * w.s_per_token
+            slots = w.max_running
+            busy = w.requests() + 1 - slots if slots > 0 else 0
+            if busy > 0:  # no free slot: wait for busy requests to finish, slots at a time
+                estimate += busy * w.turn_s / slots
+            # A tiny random tie-break keeps equal workers from taking turns in lockstep.
+            estimate *= 1.0 + 1e-3 * self._rng.random()
+            if estimate < best_s:
+                best, best_s = w, estimate
+        assert best is not None
+        return best
+
+    # -- what happened to a routed turn --------------------------------------
+
+    def sent(self, worker: WorkerState, turn: TurnView) -> None:
+        worker.in_flight += 1
+        worker.sent_since_report += 1
+        worker.pending_tokens += turn.prompt_tokens
+
+    def first_token(self, worker: WorkerState, turn: TurnView, ttft_s: float) -> None:
+        """The turn's first token came back after ``ttft_s``: learn the prefill speed."""
+        worker.pending_tokens = max(0, worker.pending_tokens - turn.prompt_tokens)
+        held = self._affinity.get(turn.scope) if turn.scope else None
+        cached = turn.shared_prefix_tokens
+        if held is not None and held[0] == worker.key:
+            cached = max(cached, min(held[1], turn.prompt_tokens - 1))
+        work = max(1, turn.prompt_tokens - cached + worker.load.queued_tokens)
+        worker.s_per_token += _EWMA * (ttft_s / work - worker.s_per_token)
+        worker.failures = 0
+
+    def finished(
+        self,
+        worker: WorkerState,
+        turn: TurnView,
+        *,
+        got_first: bool,
+        duration_s: float,
+        cached_tokens: int,
+    ) -> None:
+        """The turn ended: free its place, remember where the conversation's prefix is."""
+        worker.in_flight = max(0, worker.in_flight - 1)
+        if not got_first:
+            worker.pending_tokens = max(0, worker.pending_tokens - turn.prompt_tokens)
+            return
+        worker.turn_s += _EWMA * (duration_s - worker.turn_s)
+        if turn.scope and self._affinity_limit:
+            self._affinity[turn.scope] = (worker.key, cached_tokens)
+            self._affinity.move_to_end(turn.scope)
+            while len(self._affinity) > self._affinity_limit:
+                self._affinity.popitem(last=False)
+
+    def affinity(self, scope: str) -> str | None:
+        """The worker that served the conversation's last turn, if remembered."""
+        held = self._affinity.get(scope)
+        return held[0] if held is not None else None
