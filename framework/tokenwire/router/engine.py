@@ -221,6 +221,7 @@ class RoutedEngine:
         now = time.monotonic()
         if not worker.healthy and now < worker.ejected_until:
             return  # sitting out its ejection
+        mark = worker.sent_total  # what the report may count
         try:
             if check_health or not worker.healthy:
                 healthy = await engine.healthy()
@@ -232,7 +233,7 @@ class RoutedEngine:
                 _log.warning("worker ejected", worker=worker.key, error=str(exc))
             return
         was_down = not worker.healthy
-        self.fleet.report(worker, report, engine.max_running)
+        self.fleet.report(worker, report, engine.max_running, mark)
         if was_down:
             _log.info("worker back in rotation", worker=worker.key)
 

@@ -50,15 +50,18 @@ class WorkerState:
     ejected_until: float = 0.0
     failures: int = 0  # consecutive
     in_flight: int = 0  # sent by this router, not yet finished
-    sent_since_report: int = 0  # sent since the last load report
+    sent_total: int = 0  # ever sent by this router
+    sent_at_report: int = 0  # sent_total when the last load report was asked for
     pending_tokens: int = 0  # prompt tokens sent, first token not yet back
     s_per_token: float = _DEFAULT_S_PER_TOKEN  # measured prefill speed
     turn_s: float = _DEFAULT_TURN_S  # measured turn duration
     handle: object = None  # the transport's object (an engine client)
 
     def requests(self) -> int:
-        """Running plus waiting, counting what was sent since the last report."""
-        return self.load.running + self.load.queued + self.sent_since_report
+        """Running plus waiting, counting what was sent since the last report was
+        asked for (and never fewer than this router's own requests in flight)."""
+        reported = self.load.running + self.load.queued + self.sent_total - self.sent_at_report
+        return max(reported, self.in_flight)
 
     def usable(self, now: float) -> bool:
         return self.healthy and not self.draining and now >= self.ejected_until
@@ -122,11 +125,14 @@ class Fleet:
     def remove(self, key: str) -> WorkerState | None:
         return self.workers.pop(key, None)
 
-    def report(self, worker: WorkerState, load: LoadReport, max_running: int) -> None:
-        """A fresh load report: it counts everything sent before it."""
+    def report(
+        self, worker: WorkerState, load: LoadReport, max_running: int, mark: int | None = None
+    ) -> None:
+        """A fresh load report, asked for when ``worker.sent_total`` was ``mark`` (None:
+        now): it may not count what was sent since."""
         worker.load = load
         worker.max_running = max_running or worker.max_running
-        worker.sent_since_report = 0
+        worker.sent_at_report = worker.sent_total if mark is None else mark
         worker.healthy = True
         worker.failures = 0
 
@@ -199,7 +205,7 @@ class Fleet:
 
     def sent(self, worker: WorkerState, turn: TurnView) -> None:
         worker.in_flight += 1
-        worker.sent_since_report += 1
+        worker.sent_total += 1
         worker.pending_tokens += turn.prompt_tokens
 
     def first_token(self, worker: WorkerState, turn: TurnView, ttft_s: float) -> None:

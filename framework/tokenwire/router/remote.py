@@ -181,8 +181,10 @@ class RemoteEngine:
 
     async def _abort(self, request_id: str) -> None:
         # Gone already (the cancelled call stopped it) or closed: nothing to do.
+        if self._stub is None:
+            return
         with contextlib.suppress(grpc.aio.AioRpcError, AttributeError):
-            await self._open().Abort(
+            await self._stub.Abort(
                 pb.AbortRequest(request_ids=[request_id]),
                 metadata=self._metadata,
                 timeout=self._timeout,

@@ -119,8 +119,13 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                     pending = None
                 tokens = list(chunk.token_ids)
                 merged = 1
+                failure: Exception | None = None
                 while chunk.finish_reason is None and merged < _MERGE_LIMIT:
-                    ready, item = poll_next(stream)
+                    try:
+                        ready, item = poll_next(stream)
+                    except Exception as exc:  # send what came before it, then fail
+                        failure = exc
+                        break
                     if not ready:
                         pending = item  # type: ignore[assignment]
                         break
@@ -136,6 +141,8 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                             completion_tokens=len(running.output),
                         )
                     )
+                if failure is not None:
+                    raise failure
                 if chunk.finish_reason is not None:
                     yield complete_message(chunk, running.output)
                     return
@@ -148,7 +155,11 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                 yield self._aborted(job.prompt_token_ids, running)
                 return
             raise  # the client left: closing the engine stream below stops its work
-        except TokenwireError as exc:
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the engine's own errors keep their status; others: INTERNAL
+            if not isinstance(exc, TokenwireError):
+                _log.exception("engine failed", request_id=job.request_id)
             code, message, _ = status_of(exc)
             await context.abort(grpc.StatusCode[code.name], message)
         finally:

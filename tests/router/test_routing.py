@@ -1,0 +1,195 @@
+"""A gateway routes turns over in-process workers through the real engine protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.router.config import RouterConfig
+from tokenwire.router.engine import RoutedEngine
+from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.testing import (
+    FakeBackend,
+    RunningServer,
+    config_for_tests,
+    running_server,
+    running_worker,
+)
+from tokenwire.worker.server import WorkerServer
+
+OWNER = "default/anonymous"
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    fakes: Sequence[FakeBackend],
+    *,
+    extra: Sequence[str] = (),
+    store: SQLiteConversationStore | None = None,
+    **router: object,
+) -> AsyncIterator[tuple[RunningServer, RoutedEngine, list[WorkerServer]]]:
+    """A gateway over one worker per fake engine (plus ``extra`` addresses)."""
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(running_worker(f)) for f in fakes]
+        config = RouterConfig(
+            workers=",".join([*(w.address for w in workers), *extra]),
+            poll_interval_s=0.02,
+            **router,  # type: ignore[arg-type]
+        )
+        engine = RoutedEngine(config)
+        running = await stack.enter_async_context(
+            running_server(engine, config_for_tests(router=config), store=store)
+        )
+        yield running, engine, workers
+
+
+async def turn(running: RunningServer, message: str = "hi", **fields: object) -> list[object]:
+    request = chat_pb2.CompleteRequest(message=message, **fields)
+    return [event async for event in running.chat.Complete(request)]
+
+
+def text_of(events: Sequence[object]) -> str:
+    return "".join(e.delta.text for e in events if e.HasField("delta"))  # type: ignore[attr-defined]
+
+
+async def test_turns_stream_from_workers_with_the_workers_tokenizer() -> None:
+    """A turn through the gateway streams the worker's tokens, detokenized by the gateway."""
+    async with gateway([FakeBackend(reply="Hello from a worker")]) as (running, _, _):
+        events = await turn(running)
+    assert "Hello from a worker" == text_of(events)
+    assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason  # type: ignore[attr-defined]
+
+
+async def test_least_requests_spreads_concurrent_turns_evenly() -> None:
+    """Nine concurrent turns over three workers: three each with least_requests."""
+    fakes = [FakeBackend(reply="x" * 20, token_delay_s=0.01) for _ in range(3)]
+    async with gateway(fakes, policy="least_requests") as (running, _, _):
+        await asyncio.gather(*(turn(running) for _ in range(9)))
+    assert [3, 3, 3] == [len(f.requests) for f in fakes]
+
+
+async def test_ttft_policy_keeps_a_conversation_on_its_worker() -> None:
+    """With idle workers, a conversation's turns all go to the worker holding its prefix."""
+    fakes = [FakeBackend(reply="ok") for _ in range(3)]
+    async with gateway(fakes) as (running, _, _):
+        first = await turn(running)
+        conversation = first[0].started.conversation_id  # type: ignore[attr-defined]
+        for _ in range(4):
+            await turn(running, conversation_id=conversation)
+    assert [5] == [len(f.requests) for f in fakes if f.requests]
+
+
+async def test_a_worker_that_refuses_before_answering_is_retried_elsewhere() -> None:
+    """Workers that are full or unreachable before the first token cost the client nothing."""
+    full = FakeBackend(reply="never", max_running=0)
+    good = FakeBackend(reply="answered")
+    async with gateway([full, good], extra=["127.0.0.1:1"], policy="round_robin") as (
+        running,
+        _,
+        _,
+    ):
+        texts = [text_of(await turn(running)) for _ in range(6)]
+    assert ["answered"] * 6 == texts
+
+
+async def test_a_failure_mid_answer_is_unavailable_and_keeps_the_partial_text() -> None:
+    """A worker failing after the first token ends the turn with UNAVAILABLE; the text
+    sent so far is stored as an incomplete answer."""
+    store = SQLiteConversationStore(":memory:")
+    async with gateway([FakeBackend(reply="abcdefgh", fail_after=3)], store=store) as (
+        running,
+        _,
+        _,
+    ):
+        received: list[object] = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="go")):
+                received.append(event)
+        conversation = received[0].started.conversation_id  # type: ignore[attr-defined]
+        messages = await store.list_messages(OWNER, conversation)
+    assert grpc.StatusCode.UNAVAILABLE == raised.value.code()
+    assert "abc" == text_of(received)
+    assert ("abc", False) == (messages[-1].content, messages[-1].complete)
+
+
+async def test_saturated_workers_refuse_before_the_turn_starts() -> None:
+    """With every worker full, a turn is RESOURCE_EXHAUSTED with RetryInfo, before TurnStarted."""
+    busy = FakeBackend(reply="ab", endless=True, token_delay_s=0.01, max_running=1)
+    async with gateway([busy], max_queue_per_slot=0.0) as (running, engine, _):
+        call = running.chat.Complete(chat_pb2.CompleteRequest(message="one"))
+        await anext(aiter(call))
+        received: list[object] = []
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="two")):
+                received.append(event)
+        call.cancel()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED == raised.value.code()
+    assert [] == received
+    details = dict(raised.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)  # type: ignore[arg-type]
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry)
+    assert 1 == len(busy.requests)
+
+
+async def test_a_cancelled_turn_stops_the_worker_engine() -> None:
+    """A client that cancels mid-answer stops the worker's engine within a step."""
+    fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01)
+    async with gateway([fake]) as (running, _, _):
+        call = running.chat.Complete(chat_pb2.CompleteRequest(message="go"))
+        stream = aiter(call)
+        await anext(stream)
+        await anext(stream)
+        call.cancel()
+        for _ in range(100):
+            if fake.running == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert 0 == fake.running
+    assert fake.requests[0].closed
+
+
+async def test_a_stopped_worker_is_ejected_and_a_restarted_one_rejoins() -> None:
+    """Health checks take a dead worker out of rotation and bring it back when it returns."""
+    a, b = FakeBackend(reply="a"), FakeBackend(reply="b")
+    async with gateway([a, b], eject_s=0.1, policy="round_robin") as (running, engine, workers):
+        gone = workers[1]
+        port = gone.port
+        await gone.stop(0)
+        for _ in range(200):
+            if len(engine.fleet.usable()) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert 1 == len(engine.fleet.usable())
+        assert ["a"] * 4 == [text_of(await turn(running)) for _ in range(4)]
+        config = dataclasses.replace(
+            gone.config, worker=dataclasses.replace(gone.config.worker, listen=f"127.0.0.1:{port}")
+        )
+        back = WorkerServer(config, engine=b)
+        await back.start()
+        try:
+            for _ in range(300):
+                if len(engine.fleet.usable()) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            texts = {text_of(await turn(running)) for _ in range(4)}
+        finally:
+            await back.stop(0)
+    assert {"a", "b"} == texts
+
+
+async def test_a_router_with_no_reachable_worker_fails_to_start() -> None:
+    """A gateway whose workers never answer fails at start-up, naming them."""
+    from tokenwire.errors import ConfigError
+
+    engine = RoutedEngine(RouterConfig(workers="127.0.0.1:1", connect_timeout_s=0.3))
+    with pytest.raises(ConfigError, match="127.0.0.1:1"):
+        async with running_server(engine):
+            pass
