@@ -109,9 +109,13 @@ async def test_a_failure_mid_answer_is_unavailable_and_keeps_the_partial_text() 
         _,
     ):
         received: list[object] = []
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
+
+        async def consume() -> None:
             async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="go")):
                 received.append(event)
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await consume()
         conversation = received[0].started.conversation_id  # type: ignore[attr-defined]
         messages = await store.list_messages(OWNER, conversation)
     assert grpc.StatusCode.UNAVAILABLE == raised.value.code()
@@ -122,18 +126,22 @@ async def test_a_failure_mid_answer_is_unavailable_and_keeps_the_partial_text() 
 async def test_saturated_workers_refuse_before_the_turn_starts() -> None:
     """With every worker full, a turn is RESOURCE_EXHAUSTED with RetryInfo, before TurnStarted."""
     busy = FakeBackend(reply="ab", endless=True, token_delay_s=0.01, max_running=1)
-    async with gateway([busy], max_queue_per_slot=0.0) as (running, engine, _):
+    async with gateway([busy], max_queue_per_slot=0.0) as (running, _, _):
         call = running.chat.Complete(chat_pb2.CompleteRequest(message="one"))
         await anext(aiter(call))
         received: list[object] = []
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
+
+        async def consume() -> None:
             async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="two")):
                 received.append(event)
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await consume()
         call.cancel()
     assert grpc.StatusCode.RESOURCE_EXHAUSTED == raised.value.code()
     assert [] == received
-    details = dict(raised.value.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(details)  # type: ignore[arg-type]
+    trailers = {k: v for k, v in raised.value.trailing_metadata() or ()}
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
     retry = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(retry)
     assert 1 == len(busy.requests)
@@ -190,6 +198,6 @@ async def test_a_router_with_no_reachable_worker_fails_to_start() -> None:
     from tokenwire.errors import ConfigError
 
     engine = RoutedEngine(RouterConfig(workers="127.0.0.1:1", connect_timeout_s=0.3))
-    with pytest.raises(ConfigError, match="127.0.0.1:1"):
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
         async with running_server(engine):
             pass
