@@ -236,3 +236,16 @@ def test_parse_counts_reads_a_list_of_positive_counts() -> None:
     for text in ("0", "1,x", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_counts(text)
+
+
+def test_router_benchmark_runs_every_turn_through_the_real_router() -> None:
+    """The simulated fleet serves every turn of every conversation, for each policy."""
+    from benchmarks.router import simulate
+
+    for policy in ("ttft", "power_of_two"):
+        out = simulate(policy, workers=8, conversations=60, utilisation=0.8, poll_ms=50.0, seed=3)
+        assert out.ttfts
+        assert all(t > 0 for t in out.ttfts)
+        assert out.tokens > 0
+        assert out.seconds > 0
+        assert 0 < out.decision_us

@@ -45,10 +45,11 @@ class WorkerProcess:
 
     async def start(self) -> None:
         options = f"reply={self.letter},endless=true,token_delay_s={self.delay_s}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tokenwire", "worker", "--backend", "fake"]
-            + ["--listen", self.address, "--set", f"backend.options={options}"]
-            + ["--set", f"worker.token={TOKEN}", "--set", "logging.level=warning"],
+        command = [sys.executable, "-m", "tokenwire", "worker", "--backend", "fake"]
+        command += ["--listen", self.address, "--set", f"backend.options={options}"]
+        command += ["--set", f"worker.token={TOKEN}", "--set", "logging.level=warning"]
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -115,15 +116,13 @@ async def test_sigkill_fails_only_the_turns_streaming_from_that_worker() -> None
     """SIGKILL of a worker ends its streaming turns with UNAVAILABLE and their partial text
     stored; turns on other workers and every turn started afterwards succeed."""
     store = SQLiteConversationStore(":memory:")
-    async with fleet_of_three(store) as (running, engine, workers):
+    async with fleet_of_three(store) as (running, _, workers):
         turns = [asyncio.create_task(answer(running, 150)) for _ in range(6)]
         await asyncio.sleep(0.8)  # every turn is streaming: A's take 3 s, C's under 1 s
         workers[0].signal(signal.SIGKILL)
         results = await asyncio.gather(*turns)
         after = await asyncio.gather(*(answer(running, 20) for _ in range(9)))
-        stored = {
-            c: (await store.list_messages(OWNER, c))[-1] for c, text, _ in results if text
-        }
+        stored = {c: (await store.list_messages(OWNER, c))[-1] for c, text, _ in results if text}
     cut = [r for r in results if r[1].startswith("A")]
     assert cut, "no turn was on the killed worker"
     assert all(grpc.StatusCode.UNAVAILABLE == code for _, _, code in cut)

@@ -157,11 +157,18 @@ class Fleet:
     def choose(self, turn: TurnView, exclude: Sequence[str] = ()) -> WorkerState | None:
         """The worker for ``turn`` (None: no usable worker outside ``exclude``)."""
         now = self._clock()
-        candidates = [
-            w
-            for w in self.workers.values()
-            if w.usable(now) and w.key not in exclude and not w.saturated(self._max_queue)
-        ]
+        limit = 1 + self._max_queue
+        candidates = []
+        for w in self.workers.values():
+            if not w.healthy or w.draining or now < w.ejected_until or w.key in exclude:
+                continue
+            load = w.load
+            requests = load.running + load.queued + w.sent_total - w.sent_at_report
+            if w.in_flight > requests:
+                requests = w.in_flight
+            if w.max_running > 0 and requests >= w.max_running * limit:
+                continue  # saturated
+            candidates.append(w)
         if not candidates:
             return None
         return self._choose(candidates, turn)
@@ -182,23 +189,26 @@ class Fleet:
 
     def _least_ttft(self, candidates: list[WorkerState], turn: TurnView) -> WorkerState:
         held = self._affinity.get(turn.scope) if turn.scope else None
-        best: WorkerState | None = None
+        home = held[0] if held is not None else None
+        home_cached = min(held[1], turn.prompt_tokens - 1) if held is not None else 0
+        shared = turn.shared_prefix_tokens
+        prompt = turn.prompt_tokens
+        # Start at a random place: equal estimates do not all land on the first worker.
+        start = self._rng.randrange(len(candidates))
+        best = candidates[start]
         best_s = float("inf")
-        for w in candidates:
-            cached = turn.shared_prefix_tokens
-            if held is not None and held[0] == w.key:
-                cached = max(cached, min(held[1], turn.prompt_tokens - 1))
-            ahead = w.load.queued_tokens + w.pending_tokens
-            estimate = (ahead + turn.prompt_tokens - cached) * w.s_per_token
+        for w in candidates[start:] + candidates[:start]:
+            cached = home_cached if w.key == home and home_cached > shared else shared
+            queued = w.load.queued_tokens
+            ahead = queued if queued > w.pending_tokens else w.pending_tokens
+            estimate = (ahead + prompt - cached) * w.s_per_token
             slots = w.max_running
-            busy = w.requests() + 1 - slots if slots > 0 else 0
-            if busy > 0:  # no free slot: wait for busy requests to finish, slots at a time
-                estimate += busy * w.turn_s / slots
-            # A tiny random tie-break keeps equal workers from taking turns in lockstep.
-            estimate *= 1.0 + 1e-3 * self._rng.random()
+            if slots > 0:
+                busy = w.requests() + 1 - slots
+                if busy > 0:  # no free slot: wait for busy requests to finish, slots at a time
+                    estimate += busy * w.turn_s / slots
             if estimate < best_s:
                 best, best_s = w, estimate
-        assert best is not None
         return best
 
     # -- what happened to a routed turn --------------------------------------
