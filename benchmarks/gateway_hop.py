@@ -154,7 +154,9 @@ def worker_process(token_ms: float, streams: int) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    options = f"reply=Hello world,endless=true,token_delay_s={token_ms / 1000}"
+    # A reply whose words start no moderation term: the output screen releases each token
+    # as it comes (a word that could grow into a term is held until it cannot).
+    options = f"reply=Tokens are cheap. ,endless=true,token_delay_s={token_ms / 1000}"
     command = [sys.executable, "-m", "tokenwire", "worker", "--backend", "fake"]
     command += ["--listen", address, "--set", f"backend.options={options}"]
     command += ["--set", f"backend.max_running={streams * 4}", "--set", "logging.level=warning"]

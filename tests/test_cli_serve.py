@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -53,3 +56,81 @@ async def test_sigterm_drains_the_stream_then_exits(
     assert {"turn started", "turn finished", "rpc finished"} <= {r["event"] for r in call_records}
     assert 1 == len({r["request_id"] for r in call_records})
     assert "draining" in [r["event"] for r in records]
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    if not Path(f"/proc/{pid}/task").exists():
+        return found
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+async def test_processes_share_one_port_and_drain_together(tmp_path: Path) -> None:
+    """`serve --processes 2`: two processes answer on one port; SIGTERM stops both, exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenwire", "serve", "--backend", "fake", "--processes", "2",
+        "--listen", address, "--set", "auth.enabled=false",
+        "--set", f"store.data_dir={tmp_path}", "--set", "logging.level=warning",
+    )  # fmt: skip
+    try:
+        children: list[int] = []
+        for _ in range(600):
+            children = [c for c in _children(process.pid) if _is_gateway(c)]
+            if children:
+                break
+            await asyncio.sleep(0.05)
+        assert 1 == len(children)
+        texts = []
+        for _ in range(6):  # new channels: the kernel spreads connections over both
+            for _ in range(100):
+                try:
+                    async with grpc.aio.insecure_channel(address) as channel:
+                        stub = chat_pb2_grpc.ChatServiceStub(channel)
+                        events = [
+                            e async for e in stub.Complete(chat_pb2.CompleteRequest(message="hi"))
+                        ]
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            texts.append("".join(e.delta.text for e in events if e.HasField("delta")))
+        process.send_signal(signal.SIGTERM)
+        assert 0 == await asyncio.wait_for(process.wait(), 60)
+        assert _is_gone(children[0])
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert ["Hello from the fake backend."] * 6 == texts
+
+
+def _is_gateway(pid: int) -> bool:
+    """A spawned gateway process (not multiprocessing's resource tracker)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _is_gone(pid: int) -> bool:
+    """Exited (reaped, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+async def test_processes_need_a_fixed_port() -> None:
+    """`serve --processes 2` on port 0 is refused at start-up with a clear message."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenwire", "serve", "--backend", "fake", "--processes", "2",
+        "--listen", "127.0.0.1:0", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await process.communicate()
+    assert 2 == process.returncode
+    assert b"fixed port" in err

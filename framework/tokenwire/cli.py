@@ -40,6 +40,14 @@ def _add_serve(sub: Any) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="any setting, e.g. --set limits.default_max_tokens=256 (repeatable)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateway processes sharing the port (SO_REUSEPORT); share state through "
+        "PostgreSQL and Redis",
+    )
     p.add_argument("--help-config", action="store_true", help="list every setting and exit")
 
 
@@ -77,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, listen_key: str) -> Config:
     """The configuration with the command's flags and ``--set`` applied on top."""
+    config = load_config(args.config, overrides=_overrides(args, listen_key))
+    configure_logging(config.logging)
+    return config
+
+
+def _overrides(args: argparse.Namespace, listen_key: str) -> dict[str, str]:
+    """The command's flags and ``--set`` pairs as ``section.field`` overrides."""
     overrides: dict[str, str] = {}
     for flag, key in (
         ("listen", listen_key),
@@ -92,14 +107,17 @@ def _load(args: argparse.Namespace, listen_key: str) -> Config:
         if not sep or "." not in key:
             raise ConfigError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
         overrides[key.strip()] = value
-    config = load_config(args.config, overrides=overrides)
-    configure_logging(config.logging)
-    return config
+    return overrides
 
 
 def _serve(args: argparse.Namespace) -> int:
     if args.help_config:
         print(describe())
+        return 0
+    if args.processes != 1:
+        from tokenwire.processes import serve_processes  # heavy: grpc servers, stores
+
+        asyncio.run(serve_processes(args.config, _overrides(args, "server.listen"), args.processes))
         return 0
     config = _load(args, "server.listen")
     from tokenwire.server import TokenwireServer  # heavy: grpc servers, stores

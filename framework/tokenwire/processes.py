@@ -1,0 +1,81 @@
+"""``tokenwire serve --processes N``: N gateway processes sharing one port.
+
+A Python process streams a few tens of thousands of messages a second, so a gateway
+scales by processes, not threads: each process is a whole :class:`TokenwireServer`
+bound to the same port with ``SO_REUSEPORT`` (the kernel spreads connections), and
+they share what must be shared through the configured stores (conversations in
+SQLite or PostgreSQL, quotas and live events in Redis: with the in-memory quota
+store each process counts on its own). With ``[router] workers`` set, every process
+routes to the same workers; without, each loads its own in-process engine.
+
+The first process starts alone (it creates the admin key on a first start), then
+starts the others; SIGTERM or SIGINT to it drains them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+from collections.abc import Mapping
+
+from tokenwire.config import load_config
+from tokenwire.errors import ConfigError
+from tokenwire.logs import configure_logging, get_logger
+from tokenwire.server import TokenwireServer
+
+__all__ = ["serve_processes"]
+
+_log = get_logger("tokenwire.processes")
+
+
+def _child(config_file: str | None, overrides: dict[str, str]) -> None:
+    config = load_config(config_file, overrides=overrides)
+    configure_logging(config.logging)
+    asyncio.run(TokenwireServer(config).serve())
+
+
+async def serve_processes(
+    config_file: str | None, overrides: Mapping[str, str], processes: int
+) -> None:
+    """Serve the configuration of ``config_file`` and ``overrides`` (each process reads
+    it, environment included) from ``processes`` processes on one port until
+    SIGTERM/SIGINT."""
+    if processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {processes}")
+    settings = dict(overrides)
+    if processes > 1:
+        settings["server.reuse_port"] = "true"
+    config = load_config(config_file, overrides=settings)
+    configure_logging(config.logging)
+    if processes > 1 and config.server.listen.rsplit(":", 1)[-1] == "0":
+        raise ConfigError("--processes needs a fixed port: processes cannot share port 0")
+    server = TokenwireServer(config)
+    await server.start()
+    context = multiprocessing.get_context("spawn")  # no inherited event loop or gRPC state
+    children = [
+        context.Process(target=_child, args=(config_file, settings)) for _ in range(processes - 1)
+    ]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for child in children:
+            child.start()
+        if children:
+            _log.info("gateway processes", processes=processes, address=server.address)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for child in children:
+            if child.is_alive():
+                child.terminate()  # SIGTERM: each drains as this one does
+        await server.stop()
+        for child in children:
+            if child.pid is None:
+                continue  # never started
+            await asyncio.to_thread(child.join, config.server.grace_period_s + 10)
+            if child.is_alive():
+                child.kill()
