@@ -15,8 +15,10 @@ starts the others; SIGTERM or SIGINT to it drains them all.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import signal
+import sys
 from collections.abc import Mapping
 
 from tokenwire.config import load_config
@@ -27,9 +29,11 @@ from tokenwire.server import TokenwireServer
 __all__ = ["serve_processes"]
 
 _log = get_logger("tokenwire.processes")
+_PR_SET_PDEATHSIG = 1
 
 
 def _child(config_file: str | None, overrides: dict[str, str]) -> None:
+    _end_with_parent()
     config = load_config(config_file, overrides=overrides)
     configure_logging(config.logging)
     asyncio.run(TokenwireServer(config).serve())
@@ -79,3 +83,15 @@ async def serve_processes(
             await asyncio.to_thread(child.join, config.server.grace_period_s + 10)
             if child.is_alive():
                 child.kill()
+
+
+def _end_with_parent() -> None:
+    """On Linux, have the kernel send SIGTERM when the first process dies, however it
+    dies (SIGKILL included), so no gateway process outlives it holding the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        _log.warning("cannot tie this gateway process to its parent's lifetime")

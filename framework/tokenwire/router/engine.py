@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from tokenwire.backend import Capabilities, Chunk, GenerateRequest, LoadReport
 from tokenwire.errors import (
     ConfigError,
-    InvalidArgumentError,
     ResourceExhaustedError,
     TokenwireError,
     UnavailableError,
@@ -122,12 +121,15 @@ class RoutedEngine:
             await _engine(worker).close()
 
     def load(self) -> LoadReport:
-        """The fleet's load, summed over usable workers."""
+        """This router's requests in flight (exact, not as of the last report), the
+        prompt tokens it sent that have no first token yet, and the fleet's reported
+        KV use (the fullest worker's) and throughput."""
+        workers = self.fleet.workers.values()
         usable = self.fleet.usable()
         return LoadReport(
-            running=sum(w.load.running for w in usable),
-            queued=sum(w.load.queued for w in usable),
-            queued_tokens=sum(w.load.queued_tokens for w in usable),
+            running=sum(w.in_flight for w in workers),
+            queued=0,
+            queued_tokens=sum(w.pending_tokens for w in workers),
             kv_cache_usage=max((w.load.kv_cache_usage for w in usable), default=0.0),
             tokens_per_second=sum(w.load.tokens_per_second for w in usable),
         )
@@ -145,19 +147,20 @@ class RoutedEngine:
         turn = TurnView(
             len(request.prompt_token_ids), request.cache_scope, request.shared_prefix_tokens
         )
+        fleet = self.fleet
         tried: list[str] = []
         last: TokenwireError | None = None
         for _ in range(self.config.retries + 1):
-            worker = self.fleet.choose(turn, exclude=tried)
+            worker = fleet.choose(turn, exclude=tried)
             if worker is None:
                 break
             tried.append(worker.key)
-            fleet = self.fleet
             fleet.sent(worker, turn)
             started = time.monotonic()
             stream = _engine(worker).generate(request)
             got_first = False
             tokens = 0
+            settled = False
             try:
                 try:
                     chunk = await stream.__anext__()
@@ -169,28 +172,36 @@ class RoutedEngine:
                 fleet.first_token(worker, turn, time.monotonic() - started)
                 while True:
                     tokens += len(chunk.token_ids)
-                    yield chunk
                     if chunk.finish_reason is not None:
+                        # Before the last chunk goes out: load() no longer counts it then.
+                        settled = True
+                        self._finished(worker, turn, got_first, started, tokens)
+                        yield chunk
                         return
+                    yield chunk
                     chunk = await stream.__anext__()
             except UnavailableError:
                 fleet.failed(worker)
                 raise
             finally:
-                fleet.finished(
-                    worker,
-                    turn,
-                    got_first=got_first,
-                    duration_s=time.monotonic() - started,
-                    cached_tokens=turn.prompt_tokens + tokens,
-                )
+                if not settled:
+                    self._finished(worker, turn, got_first, started, tokens)
                 await stream.aclose()  # type: ignore[attr-defined]
-        if isinstance(last, InvalidArgumentError):
-            raise last
         if last is not None and not isinstance(last, ResourceExhaustedError):
             raise UnavailableError("no model worker could take the turn; retry shortly")
         raise ResourceExhaustedError(
             "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
+        )
+
+    def _finished(
+        self, worker: WorkerState, turn: TurnView, got_first: bool, started: float, tokens: int
+    ) -> None:
+        self.fleet.finished(
+            worker,
+            turn,
+            got_first=got_first,
+            duration_s=time.monotonic() - started,
+            cached_tokens=turn.prompt_tokens + tokens,
         )
 
     def _connect(self, target: str, *, probe: bool = False) -> RemoteEngine:
