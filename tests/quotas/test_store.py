@@ -131,3 +131,68 @@ async def test_renewal_never_resurrects_a_released_lease(redis_prefix: str) -> N
     finally:
         store._live.clear()
         await store.close()
+
+
+async def test_admit_takes_slot_request_and_tokens_or_refuses_at_one_stage(
+    store: QuotaStore,
+) -> None:
+    """A turn's admission: all three, or refused at streams or requests (nothing taken),
+    or at tokens (the request still counts)."""
+    slot = Slot("u:carol:streams", 1)
+    requests = Rate("u:carol:rpm", limit=3, window_s=HOUR)
+    tokens = Rate("u:carol:tpm", limit=100, window_s=HOUR)
+    first = await store.admit([slot], [requests], [tokens], 60)
+    assert ("", 1, 1, 60) == (
+        first.refused,
+        await store.in_use(slot),
+        round(await store.used(requests)),
+        round(await store.used(tokens)),
+    )
+    busy = await store.admit([slot], [requests], [tokens], 10)
+    assert ("streams", (0,)) == (busy.refused, busy.verdict.violated)
+    assert (1, 60) == (round(await store.used(requests)), round(await store.used(tokens)))
+    no_room = await store.admit([], [requests], [tokens], 50)
+    assert "tokens" == no_room.refused
+    assert 0 < no_room.verdict.retry_after_s
+    assert (2, 60) == (round(await store.used(requests)), round(await store.used(tokens)))
+    assert first.lease is not None
+    store.finish(first.lease, first.reservation, 25)  # refunds 35, frees the slot
+    assert (0, 25) == (await store.in_use(slot), round(await store.used(tokens)))
+    await store.admit([], [requests], [], 0)
+    over = await store.admit([slot], [requests], [tokens], 1)
+    assert ("requests", 0, 25) == (
+        over.refused,
+        await store.in_use(slot),
+        round(await store.used(tokens)),
+    )
+
+
+async def test_redis_admission_carries_the_last_turns_settlement_in_one_round_trip(
+    redis_prefix: str,
+) -> None:
+    """Redis: finish() waits for nothing; the next admit sends it along, in one round trip."""
+    store = RedisQuotaStore(REDIS_URL, key_prefix=redis_prefix)
+    await store.start()
+    sent: list[int] = []
+    original = store._send
+
+    async def counting(ops: list[object]) -> list[object]:
+        batch = len(store._pending) + len(ops)
+        sent.append(batch)
+        return await original(ops)  # type: ignore[arg-type]
+
+    store._send = counting  # type: ignore[method-assign]
+    try:
+        slot = Slot("u:dan:streams", 1)
+        tokens = Rate("u:dan:tpm", limit=1000, window_s=HOUR)
+        first = await store.admit([slot], [], [tokens], 300)
+        store.finish(first.lease, first.reservation, 120)
+        second = await store.admit([slot], [], [tokens], 300)  # the slot is free again
+        assert ("", "") == (first.refused, second.refused)
+        assert [1, 3] == sent  # admit; then settle + release + admit, one pipeline
+        store.finish(second.lease, second.reservation, 100)
+        await asyncio.sleep(0.05)  # no call came along: the flush sent them on its own
+        assert [1, 3, 2] == sent
+        assert 220 == round(await store.used(tokens))
+    finally:
+        await store.close()

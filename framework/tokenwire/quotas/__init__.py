@@ -17,6 +17,7 @@ from tokenwire.quotas.config import PlanLimits, QuotaConfig, parse_plan, parse_p
 from tokenwire.quotas.memory import MemoryQuotaStore
 from tokenwire.quotas.store import (
     ALLOWED,
+    Admission,
     Lease,
     QuotaStore,
     QuotaStoreError,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALLOWED",
+    "Admission",
     "Lease",
     "MemoryQuotaStore",
     "PlanLimits",

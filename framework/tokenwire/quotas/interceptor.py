@@ -50,6 +50,7 @@ from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.quotas.config import PlanLimits, QuotaConfig
 from tokenwire.quotas.store import (
+    Admission,
     Lease,
     QuotaStore,
     QuotaStoreError,
@@ -60,7 +61,13 @@ from tokenwire.quotas.store import (
 )
 from tokenwire.streams import closing
 
-__all__ = ["CONVERSE_METHOD", "EXEMPT_SERVICES", "QuotaInterceptor", "QuotaLimits"]
+__all__ = [
+    "COMPLETE_METHOD",
+    "CONVERSE_METHOD",
+    "EXEMPT_SERVICES",
+    "QuotaInterceptor",
+    "QuotaLimits",
+]
 
 _log = get_logger("tokenwire.quotas")
 
@@ -72,6 +79,11 @@ EXEMPT_SERVICES = frozenset(
     }
 )
 CONVERSE_METHOD = "/{}/Converse".format(
+    chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+)
+# One call, one turn: with a QuotaPolicy attached, the turn takes its stream slot, its
+# request and its tokens in one store call (QuotaPolicy.before_turn), not three.
+COMPLETE_METHOD = "/{}/Complete".format(
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 )
 _REQUESTS, _TOKENS, _STREAMS = "requests_per_minute", "tokens_per_minute", "concurrent_streams"
@@ -166,6 +178,9 @@ class QuotaInterceptor(Interceptor):
         self._cache: dict[tuple[str, str, str], QuotaLimits] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._started = False
+        # Set by the QuotaPolicy that shares this interceptor: Complete calls are then
+        # admitted per turn, slot and request included (one store call for all three).
+        self.turns_admit_calls = False
 
     async def start(self) -> None:
         """Connect the store; an unreachable one is a ConfigError unless ``fail_open``.
@@ -222,7 +237,7 @@ class QuotaInterceptor(Interceptor):
         if not self.config.enabled or call.service in self._exempt:
             return await proceed(request, context)
         limits = self.limits_for(current_principal())
-        if limits.unlimited:
+        if limits.unlimited or (call.method == COMPLETE_METHOD and self.turns_admit_calls):
             return await proceed(request, context)
         converse = call.method == CONVERSE_METHOD
         held: _Held | None = None
@@ -320,6 +335,37 @@ class QuotaInterceptor(Interceptor):
         if reservation is None:
             raise _refusal(_TOKENS, limits.tokens, limits.token_subjects, verdict, amount=amount)
         return reservation
+
+    async def admit(
+        self, limits: QuotaLimits, amount: int, *, slots: bool, requests: bool
+    ) -> Admission | None:
+        """A turn's slot (if ``slots``), request (if ``requests``) and ``amount`` tokens in
+        one store call, or RESOURCE_EXHAUSTED naming the quota (None: store down, open)."""
+        try:
+            admission = await self.store.admit(
+                limits.slots if slots else (),
+                limits.requests if requests else (),
+                limits.tokens,
+                amount,
+            )
+        except QuotaStoreError as exc:
+            self._store_down(exc)
+            return None
+        if admission.refused == "streams":
+            raise _refusal(
+                _STREAMS,
+                limits.slots,
+                limits.slot_subjects,
+                admission.verdict,
+                self.config.concurrency_retry_s,
+            )
+        if admission.refused == "requests":
+            raise _refusal(_REQUESTS, limits.requests, limits.request_subjects, admission.verdict)
+        if admission.refused == "tokens":
+            raise _refusal(
+                _TOKENS, limits.tokens, limits.token_subjects, admission.verdict, amount=amount
+            )
+        return admission
 
     async def settle(self, reservation: Reservation, actual: int) -> None:
         """Settle a reservation to the tokens really used; never raises."""

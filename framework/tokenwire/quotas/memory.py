@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from tokenwire.quotas.store import (
     ALLOWED,
+    Admission,
     Lease,
     Rate,
     Reservation,
@@ -88,6 +89,9 @@ class MemoryQuotaStore:
 
     async def settle(self, reservation: Reservation, actual: int) -> None:
         """Refund what the reservation did not use (while still in the bucket), or charge more."""
+        self._settle_now(reservation, actual)
+
+    def _settle_now(self, reservation: Reservation, actual: int) -> None:
         now = self._clock()
         diff = actual - reservation.amount
         if diff == 0:
@@ -121,12 +125,43 @@ class MemoryQuotaStore:
 
     async def release(self, lease: Lease) -> None:
         """Return the lease's slots; idempotent."""
+        self._release_now(lease)
+
+    def _release_now(self, lease: Lease) -> None:
         for slot in lease.slots:
             holders = self._leases.get(slot.key)
             if holders is not None:
                 holders.discard(lease.lease_id)
                 if not holders:
                     del self._leases[slot.key]
+
+    async def admit(
+        self, slots: Sequence[Slot], requests: Sequence[Rate], tokens: Sequence[Rate], amount: int
+    ) -> Admission:
+        """Slots, then one request, then ``amount`` tokens: all, or refused at a stage."""
+        busy = tuple(
+            index
+            for index, slot in enumerate(slots)
+            if len(self._leases.get(slot.key, ())) >= slot.limit
+        )
+        if busy:
+            return Admission(Verdict(False, 0.0, busy), "streams")
+        verdict, _ = self._take(requests, 1)
+        if not verdict.allowed:
+            return Admission(verdict, "requests")
+        verdict, marks = self._take(tokens, amount)
+        if not verdict.allowed:
+            return Admission(verdict, "tokens")
+        _, lease = await self.acquire(slots) if slots else (ALLOWED, None)
+        reservation = Reservation(tuple(tokens), amount, marks) if tokens else None
+        return Admission(ALLOWED, "", lease, reservation)
+
+    def finish(self, lease: Lease | None, reservation: Reservation | None, actual: int) -> None:
+        """Settle and release at once (nothing here is remote)."""
+        if reservation is not None:
+            self._settle_now(reservation, actual)
+        if lease is not None:
+            self._release_now(lease)
 
     async def used(self, rate: Rate) -> float:
         """Units the bucket still counts."""

@@ -1,15 +1,19 @@
-"""The turn-level half of quotas: count each Converse turn, reserve and settle tokens.
+"""The turn-level half of quotas: admit each turn in one store call, settle it once.
 
 Each turn reserves ``prompt_tokens + max_tokens`` before it runs and settles to
 ``prompt_tokens + completion_tokens`` when it ends, however it ends. On
-``Converse`` every turn also counts one request (the stream itself is free).
-Store, limits and refusals are the :class:`~tokenwire.quotas.interceptor.QuotaInterceptor`'s.
+``Converse`` every turn also counts one request (the stream itself is free and
+holds its slot from the interceptor). A ``Complete`` call is one turn: its stream
+slot and its request are taken here too, with the tokens, in one store call (one
+Redis round trip), and given back with the settlement when the turn ends, sent
+with the store's next call or within milliseconds. Store, limits and refusals
+are the :class:`~tokenwire.quotas.interceptor.QuotaInterceptor`'s.
 """
 
 from __future__ import annotations
 
-from tokenwire.quotas.interceptor import CONVERSE_METHOD, QuotaInterceptor
-from tokenwire.quotas.store import Reservation
+from tokenwire.quotas.interceptor import COMPLETE_METHOD, CONVERSE_METHOD, QuotaInterceptor
+from tokenwire.quotas.store import Admission
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
 __all__ = ["QuotaPolicy"]
@@ -20,7 +24,8 @@ class QuotaPolicy:
 
     def __init__(self, quotas: QuotaInterceptor) -> None:
         self.quotas = quotas
-        self._reservations: dict[str, Reservation] = {}
+        quotas.turns_admit_calls = True  # Complete's slot and request are taken here
+        self._admitted: dict[str, Admission] = {}
 
     async def start(self) -> None:
         """Connect the shared store (a no-op when the chain started it already)."""
@@ -31,23 +36,33 @@ class QuotaPolicy:
         await self.quotas.close()
 
     async def before_turn(self, turn: TurnInfo) -> None:
-        """Count the turn (on Converse) and reserve its most tokens, or refuse it."""
+        """Take the turn's slot and request (Complete), request (Converse) and most
+        tokens in one store call, or refuse it."""
         if not self.quotas.config.enabled:
             return
         limits = self.quotas.limits_for(turn.principal)
-        if limits.requests and turn.method == CONVERSE_METHOD:
-            await self.quotas.consume(limits)
-        if limits.tokens:
-            reservation = await self.quotas.reserve(limits, turn.prompt_tokens + turn.max_tokens)
-            if reservation is not None:
-                self._reservations[turn.turn_id] = reservation
+        if limits.unlimited:
+            return
+        whole_call = turn.method == COMPLETE_METHOD
+        admission = await self.quotas.admit(
+            limits,
+            turn.prompt_tokens + turn.max_tokens,
+            slots=whole_call,
+            requests=whole_call or turn.method == CONVERSE_METHOD,
+        )
+        if admission is not None and (admission.lease or admission.reservation):
+            self._admitted[turn.turn_id] = admission
 
     def output_filter(self, turn: TurnInfo) -> OutputFilter | None:
         """Quotas do not look at the answer's text."""
         return None
 
     async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
-        """Settle the reservation to the tokens the turn really used."""
-        reservation = self._reservations.pop(turn.turn_id, None)
-        if reservation is not None:
-            await self.quotas.settle(reservation, outcome.prompt_tokens + outcome.completion_tokens)
+        """Settle the reservation to the tokens the turn really used; free its slot."""
+        admission = self._admitted.pop(turn.turn_id, None)
+        if admission is not None:
+            self.quotas.store.finish(
+                admission.lease,
+                admission.reservation,
+                outcome.prompt_tokens + outcome.completion_tokens,
+            )

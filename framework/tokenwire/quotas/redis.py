@@ -30,13 +30,16 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from tokenwire.logs import get_logger
 from tokenwire.quotas.store import (
     ALLOWED,
+    Admission,
     Lease,
     QuotaStoreError,
     Rate,
@@ -49,6 +52,9 @@ from tokenwire.quotas.store import (
 __all__ = ["RedisQuotaStore"]
 
 _log = get_logger("tokenwire.quotas")
+_FLUSH_DELAY_S = 0.002  # how long a settlement or release waits for a call to ride with
+# A script and its keys and arguments; no script: ZREM of a lease id from one slot key.
+_Op = tuple[AsyncScript | None, list[str], list[Any]]
 
 _NOW = """
 local t = redis.call('TIME')
@@ -147,6 +153,77 @@ return {1}
 """
 )
 
+# A turn's admission. KEYS: slot keys, request rate keys, token rate keys.
+# ARGV: slot count, request count, token count, lease id, ttl (ms), a limit per slot,
+# limit and window (ms) per request rate, the token amount, limit and window per token rate.
+# Returns {0, '0', token mark...} (admitted), or {stage, excess_ms, violated index
+# (1-based, within the stage)...}: stage 1 slots, 2 requests, 3 tokens.
+_ADMIT = (
+    _NOW
+    + """
+local ns, nr, nt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, ttl = ARGV[4], tonumber(ARGV[5])
+local a = 6
+local busy = {}
+for i = 1, ns do
+  local key = KEYS[i]
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.3f', now))
+  if redis.call('ZCARD', key) >= tonumber(ARGV[a + i - 1]) then busy[#busy + 1] = i end
+end
+if #busy > 0 then
+  local out = {1, '0'}
+  for _, i in ipairs(busy) do out[#out + 1] = i end
+  return out
+end
+a = a + ns
+local function check(first, count, cost, at)
+  local marks, violated, worst = {}, {}, 0
+  for i = 1, count do
+    local limit, window = tonumber(ARGV[at + 2 * i - 2]), tonumber(ARGV[at + 2 * i - 1])
+    local need = cost * window / limit
+    local tat = tonumber(redis.call('GET', KEYS[first + i])) or now
+    if tat < now then tat = now end
+    local excess = tat + need - now - window
+    if need > window + 1e-6 then excess = math.huge end
+    if excess > 1e-6 then
+      violated[#violated + 1] = i
+      if excess > worst then worst = excess end
+    end
+    marks[i] = tat + need
+  end
+  return marks, violated, worst
+end
+local function apply(first, marks)
+  for i, mark in ipairs(marks) do
+    local ttl_ms = string.format('%d', math.ceil(mark - now) + 1000)
+    redis.call('SET', KEYS[first + i], string.format('%.3f', mark), 'PX', ttl_ms)
+  end
+end
+local function refuse(stage, violated, worst)
+  local out = {stage, string.format('%.6f', worst)}
+  for _, i in ipairs(violated) do out[#out + 1] = i end
+  return out
+end
+local rmarks, rviolated, rworst = check(ns, nr, 1, a)
+if #rviolated > 0 then return refuse(2, rviolated, rworst) end
+a = a + 2 * nr
+local amount = tonumber(ARGV[a])
+local tmarks, tviolated, tworst = check(ns + nr, nt, amount, a + 1)
+apply(ns, rmarks)
+if #tviolated > 0 then return refuse(3, tviolated, tworst) end
+apply(ns + nr, tmarks)
+local expiry = string.format('%.3f', now + ttl)
+for i = 1, ns do
+  redis.call('ZADD', KEYS[i], expiry, lease)
+  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl + 1000))
+end
+local out = {0, '0'}
+for _, mark in ipairs(tmarks) do out[#out + 1] = string.format('%.3f', mark) end
+return out
+"""
+)
+_STAGES = {1: "streams", 2: "requests", 3: "tokens"}
+
 # KEYS: slot keys. ARGV: ttl (ms), then per key: a count and that many lease ids.
 _RENEW = (
     _NOW
@@ -222,9 +299,14 @@ class RedisQuotaStore:
         self._renew = self._client.register_script(_RENEW)
         self._used = self._client.register_script(_USED)
         self._in_use = self._client.register_script(_IN_USE)
+        self._admit = self._client.register_script(_ADMIT)
         self._live: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
+        # Settlements and releases not sent yet: they ride along with the next call
+        # (one round trip for both), or go on their own after _FLUSH_DELAY_S.
+        self._pending: list[_Op] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def key_prefix(self) -> str:
@@ -238,7 +320,16 @@ class RedisQuotaStore:
         self._ensure_renewer()
 
     async def close(self) -> None:
-        """Stop renewing, release the leases still held, close the connection."""
+        """Send what is pending, stop renewing, release the leases still held, close."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self._send([])
+        except QuotaStoreError as exc:
+            _log.warning("sending pending quota updates at close failed", error=str(exc))
         self._closed = True
         if self._renewer is not None:
             self._renewer.cancel()
@@ -313,8 +404,95 @@ class RedisQuotaStore:
                 pipe.zrem(key, lease.lease_id)
             await pipe.execute()
 
+    async def admit(
+        self, slots: Sequence[Slot], requests: Sequence[Rate], tokens: Sequence[Rate], amount: int
+    ) -> Admission:
+        """Slots, one request and ``amount`` tokens in one script, sent in one round trip
+        with whatever settlements and releases are pending."""
+        lease = Lease(tuple(slots), uuid.uuid4().hex) if slots else None
+        args: list[str | int | float] = [len(slots), len(requests), len(tokens)]
+        args += [lease.lease_id if lease else "", self._ttl_ms, *(slot.limit for slot in slots)]
+        for rate in requests:
+            args += [rate.limit, rate.window_s * 1000]
+        args.append(amount)
+        for rate in tokens:
+            args += [rate.limit, rate.window_s * 1000]
+        keys = self._keys(slots) + self._keys(requests) + self._keys(tokens)
+        reply = (await self._send([(self._admit, keys, args)]))[-1]
+        stage = int(reply[0])
+        if stage:
+            violated = tuple(int(index) - 1 for index in reply[2:])
+            excess_s = float(reply[1]) / 1000
+            delay = 0.0 if stage == 1 else retry_delay(excess_s)
+            return Admission(Verdict(False, delay, violated), _STAGES[stage])
+        reservation = None
+        if tokens:
+            marks = tuple(float(mark) for mark in reply[2:])
+            reservation = Reservation(tuple(tokens), amount, marks)
+        if lease is not None:
+            self._live[lease.lease_id] = lease
+            self._ensure_renewer()
+        return Admission(ALLOWED, "", lease, reservation)
+
+    def finish(self, lease: Lease | None, reservation: Reservation | None, actual: int) -> None:
+        """Queue the settlement and the release; the next call (or a flush within
+        milliseconds) sends them."""
+        if reservation is not None and actual != reservation.amount:
+            args: list[str | int | float] = [actual - reservation.amount]
+            for rate, mark in zip(reservation.rates, reservation.marks, strict=True):
+                args += [rate.limit, rate.window_s * 1000, mark]
+            self._pending.append((self._settle, self._keys(reservation.rates), args))
+        if lease is not None:
+            self._live.pop(lease.lease_id, None)
+            for key in self._keys(lease.slots):
+                self._pending.append((None, [key], [lease.lease_id]))
+        if self._pending and self._flusher is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(_FLUSH_DELAY_S)
+        self._flusher = None
+        try:
+            await self._send([])
+        except QuotaStoreError as exc:
+            _log.warning(
+                "sending quota settlements failed; reservations stay charged and "
+                "leases expire on their own",
+                error=str(exc),
+            )
+
+    async def _send(self, ops: list[_Op]) -> list[Any]:
+        """Pending ops, then ``ops``, in one pipeline (one round trip): scripts by
+        their SHA, loaded again if Redis forgot them. The replies of ``ops``."""
+        batch, self._pending = [*self._pending, *ops], []
+        if not batch:
+            return []
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for script, keys, args in batch:
+                if script is None:  # a release
+                    pipe.zrem(keys[0], *args)
+                else:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                async with _redis_errors():
+                    replies = await pipe.execute()
+            except QuotaStoreError as exc:
+                if attempt == 1 and isinstance(exc.__cause__, NoScriptError):
+                    await self._load_scripts()
+                    continue
+                raise
+            return list(replies[len(batch) - len(ops) :])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _load_scripts(self) -> None:
+        async with _redis_errors():
+            for script in (self._admit, self._settle):
+                await self._client.script_load(script.script)
+
     async def used(self, rate: Rate) -> float:
         """Units the bucket still counts."""
+        await self._send([])
         async with _redis_errors():
             reply = await self._used(
                 keys=self._keys([rate]), args=[rate.limit, rate.window_s * 1000]
@@ -323,6 +501,7 @@ class RedisQuotaStore:
 
     async def in_use(self, slot: Slot) -> int:
         """Live (unexpired) leases on the slot's key."""
+        await self._send([])
         async with _redis_errors():
             return int(await self._in_use(keys=self._keys([slot])))
 

@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 
 __all__ = [
     "ALLOWED",
+    "Admission",
     "Lease",
     "QuotaStore",
     "QuotaStoreError",
@@ -110,6 +111,20 @@ class Lease:
     lease_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`QuotaStore.admit` did: took everything, or refused at one stage.
+
+    ``refused`` names the stage ("streams", "requests" or "tokens"; empty: admitted)
+    and ``verdict`` its verdict, whose ``violated`` indexes that stage's items.
+    """
+
+    verdict: Verdict
+    refused: str = ""
+    lease: Lease | None = None
+    reservation: Reservation | None = None
+
+
 def retry_delay(excess_s: float) -> float:
     """An excess in seconds as an advertised delay: rounded up to the millisecond, > 0."""
     if math.isinf(excess_s):
@@ -149,6 +164,20 @@ class QuotaStore(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Give a lease's slots back; releasing twice is harmless."""
+        ...
+
+    async def admit(
+        self, slots: Sequence[Slot], requests: Sequence[Rate], tokens: Sequence[Rate], amount: int
+    ) -> Admission:
+        """A turn's whole admission in one step (one round trip for a remote store):
+        a slot on every key, one unit of every request rate, ``amount`` of every
+        token rate. Refused on slots or requests, nothing is taken; refused on
+        tokens, the request still counts (as ``consume`` then ``reserve`` would)."""
+        ...
+
+    def finish(self, lease: Lease | None, reservation: Reservation | None, actual: int) -> None:
+        """Settle ``reservation`` to ``actual`` and release ``lease``, without waiting:
+        a remote store sends both with its next call, or within milliseconds."""
         ...
 
     async def used(self, rate: Rate) -> float:
