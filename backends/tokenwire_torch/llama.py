@@ -36,11 +36,12 @@ file's own 4-bit weights come back exactly."""
 
 WEIGHT_FORMATS = ("float", "int8", "int4")
 """How :class:`LlamaForward` holds its matmul weights: as they are (in the dtype), or
-also quantized, int8 per output row or int4 in groups of ``INT4_GROUP`` (bf16
-activations). Quantized kernels read a quarter to half the bytes but redo the
-dequantizing for every row, so they win on the few rows of a small decode batch
-and lose on big batches and prompts: those use a bf16 copy of the same
-(dequantized) weights."""
+also quantized, int8 per output row or int4 in groups of ``INT4_GROUP``. Quantized
+kernels read a quarter to half the bytes but redo the dequantizing for every row,
+so they win on the few rows of a small decode batch and lose on big batches and
+prompts: those use a copy of the same (dequantized) weights in the dtype. The
+kernels take bf16 activations: with a float32 dtype (CPUs without native bf16,
+whose bf16 matmuls are slow on many rows), only their inputs are cast."""
 
 
 class _Linear:
@@ -88,14 +89,14 @@ class _Linear:
     def __call__(self, x: torch.Tensor, quantized: bool) -> torch.Tensor:
         if not quantized or self.packed is None:
             return F.linear(x, self.weight)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels' activations
         if self.kind == "int8":
             out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.packed, self.scales)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.packed, INT4_GROUP, self.scales
             )
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
 def cpu_has_bf16() -> bool:
@@ -153,7 +154,8 @@ class LlamaForward:
         if quantized:
             if torch.device(device).type != "cpu":
                 raise ValueError(f"{weights} weights run on the CPU kernels; use float on CUDA")
-            dtype = torch.bfloat16  # the quantized kernels take bf16 activations
+            if dtype not in (torch.bfloat16, torch.float32):
+                raise ValueError(f"{weights} weights run with bfloat16 or float32, not {dtype}")
         self.weights = weights
         # Decode steps of at most this many rows use the quantized weights.
         self.quantized_rows = quantized_rows if quantized else 0

@@ -308,11 +308,12 @@ async def test_compiled_decode_gives_the_same_tokens(checkpoint: Path) -> None:
 
 async def test_weights_auto_takes_the_files_format(torch_engine: Engine) -> None:
     """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 on a CPU
-    with native bf16 (float where there is none); a float checkpoint stays float."""
+    with native bf16 or AVX2 vector kernels (float where there are neither)."""
     from tokenwire_torch.llama import cpu_has_bf16
 
     assert isinstance(torch_engine, TorchEngine)
-    assert torch_engine.weights == ("int4" if cpu_has_bf16() else "float")
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert torch_engine.weights == ("int4" if cpu_has_bf16() or vector else "float")
 
 
 @pytest.mark.parametrize(
