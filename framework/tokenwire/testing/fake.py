@@ -117,6 +117,7 @@ class FakeBackend:
         self.running += 1
         prompt = len(request.prompt_token_ids)
         stopped = False
+        began = asyncio.get_running_loop().time()
         try:
             if self._plain(request):
                 # The benchmarks' case, as cheap as it can be: one ready token per chunk,
@@ -138,7 +139,18 @@ class FakeBackend:
                 if self.fail_after is not None and log.tokens_sent >= self.fail_after:
                     raise InternalError("injected backend failure")
                 if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s * want)
+                    # Paced by the clock, as a real engine steps whether or not anyone
+                    # reads: tokens that came due while the consumer was busy come as
+                    # one chunk.
+                    loop = asyncio.get_running_loop()
+                    due = began + (log.tokens_sent + want) * self.token_delay_s
+                    if loop.time() < due:
+                        await asyncio.sleep(due - loop.time())
+                    ready = int((loop.time() - began) / self.token_delay_s) - log.tokens_sent
+                    left = request.max_tokens - log.tokens_sent
+                    if not self.endless:
+                        left = min(left, n - log.tokens_sent)
+                    want = max(want, min(ready, left))
                 start = log.tokens_sent
                 ids = tuple(self.reply[(start + i) % n] for i in range(want))
                 stop_at = next(
