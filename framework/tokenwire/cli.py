@@ -25,10 +25,12 @@ from tokenwire.logs import configure_logging
 __all__ = ["build_parser", "main"]
 
 
-def _add_serve(sub: Any) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC (embedded defaults: SmolLM2 on CPU)")
-    p.add_argument("--config", metavar="FILE", help="TOML config file ([server], [backend], ...)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (server.listen)")
+def _add_common(p: Any, section: str, example: str) -> None:
+    """The flags ``serve`` and ``worker`` share; ``section`` holds their listen address."""
+    p.add_argument(
+        "--config", metavar="FILE", help=f"TOML config file ([{section}], [backend], ...)"
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on ({section}.listen)")
     p.add_argument("--backend", help="backend entry point name (backend.name)")
     p.add_argument("--model-path", help="model file or directory (backend.model_path)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (backend.device)")
@@ -38,8 +40,13 @@ def _add_serve(sub: Any) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="any setting, e.g. --set limits.default_max_tokens=256 (repeatable)",
+        help=f"any setting, e.g. --set {example} (repeatable)",
     )
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC (embedded defaults: SmolLM2 on CPU)")
+    _add_common(p, "server", "limits.default_max_tokens=256")
     p.add_argument(
         "--processes",
         type=int,
@@ -55,19 +62,7 @@ def _add_worker(sub: Any) -> None:
     p = sub.add_parser(
         "worker", help="host one engine for gateways, over the VllmEngine gRPC protocol"
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config file ([worker], [backend], ...)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (worker.listen)")
-    p.add_argument("--backend", help="backend entry point name (backend.name)")
-    p.add_argument("--model-path", help="model file or directory (backend.model_path)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (backend.device)")
-    p.add_argument("--log-format", choices=("console", "json"), help="logging.format")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="any setting, e.g. --set worker.token_file=/etc/token (repeatable)",
-    )
+    _add_common(p, "worker", "worker.token_file=/etc/token")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from tokenwire.config import load_config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import configure_logging, get_logger
 from tokenwire.server import TokenwireServer
+from tokenwire.signals import until_stop_signal
 
 __all__ = ["serve_processes"]
 
@@ -60,19 +61,13 @@ async def serve_processes(
     children = [
         context.Process(target=_child, args=(config_file, settings)) for _ in range(processes - 1)
     ]
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         for child in children:
             child.start()
         if children:
             _log.info("gateway processes", processes=processes, address=server.address)
-        await stop.wait()
+        await until_stop_signal()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         for child in children:
             if child.is_alive():
                 child.terminate()  # SIGTERM: each drains as this one does

@@ -13,7 +13,6 @@ turn), then the backend and the store close.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +41,7 @@ from tokenwire.services.admin import ADMIN_SERVICE_NAME, add_admin_service
 from tokenwire.services.chat import ChatServicer
 from tokenwire.services.conversations import CONVERSATION_SERVICE_NAME, ConversationServicer
 from tokenwire.services.models import ModelServicer
+from tokenwire.signals import until_stop_signal
 from tokenwire.stores import open_store_from_config
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.tls import server_credentials
@@ -246,13 +246,7 @@ class TokenwireServer:
     async def serve(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await until_stop_signal()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.stop()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ from tokenwire.config import Config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import get_logger
 from tokenwire.model.tokenizers import load_tokenizer
+from tokenwire.signals import until_stop_signal
 from tokenwire.tls import server_credentials
 from tokenwire.worker.service import EngineServicer
 from tokenwire.worker.tokenizer_files import pack_tokenizer
@@ -157,15 +157,9 @@ class WorkerServer:
     async def serve(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await until_stop_signal()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.stop()
 
 
