@@ -16,8 +16,9 @@ conversations take seconds:
 * load reports reach the router every ``poll_ms``, as GetLoads would; what the
   router sent meanwhile it counts itself, as in production.
 
-The arrival rate is set so the fleet's prefill is busy ``--utilisation`` of the time
-(on average; bursts go above). Every policy sees the same arrivals and fleet.
+The arrival rate is ``--utilisation`` of the turns the fleet sustains (its prefill
+or its decode slots, whichever runs out first) on average; bursts go above. Every
+policy sees the same arrivals and fleet.
 
     PYTHONPATH=framework:backends python -m benchmarks.router
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import random
 import statistics
 import time
@@ -108,11 +110,14 @@ def simulate(
     for state, sim in zip(states, sims, strict=True):
         fleet.report(state, LoadReport(), sim.slots)
 
-    # Workload: sized so the fleet's prefill is busy `utilisation` of the time on average.
-    mean_user, mean_answer, mean_turns, think_s = 300, 150, 4, 4.0
-    fleet_prefill = sum(s.prefill_tps for s in sims)
-    per_turn_uncached = mean_user + mean_answer  # with a perfect cache, the new tokens
-    turn_rate = utilisation * fleet_prefill / per_turn_uncached
+    # Workload: turns at `utilisation` of what the fleet sustains, whichever of its
+    # prefill (new prompt tokens per turn, with perfect caching) or its decode slots
+    # (answer tokens per turn at each worker's decode speed) runs out first.
+    mean_user, mean_answer = math.exp(5.5 + 0.6**2 / 2), math.exp(4.8 + 0.5**2 / 2)
+    mean_turns, think_s = 4, 4.0
+    prefill_turns = sum(s.prefill_tps for s in sims) / mean_user
+    slot_turns = sum(s.slots * s.decode_tps for s in sims) / mean_answer
+    turn_rate = utilisation * min(prefill_turns, slot_turns)
     conversation_rate = turn_rate / mean_turns
 
     events: list[tuple[float, int, str, object]] = []
@@ -234,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"{args.workers} workers of 4 speeds, {args.conversations} conversations, "
-        f"~{args.utilisation:.0%} prefill utilisation, bursty arrivals, loads every "
+        f"~{args.utilisation:.0%} utilisation, bursty arrivals, loads every "
         f"{args.poll_ms:.0f} ms"
     )
     header = ("TTFT p50", "TTFT p99", "tok/s", "decision", "p99 vs p2c")
