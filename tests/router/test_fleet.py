@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tokenwire.backend import LoadReport
-from tokenwire.router.fleet import Fleet, TurnView
+from tokenwire.router.fleet import Fleet, TurnView, WorkerState
 
 
 def fleet(policy: str = "ttft", workers: int = 3, **kwargs: object) -> tuple[Fleet, list[float]]:
@@ -121,3 +121,20 @@ def test_unknown_policy_is_refused() -> None:
     """A policy name that does not exist is a ValueError naming the known ones."""
     with pytest.raises(ValueError, match="round_robin"):
         Fleet("fastest")
+
+
+def test_a_policy_of_ones_own_chooses_among_usable_workers() -> None:
+    """A callable policy gets the usable workers and the turn, and its choice is taken."""
+    seen: list[list[str]] = []
+
+    def last(candidates: list[WorkerState], turn: TurnView) -> WorkerState:
+        seen.append([w.key for w in candidates])
+        return candidates[-1]
+
+    f = Fleet(last)
+    for key in ("a", "b", "c"):
+        f.report(f.add(key), LoadReport(), 4)
+    f.workers["c"].draining = True
+    chosen = f.choose(TurnView(10))
+    assert chosen is not None
+    assert ("b", [["a", "b"]]) == (chosen.key, seen)

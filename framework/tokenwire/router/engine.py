@@ -35,7 +35,7 @@ from tokenwire.errors import (
 )
 from tokenwire.logs import get_logger
 from tokenwire.router.config import RouterConfig
-from tokenwire.router.fleet import Fleet, TurnView, WorkerState
+from tokenwire.router.fleet import Fleet, Policy, TurnView, WorkerState
 from tokenwire.router.remote import RemoteEngine
 from tokenwire.tls import channel_credentials
 
@@ -48,9 +48,10 @@ _MAX_BATCH = 1 << 20  # admission is the router's own (check_admission), not a f
 
 
 class RoutedEngine:
-    """An engine whose requests run on the workers of ``config``."""
+    """An engine whose requests run on the workers of ``config``; ``policy`` replaces
+    ``config.policy`` with a routing policy of one's own."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, *, policy: Policy | None = None) -> None:
         if not config.worker_list:
             raise ConfigError("router.workers names no worker")
         self.config = config
@@ -59,7 +60,7 @@ class RoutedEngine:
             "router", config.tls_ca_file, config.tls_cert_file, config.tls_key_file
         )
         self.fleet = Fleet(
-            config.policy,
+            policy if policy is not None else config.policy,
             affinity_conversations=config.affinity_conversations,
             max_queue_per_slot=config.max_queue_per_slot,
             eject_after_failures=config.eject_after_failures,

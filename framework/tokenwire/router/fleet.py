@@ -17,7 +17,8 @@ Policies (``router.policy``):
   estimate counts only the new tokens: affinity holds while it pays and yields
   when that worker is busier than the saving.
 * ``least_requests``, ``power_of_two`` (two at random, the one with fewer
-  requests), ``round_robin``: for comparison.
+  requests), ``round_robin``: for comparison;
+* any :data:`Policy` callable of one's own (``RoutedEngine(config, policy=...)``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ from dataclasses import dataclass, field
 
 from tokenwire.backend import LoadReport
 
-__all__ = ["POLICY_NAMES", "Fleet", "TurnView", "WorkerState"]
+__all__ = ["POLICY_NAMES", "Fleet", "Policy", "TurnView", "WorkerState"]
 
 POLICY_NAMES = ("ttft", "round_robin", "least_requests", "power_of_two")
+
+Policy = Callable[[list["WorkerState"], "TurnView"], "WorkerState"]
+"""A routing policy of one's own: given the usable, unsaturated workers (never
+empty) and the turn, the worker to send it to. It must take microseconds: it runs
+on the event loop for every turn."""
 _EWMA = 0.2  # weight of a new observation in the measured speeds
 _DEFAULT_S_PER_TOKEN = 2e-4  # before a worker's first measured prefill
 _DEFAULT_TURN_S = 2.0  # before a worker's first measured turn
@@ -86,7 +92,7 @@ class Fleet:
 
     def __init__(
         self,
-        policy: str = "ttft",
+        policy: str | Policy = "ttft",
         *,
         affinity_conversations: int = 100_000,
         max_queue_per_slot: float = 1.0,
@@ -95,7 +101,7 @@ class Fleet:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        if policy not in POLICY_NAMES:
+        if isinstance(policy, str) and policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICY_NAMES)}")
         self.policy = policy
         self.workers: dict[str, WorkerState] = {}
@@ -107,12 +113,13 @@ class Fleet:
         self._clock = clock
         self._rng = rng or random.Random()
         self._next = 0
-        self._choose = {
+        builtin: dict[str, Policy] = {
             "ttft": self._least_ttft,
             "round_robin": self._round_robin,
             "least_requests": self._least_requests,
             "power_of_two": self._power_of_two,
-        }[policy]
+        }
+        self._choose = builtin[policy] if isinstance(policy, str) else policy
 
     # -- membership and load -------------------------------------------------
 
