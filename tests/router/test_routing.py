@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from smg_grpc_proto import vllm_engine_pb2 as pb
+from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.router.config import RouterConfig
@@ -201,3 +203,44 @@ async def test_a_router_with_no_reachable_worker_fails_to_start() -> None:
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
         async with running_server(engine):
             pass
+
+
+async def test_affinity_yields_when_the_conversations_worker_is_busy() -> None:
+    """The conversation's worker loses its next turn once its slots are taken by others."""
+    fakes = [
+        FakeBackend(reply=letter, endless=True, token_delay_s=0.01, max_running=2)
+        for letter in "ab"
+    ]
+    one = chat_pb2.SamplingParams(max_tokens=1)  # one token: the worker's letter
+    async with gateway(fakes) as (running, engine, workers):
+        first = await turn(running, params=one)
+        conversation = first[0].started.conversation_id  # type: ignore[attr-defined]
+        home = text_of(first)
+        again = await turn(running, conversation_id=conversation, params=one)
+        assert home == text_of(again)
+        # Another gateway's load takes both slots of the conversation's worker.
+        busy = workers["ab".index(home)]
+        async with grpc.aio.insecure_channel(busy.address) as channel:
+            stub = pb_grpc.VllmEngineStub(channel)
+            calls = [stub.Generate(_generate(f"other-{i}")) for i in range(2)]
+            for call in calls:
+                await anext(aiter(call))
+            state = engine.fleet.workers[busy.address]
+            for _ in range(200):  # until a load report shows it
+                if state.load.running == 2:
+                    break
+                await asyncio.sleep(0.01)
+            moved = await turn(running, conversation_id=conversation, params=one)
+            for call in calls:
+                call.cancel()
+    assert 2 == state.load.running
+    assert home != text_of(moved)
+
+
+def _generate(request_id: str) -> object:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        tokenized=pb.TokenizedInput(input_ids=[1, 2, 3]),
+        sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=500),
+        stream=True,
+    )

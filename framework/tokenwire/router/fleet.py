@@ -60,7 +60,9 @@ class WorkerState:
     sent_at_report: int = 0  # sent_total when the last load report was asked for
     pending_tokens: int = 0  # prompt tokens sent, first token not yet back
     s_per_token: float = _DEFAULT_S_PER_TOKEN  # measured prefill speed
+    floor_s: float = 0.0  # measured time to a first token with nothing to prefill
     turn_s: float = _DEFAULT_TURN_S  # measured turn duration
+    measured: bool = False  # a first token came back: the figures above are its own
     handle: object = None  # the transport's object (an engine client)
 
     def requests(self) -> int:
@@ -113,6 +115,7 @@ class Fleet:
         self._clock = clock
         self._rng = rng or random.Random()
         self._next = 0
+        self._prior = WorkerState("")  # the fleet's figures, for workers not measured yet
         builtin: dict[str, Policy] = {
             "ttft": self._least_ttft,
             "round_robin": self._round_robin,
@@ -204,11 +207,14 @@ class Fleet:
         start = self._rng.randrange(len(candidates))
         best = candidates[start]
         best_s = float("inf")
+        prior = self._prior
         for w in candidates[start:] + candidates[:start]:
             cached = home_cached if w.key == home and home_cached > shared else shared
             queued = w.load.queued_tokens
             ahead = queued if queued > w.pending_tokens else w.pending_tokens
-            estimate = (ahead + prompt - cached) * w.s_per_token
+            # A worker not measured yet is taken to be like the ones that were.
+            speed = w if w.measured else prior
+            estimate = speed.floor_s + (ahead + prompt - cached) * speed.s_per_token
             slots = w.max_running
             if slots > 0:
                 busy = w.requests() + 1 - slots
@@ -233,7 +239,16 @@ class Fleet:
         if held is not None and held[0] == worker.key:
             cached = max(cached, min(held[1], turn.prompt_tokens - 1))
         work = max(1, turn.prompt_tokens - cached + worker.load.queued_tokens)
-        worker.s_per_token += _EWMA * (ttft_s / work - worker.s_per_token)
+        for speed in (worker, self._prior):
+            # The floor follows the fastest first tokens (and drifts up slowly), so the
+            # network and the engine's first step do not count as prefill time.
+            first = not speed.measured
+            speed.floor_s = (
+                ttft_s if first else min(ttft_s, speed.floor_s + 0.05 * (ttft_s - speed.floor_s))
+            )
+            per_token = max(0.0, ttft_s - speed.floor_s) / work
+            speed.s_per_token += _EWMA * (per_token - speed.s_per_token)
+            speed.measured = True
         worker.failures = 0
 
     def finished(
