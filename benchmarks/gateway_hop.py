@@ -146,7 +146,7 @@ def _client_round(
 
 
 @contextlib.contextmanager
-def worker_process(token_ms: float, streams: int) -> Iterator[str]:
+def worker_process(token_ms: float, streams: int, interval_ms: float = 0.0) -> Iterator[str]:
     """A ``tokenwire worker`` with the fake engine, endless, one token every ``token_ms``."""
     import socket
 
@@ -160,6 +160,7 @@ def worker_process(token_ms: float, streams: int) -> Iterator[str]:
     command = [sys.executable, "-m", "tokenwire", "worker", "--backend", "fake"]
     command += ["--listen", address, "--set", f"backend.options={options}"]
     command += ["--set", f"backend.max_running={streams * 4}", "--set", "logging.level=warning"]
+    command += ["--set", f"worker.message_interval_ms={interval_ms}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield address
@@ -181,12 +182,18 @@ async def _wait_serving(address: str) -> None:
 
 
 async def measure(
-    *, streams: int, turns: int, tokens: int, token_ms: float, rounds: int
+    *,
+    streams: int,
+    turns: int,
+    tokens: int,
+    token_ms: float,
+    rounds: int,
+    interval_ms: float = 0.0,
 ) -> tuple[Arm, Arm]:
     direct, gateway = Arm("direct"), Arm("gateway")
     context = multiprocessing.get_context("spawn")
     with (
-        worker_process(token_ms, streams) as worker,
+        worker_process(token_ms, streams, interval_ms) as worker,
         tempfile.TemporaryDirectory() as data_dir,
         concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as clients,
     ):
@@ -222,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer")
     parser.add_argument("--token-ms", type=float, default=2.0, help="the engine's token pace")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per arm")
+    parser.add_argument(
+        "--message-interval-ms",
+        type=float,
+        default=0.0,
+        help="the worker's worker.message_interval_ms (0: each token as soon as it is ready)",
+    )
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="warning"))
     direct, gateway = asyncio.run(
@@ -231,11 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokens=args.tokens,
             token_ms=args.token_ms,
             rounds=args.rounds,
+            interval_ms=args.message_interval_ms,
         )
     )
     print(
         f"{args.streams} streams x {args.turns} turns of {args.tokens} tokens, one token every "
-        f"{args.token_ms} ms; medians of {args.rounds} interleaved rounds"
+        f"{args.token_ms} ms; worker messages at least {args.message_interval_ms} ms apart; "
+        f"medians of {args.rounds} interleaved rounds"
     )
     print(f"{'arm':8} {'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>9}")
     for arm in (direct, gateway):

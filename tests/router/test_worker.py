@@ -228,3 +228,19 @@ async def test_drain_finishes_running_streams_and_refuses_new_ones() -> None:
     assert grpc.StatusCode.UNAVAILABLE == refused.value.code()
     assert "stop" == done.finish_reason
     assert 29 == len(tokens)
+
+
+async def test_a_message_interval_merges_the_tokens_made_meanwhile() -> None:
+    """With worker.message_interval_ms, tokens made between two messages ride together:
+    the same answer in far fewer messages, the first token still sent at once."""
+    fake = FakeBackend(reply="x" * 40, token_delay_s=0.002)
+    async with running_worker(fake, message_interval_ms=20.0) as worker:
+        async for stub in stub_for(worker):
+            sizes = [
+                len(r.chunk.token_ids)
+                async for r in stub.Generate(generate())
+                if r.HasField("chunk")
+            ]
+    assert 40 == sum(sizes)
+    assert 1 == sizes[0]
+    assert len(sizes) <= 10

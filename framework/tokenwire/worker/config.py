@@ -35,9 +35,21 @@ class WorkerConfig:
     tls_client_ca_file: str = setting(
         "", "PEM CA that gateway certificates must chain to; set: mTLS is required"
     )
+    message_interval_ms: float = setting(
+        0.0,
+        "least milliseconds between two messages of one answer: tokens made meanwhile "
+        "ride in the next (0: each as soon as it is ready); a few ms cuts the messages "
+        "of an engine faster than that, for gateway and worker alike",
+    )
     grace_period_s: float = setting(
         30.0, "on SIGTERM, seconds running streams get to finish (new ones are refused)"
     )
+
+    def __post_init__(self) -> None:
+        if not self.message_interval_ms >= 0:
+            raise ConfigError(
+                f"worker.message_interval_ms must be >= 0, got {self.message_interval_ms}"
+            )
 
     def secret(self) -> str:
         """The shared token (from ``token`` or ``token_file``); empty: none."""

@@ -86,6 +86,7 @@ class WorkerServer:
             eos_token_ids=tokenizer.eos_token_ids,
             archive=self._tokenizer_archive,
             model_path=self.config.backend.model_path,
+            message_interval_s=cfg.message_interval_ms / 1000,
         )
         interceptors = [_TokenInterceptor(self._secret)] if self._secret else []
         server = grpc.aio.server(

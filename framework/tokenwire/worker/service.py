@@ -55,8 +55,10 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         eos_token_ids: frozenset[int],
         archive: Callable[[], Awaitable[bytes]],
         model_path: str = "",
+        message_interval_s: float = 0.0,
     ) -> None:
         self._engine = engine
+        self._interval = message_interval_s
         self._eos = eos_token_ids
         self._archive = archive
         self._model_path = model_path
@@ -105,9 +107,17 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         self._idle.clear()
         stream = self._engine.generate(job)
         pending: Pending[Chunk] | None = None
+        loop = asyncio.get_running_loop()
+        sent_at = 0.0  # when this stream's last message went out (0: none yet)
         try:
             while True:
                 running.waiting = True
+                if sent_at and self._interval:
+                    # Not sooner than the interval after the last message: what the
+                    # engine makes meanwhile rides in the next one.
+                    wait = sent_at + self._interval - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 try:
                     chunk = await (pending if pending is not None else stream.__anext__())
                 except StopAsyncIteration:
@@ -141,6 +151,7 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                             completion_tokens=len(running.output),
                         )
                     )
+                    sent_at = loop.time()
                 if failure is not None:
                     raise failure
                 if chunk.finish_reason is not None:
