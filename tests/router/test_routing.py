@@ -244,3 +244,28 @@ def _generate(request_id: str) -> object:
         sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=500),
         stream=True,
     )
+
+
+async def test_a_worker_without_get_loads_is_routed_by_the_routers_own_counts() -> None:
+    """A server that leaves GetLoads UNIMPLEMENTED (as some engines' servers do) stays in
+    rotation on its health checks, its load counted from what the router sent it."""
+    from tokenwire.worker import service
+
+    original = service.EngineServicer.GetLoads
+
+    async def unimplemented(
+        self: object, request: object, context: grpc.aio.ServicerContext
+    ) -> None:  # type: ignore[type-arg]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no GetLoads here")
+
+    service.EngineServicer.GetLoads = unimplemented  # type: ignore[assignment,method-assign]
+    try:
+        fakes = [FakeBackend(reply="x" * 20, token_delay_s=0.01) for _ in range(2)]
+        async with gateway(fakes, policy="least_requests") as (running, engine, _):
+            await asyncio.sleep(0.1)  # several polls
+            await asyncio.gather(*(turn(running) for _ in range(6)))
+            usable = len(engine.fleet.usable())
+    finally:
+        service.EngineServicer.GetLoads = original  # type: ignore[method-assign]
+    assert 2 == usable
+    assert [3, 3] == [len(f.requests) for f in fakes]

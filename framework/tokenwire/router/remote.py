@@ -70,6 +70,7 @@ class RemoteEngine:
         self._load = LoadReport()
         self.max_running = 0
         self.draining = False
+        self.reports_loads = True  # False: the server has no GetLoads
 
     @property
     def capabilities(self) -> Capabilities:
@@ -124,10 +125,21 @@ class RemoteEngine:
         self._channel = self._stub = None
 
     async def poll(self) -> LoadReport:
-        """Read the worker's load now (GetLoads); gRPC errors propagate."""
-        reply = await self._open().GetLoads(
-            pb.GetLoadsRequest(), metadata=self._metadata, timeout=self._timeout
-        )
+        """Read the worker's load now (GetLoads); gRPC errors propagate. A server
+        without GetLoads (UNIMPLEMENTED) is asked for its health instead, and its
+        load is what the router itself sent it (``reports_loads`` turns False)."""
+        if not self.reports_loads:
+            await self.healthy()
+            return self._load
+        try:
+            reply = await self._open().GetLoads(
+                pb.GetLoadsRequest(), metadata=self._metadata, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self.reports_loads = False
+            return await self.poll()
         self._load, max_running = load_of(reply.loads)
         self.max_running = max_running or self.max_running
         return self._load
