@@ -1,7 +1,10 @@
 """The Redis quota store: one budget shared exactly by every gateway process.
 
-Each check-and-take is one Lua script, so it is atomic across all gateways, and
-all of them read one clock, Redis's own (``TIME``), never their local ones.
+Each check-and-take is one Lua script (:mod:`tokenwire.quotas.redis_scripts`), so
+it is atomic across all gateways, and all of them read one clock, Redis's own
+(``TIME``), never their local ones. A turn's whole admission (stream slot, request,
+tokens) is one script in one round trip; its settlement and release are queued and
+ride along with the store's next call, or go on their own within 2 ms.
 
 Rates (GCRA, see :mod:`tokenwire.quotas.store`): a key per rate holds its TAT in
 milliseconds and expires when the bucket is full again, so idle callers leave
@@ -37,6 +40,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from tokenwire.logs import get_logger
+from tokenwire.quotas import redis_scripts as scripts
 from tokenwire.quotas.store import (
     ALLOWED,
     Admission,
@@ -55,206 +59,6 @@ _log = get_logger("tokenwire.quotas")
 _FLUSH_DELAY_S = 0.002  # how long a settlement or release waits for a call to ride with
 # A script and its keys and arguments; no script: ZREM of a lease id from one slot key.
 _Op = tuple[AsyncScript | None, list[str], list[Any]]
-
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-"""
-
-# KEYS: rate keys. ARGV: cost, then limit and window (ms) per key.
-# Returns {1, '0', mark...} or {0, excess_ms, violated index (1-based)...}.
-_TAKE = (
-    _NOW
-    + """
-local cost = tonumber(ARGV[1])
-local marks, violated, worst = {}, {}, 0
-for i, key in ipairs(KEYS) do
-  local limit, window = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local need = cost * window / limit
-  local tat = tonumber(redis.call('GET', key)) or now
-  if tat < now then tat = now end
-  local excess = tat + need - now - window
-  if need > window + 1e-6 then excess = math.huge end
-  if excess > 1e-6 then
-    violated[#violated + 1] = i
-    if excess > worst then worst = excess end
-  end
-  marks[i] = tat + need
-end
-if #violated > 0 then
-  local out = {0, string.format('%.6f', worst)}
-  for _, i in ipairs(violated) do out[#out + 1] = i end
-  return out
-end
-local out = {1, '0'}
-for i, key in ipairs(KEYS) do
-  local ttl = string.format('%d', math.ceil(marks[i] - now) + 1000)
-  redis.call('SET', key, string.format('%.3f', marks[i]), 'PX', ttl)
-  out[#out + 1] = string.format('%.3f', marks[i])
-end
-return out
-"""
-)
-
-# KEYS: rate keys. ARGV: diff (actual - reserved), then limit, window (ms), mark per key.
-_SETTLE = (
-    _NOW
-    + """
-local diff = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local limit, window = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  local mark = tonumber(ARGV[3 * i + 1])
-  local interval = window / limit
-  local tat = tonumber(redis.call('GET', key))
-  if diff < 0 then
-    if tat then
-      local back, left = -diff * interval, mark - now
-      if left < 0 then left = 0 end
-      if back > left then back = left end
-      tat = tat - back
-    end
-  else
-    if not tat or tat < now then tat = now end
-    tat = tat + diff * interval
-  end
-  if tat and tat > now then
-    local ttl = string.format('%d', math.ceil(tat - now) + 1000)
-    redis.call('SET', key, string.format('%.3f', tat), 'PX', ttl)
-  elseif tat then
-    redis.call('DEL', key)
-  end
-end
-return 1
-"""
-)
-
-# KEYS: slot keys. ARGV: lease id, ttl (ms), then limit per key.
-# Returns {1} or {0, violated index (1-based)...}.
-_ACQUIRE = (
-    _NOW
-    + """
-local violated = {}
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.3f', now))
-  if redis.call('ZCARD', key) >= tonumber(ARGV[i + 2]) then violated[#violated + 1] = i end
-end
-if #violated > 0 then
-  local out = {0}
-  for _, i in ipairs(violated) do out[#out + 1] = i end
-  return out
-end
-local ttl = tonumber(ARGV[2])
-local expiry = string.format('%.3f', now + ttl)
-for _, key in ipairs(KEYS) do
-  redis.call('ZADD', key, expiry, ARGV[1])
-  redis.call('PEXPIRE', key, string.format('%d', ttl + 1000))
-end
-return {1}
-"""
-)
-
-# A turn's admission. KEYS: slot keys, request rate keys, token rate keys.
-# ARGV: slot count, request count, token count, lease id, ttl (ms), a limit per slot,
-# limit and window (ms) per request rate, the token amount, limit and window per token rate.
-# Returns {0, '0', token mark...} (admitted), or {stage, excess_ms, violated index
-# (1-based, within the stage)...}: stage 1 slots, 2 requests, 3 tokens.
-_ADMIT = (
-    _NOW
-    + """
-local ns, nr, nt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local lease, ttl = ARGV[4], tonumber(ARGV[5])
-local a = 6
-local busy = {}
-for i = 1, ns do
-  local key = KEYS[i]
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.3f', now))
-  if redis.call('ZCARD', key) >= tonumber(ARGV[a + i - 1]) then busy[#busy + 1] = i end
-end
-if #busy > 0 then
-  local out = {1, '0'}
-  for _, i in ipairs(busy) do out[#out + 1] = i end
-  return out
-end
-a = a + ns
-local function check(first, count, cost, at)
-  local marks, violated, worst = {}, {}, 0
-  for i = 1, count do
-    local limit, window = tonumber(ARGV[at + 2 * i - 2]), tonumber(ARGV[at + 2 * i - 1])
-    local need = cost * window / limit
-    local tat = tonumber(redis.call('GET', KEYS[first + i])) or now
-    if tat < now then tat = now end
-    local excess = tat + need - now - window
-    if need > window + 1e-6 then excess = math.huge end
-    if excess > 1e-6 then
-      violated[#violated + 1] = i
-      if excess > worst then worst = excess end
-    end
-    marks[i] = tat + need
-  end
-  return marks, violated, worst
-end
-local function apply(first, marks)
-  for i, mark in ipairs(marks) do
-    local ttl_ms = string.format('%d', math.ceil(mark - now) + 1000)
-    redis.call('SET', KEYS[first + i], string.format('%.3f', mark), 'PX', ttl_ms)
-  end
-end
-local function refuse(stage, violated, worst)
-  local out = {stage, string.format('%.6f', worst)}
-  for _, i in ipairs(violated) do out[#out + 1] = i end
-  return out
-end
-local rmarks, rviolated, rworst = check(ns, nr, 1, a)
-if #rviolated > 0 then return refuse(2, rviolated, rworst) end
-a = a + 2 * nr
-local amount = tonumber(ARGV[a])
-local tmarks, tviolated, tworst = check(ns + nr, nt, amount, a + 1)
-apply(ns, rmarks)
-if #tviolated > 0 then return refuse(3, tviolated, tworst) end
-apply(ns + nr, tmarks)
-local expiry = string.format('%.3f', now + ttl)
-for i = 1, ns do
-  redis.call('ZADD', KEYS[i], expiry, lease)
-  redis.call('PEXPIRE', KEYS[i], string.format('%d', ttl + 1000))
-end
-local out = {0, '0'}
-for _, mark in ipairs(tmarks) do out[#out + 1] = string.format('%.3f', mark) end
-return out
-"""
-)
-_STAGES = {1: "streams", 2: "requests", 3: "tokens"}
-
-# KEYS: slot keys. ARGV: ttl (ms), then per key: a count and that many lease ids.
-_RENEW = (
-    _NOW
-    + """
-local ttl = tonumber(ARGV[1])
-local expiry = string.format('%.3f', now + ttl)
-local pos = 2
-for _, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[pos])
-  for j = 1, count do
-    redis.call('ZADD', key, 'XX', expiry, ARGV[pos + j])
-  end
-  pos = pos + count + 1
-  redis.call('PEXPIRE', key, string.format('%d', ttl + 1000))
-end
-return 1
-"""
-)
-
-# KEYS[1]: a rate key. ARGV: limit, window (ms). Returns the units in the bucket.
-_USED = (
-    _NOW
-    + """
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat or tat <= now then return '0' end
-return string.format('%.6f', (tat - now) * tonumber(ARGV[1]) / tonumber(ARGV[2]))
-"""
-)
-
-# KEYS[1]: a slot key. Returns the live leases.
-_IN_USE = _NOW + "return redis.call('ZCOUNT', KEYS[1], string.format('(%.3f', now), '+inf')"
 
 
 def _hash_tag(key: str) -> str:
@@ -293,13 +97,13 @@ class RedisQuotaStore:
         self._prefix = key_prefix
         self._ttl_ms = int(lease_ttl_s * 1000)
         self._renew_every_s = lease_ttl_s / 3
-        self._take = self._client.register_script(_TAKE)
-        self._settle = self._client.register_script(_SETTLE)
-        self._acquire = self._client.register_script(_ACQUIRE)
-        self._renew = self._client.register_script(_RENEW)
-        self._used = self._client.register_script(_USED)
-        self._in_use = self._client.register_script(_IN_USE)
-        self._admit = self._client.register_script(_ADMIT)
+        self._take = self._client.register_script(scripts.TAKE)
+        self._settle = self._client.register_script(scripts.SETTLE)
+        self._acquire = self._client.register_script(scripts.ACQUIRE)
+        self._renew = self._client.register_script(scripts.RENEW)
+        self._used = self._client.register_script(scripts.USED)
+        self._in_use = self._client.register_script(scripts.IN_USE)
+        self._admit = self._client.register_script(scripts.ADMIT)
         self._live: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
@@ -424,7 +228,7 @@ class RedisQuotaStore:
             violated = tuple(int(index) - 1 for index in reply[2:])
             excess_s = float(reply[1]) / 1000
             delay = 0.0 if stage == 1 else retry_delay(excess_s)
-            return Admission(Verdict(False, delay, violated), _STAGES[stage])
+            return Admission(Verdict(False, delay, violated), scripts.STAGES[stage])
         reservation = None
         if tokens:
             marks = tuple(float(mark) for mark in reply[2:])
