@@ -249,3 +249,16 @@ def test_router_benchmark_runs_every_turn_through_the_real_router() -> None:
         assert out.tokens > 0
         assert out.seconds > 0
         assert 0 < out.decision_us
+
+
+def test_gateway_hop_benchmark_counts_every_token_of_both_arms() -> None:
+    """A tiny gateway-hop run: both arms stream every token of every turn."""
+    import asyncio
+
+    from benchmarks.gateway_hop import measure
+
+    direct, gateway = asyncio.run(measure(streams=2, turns=2, tokens=4, token_ms=1.0, rounds=1))
+    for arm in (direct, gateway):
+        assert 1 == len(arm.rounds)
+        assert 2 * 2 * 4 == arm.rounds[0].tokens
+        assert 4 == len(arm.rounds[0].ttfts)
