@@ -269,3 +269,17 @@ async def test_a_worker_without_get_loads_is_routed_by_the_routers_own_counts() 
         service.EngineServicer.GetLoads = original  # type: ignore[method-assign]
     assert 2 == usable
     assert [3, 3] == [len(f.requests) for f in fakes]
+
+
+async def test_a_worker_serving_another_model_gets_no_turns() -> None:
+    """A worker whose model differs from the router's is left out of rotation."""
+    same, other = FakeBackend(reply="same"), FakeBackend(reply="other", model="another")
+    async with gateway([same, other], policy="round_robin") as (running, engine, workers):
+        left_out = engine.fleet.workers[workers[1].address]
+        for _ in range(200):
+            if left_out.excluded:
+                break
+            await asyncio.sleep(0.01)
+        texts = {text_of(await turn(running)) for _ in range(6)}
+    assert "'another'" in left_out.excluded
+    assert {"same"} == texts

@@ -233,8 +233,9 @@ class RoutedEngine:
         now = time.monotonic()
         if not worker.healthy and now < worker.ejected_until:
             return  # sitting out its ejection
-        mark = worker.sent_total  # what the report may count
         try:
+            if not engine.model_checked:
+                await self._check_model(worker, engine)
             if check_health or not worker.healthy:
                 healthy = await engine.healthy()
                 worker.draining = not healthy
@@ -245,9 +246,19 @@ class RoutedEngine:
                 _log.warning("worker ejected", worker=worker.key, error=str(exc))
             return
         was_down = not worker.healthy
-        self.fleet.report(worker, report, engine.max_running, mark)
+        self.fleet.report(worker, report, engine.max_running)
         if was_down:
             _log.info("worker back in rotation", worker=worker.key)
+
+    async def _check_model(self, worker: WorkerState, engine: RemoteEngine) -> None:
+        """Keep a worker that serves another model than the router's out of rotation:
+        its tokens would mean other words under this gateway's tokenizer."""
+        served = await engine.model()
+        engine.model_checked = True
+        wanted = self._capabilities.model
+        if served != wanted:
+            worker.excluded = f"serves {served!r}, not {wanted!r}"
+            _log.error("worker left out", worker=worker.key, reason=worker.excluded)
 
     async def _resolve_forever(self) -> None:
         while not self._closed:

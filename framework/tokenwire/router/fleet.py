@@ -5,8 +5,9 @@ feeds it from live load reports and the turns it routes, and the router benchmar
 drives the very same code over a simulated fleet.
 
 Between two load reports a worker's numbers would go stale, and every turn of a
-burst would pile onto the same "least loaded" worker; so the fleet also counts
-what it sent itself since (requests in flight, prompt tokens not yet prefilled).
+burst would pile onto the same "least loaded" worker; so the fleet counts its own
+requests itself, exactly (in flight, and prompt tokens not yet prefilled), and
+takes from the reports only what other gateways send.
 
 Policies (``router.policy``):
 
@@ -53,11 +54,11 @@ class WorkerState:
     max_running: int = 0  # 0: unknown
     healthy: bool = True
     draining: bool = False
+    excluded: str = ""  # why it never takes turns (it serves another model); empty: it may
     ejected_until: float = 0.0
     failures: int = 0  # consecutive
     in_flight: int = 0  # sent by this router, not yet finished
-    sent_total: int = 0  # ever sent by this router
-    sent_at_report: int = 0  # sent_total when the last load report was asked for
+    others: int = 0  # requests of other routers (gateways), as of the last report
     pending_tokens: int = 0  # prompt tokens sent, first token not yet back
     s_per_token: float = _DEFAULT_S_PER_TOKEN  # measured prefill speed
     floor_s: float = 0.0  # measured time to a first token with nothing to prefill
@@ -66,13 +67,14 @@ class WorkerState:
     handle: object = None  # the transport's object (an engine client)
 
     def requests(self) -> int:
-        """Running plus waiting, counting what was sent since the last report was
-        asked for (and never fewer than this router's own requests in flight)."""
-        reported = self.load.running + self.load.queued + self.sent_total - self.sent_at_report
-        return max(reported, self.in_flight)
+        """Running plus waiting: this router's own, exactly and now, and the others'
+        as of the last report."""
+        return self.others + self.in_flight
 
     def usable(self, now: float) -> bool:
-        return self.healthy and not self.draining and now >= self.ejected_until
+        return (
+            self.healthy and not self.draining and not self.excluded and now >= self.ejected_until
+        )
 
     def saturated(self, max_queue_per_slot: float) -> bool:
         if self.max_running <= 0:
@@ -135,14 +137,13 @@ class Fleet:
     def remove(self, key: str) -> WorkerState | None:
         return self.workers.pop(key, None)
 
-    def report(
-        self, worker: WorkerState, load: LoadReport, max_running: int, mark: int | None = None
-    ) -> None:
-        """A fresh load report, asked for when ``worker.sent_total`` was ``mark`` (None:
-        now): it may not count what was sent since."""
+    def report(self, worker: WorkerState, load: LoadReport, max_running: int) -> None:
+        """A fresh load report. Of the requests it counts, this router's own are the
+        ones it has in flight; the rest are other gateways'. (This router's own count
+        exactly from here on, whenever they start and end.)"""
         worker.load = load
         worker.max_running = max_running or worker.max_running
-        worker.sent_at_report = worker.sent_total if mark is None else mark
+        worker.others = max(0, load.running + load.queued - worker.in_flight)
         worker.healthy = True
         worker.failures = 0
 
@@ -170,13 +171,11 @@ class Fleet:
         limit = 1 + self._max_queue
         candidates = []
         for w in self.workers.values():
-            if not w.healthy or w.draining or now < w.ejected_until or w.key in exclude:
+            if not w.healthy or w.draining or w.excluded or now < w.ejected_until:
                 continue
-            load = w.load
-            requests = load.running + load.queued + w.sent_total - w.sent_at_report
-            if w.in_flight > requests:
-                requests = w.in_flight
-            if w.max_running > 0 and requests >= w.max_running * limit:
+            if w.key in exclude:
+                continue
+            if w.max_running > 0 and w.others + w.in_flight >= w.max_running * limit:
                 continue  # saturated
             candidates.append(w)
         if not candidates:
@@ -228,7 +227,6 @@ class Fleet:
 
     def sent(self, worker: WorkerState, turn: TurnView) -> None:
         worker.in_flight += 1
-        worker.sent_total += 1
         worker.pending_tokens += turn.prompt_tokens
 
     def first_token(self, worker: WorkerState, turn: TurnView, ttft_s: float) -> None:

@@ -71,6 +71,7 @@ class RemoteEngine:
         self.max_running = 0
         self.draining = False
         self.reports_loads = True  # False: the server has no GetLoads
+        self.model_checked = False  # the router compared the worker's model with its own
 
     @property
     def capabilities(self) -> Capabilities:
@@ -106,7 +107,7 @@ class RemoteEngine:
         except grpc.aio.AioRpcError as exc:
             raise _error_of(exc, self.target) from None
         self._capabilities = Capabilities(
-            model=info.served_model_name or info.model_path,
+            model=str(info.served_model_name or info.model_path),
             context_length=int(info.max_context_length),
             max_batch=self.max_running or 1,
             tokenizer=tokenizer,
@@ -123,6 +124,13 @@ class RemoteEngine:
         if self._channel is not None:
             await self._channel.close(None)
         self._channel = self._stub = None
+
+    async def model(self) -> str:
+        """The model the worker serves (GetModelInfo); gRPC errors propagate."""
+        info = await self._open().GetModelInfo(
+            pb.GetModelInfoRequest(), metadata=self._metadata, timeout=self._timeout
+        )
+        return str(info.served_model_name or info.model_path)
 
     async def poll(self) -> LoadReport:
         """Read the worker's load now (GetLoads); gRPC errors propagate. A server
