@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from tokenwire.logs import get_logger
 
-__all__ = ["Pending", "closing", "finish_shielded", "poll_next", "start_now"]
+__all__ = ["Pending", "closing", "finish_shielded", "poll_next", "start_now", "wait_set"]
 
 T = TypeVar("T")
 _log = get_logger("tokenwire.streams")
@@ -150,3 +150,12 @@ class Pending(Generic[T]):
             pass
         except Exception:
             _log.exception("closing a stream in the middle of a step failed")
+
+
+async def wait_set(event: asyncio.Event, limit_s: float) -> bool:
+    """Wait until ``event`` is set; False if ``limit_s`` passes first."""
+    try:
+        await asyncio.wait_for(event.wait(), limit_s)
+    except TimeoutError:
+        return False
+    return True

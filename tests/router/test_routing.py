@@ -130,7 +130,9 @@ async def test_saturated_workers_refuse_before_the_turn_starts() -> None:
     busy = FakeBackend(reply="ab", endless=True, token_delay_s=0.01, max_running=1)
     async with gateway([busy], max_queue_per_slot=0.0) as (running, _, _):
         call = running.chat.Complete(chat_pb2.CompleteRequest(message="one"))
-        await anext(aiter(call))
+        stream = aiter(call)
+        await anext(stream)  # TurnStarted
+        await anext(stream)  # a delta: the worker has the request
         received: list[object] = []
 
         async def consume() -> None:

@@ -40,7 +40,7 @@ from tokenwire.live.bus import LiveBus, LiveEvent
 from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, PreparedTurn
 from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnEnd
-from tokenwire.streams import Pending, finish_shielded, poll_next, start_now
+from tokenwire.streams import Pending, finish_shielded, poll_next, start_now, wait_set
 from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.history import fit_history
@@ -106,11 +106,7 @@ class TurnRunner:
 
     async def wait_idle(self, limit_s: float) -> bool:
         """Wait until no turn is running (or saving its answer); False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), limit_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, limit_s)
 
     def _model(self, name: str) -> ChatModel:
         if not name:

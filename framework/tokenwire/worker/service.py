@@ -26,7 +26,7 @@ from smg_grpc_proto.generated import common_pb2
 from tokenwire.backend import Chunk, Engine, FinishReason
 from tokenwire.errors import TokenwireError, status_of
 from tokenwire.logs import get_logger
-from tokenwire.streams import Pending, poll_next
+from tokenwire.streams import Pending, poll_next, wait_set
 from tokenwire.worker.protocol import complete_message, request_of, scheduler_load
 from tokenwire.worker.tokenizer_files import chunks_of
 
@@ -76,11 +76,7 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
 
     async def wait_idle(self, limit_s: float) -> bool:
         """Until no Generate stream runs; False after ``limit_s``."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), limit_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, limit_s)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
