@@ -138,9 +138,7 @@ class RoutedEngine:
     def check_admission(self) -> None:
         """Before a turn starts: refuse it when no worker could take it now."""
         if self.fleet.saturated():
-            raise ResourceExhaustedError(
-                "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
-            )
+            raise _at_capacity()
         if not self.fleet.usable():
             raise UnavailableError("no model worker is available; retry shortly")
 
@@ -190,9 +188,7 @@ class RoutedEngine:
                 await stream.aclose()  # type: ignore[attr-defined]
         if last is not None and not isinstance(last, ResourceExhaustedError):
             raise UnavailableError("no model worker could take the turn; retry shortly")
-        raise ResourceExhaustedError(
-            "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
-        )
+        raise _at_capacity()
 
     def _finished(
         self, worker: WorkerState, turn: TurnView, got_first: bool, started: float, tokens: int
@@ -278,6 +274,12 @@ class RoutedEngine:
             gone = self.fleet.remove(key)
             if gone is not None:
                 await _engine(gone).close()
+
+
+def _at_capacity() -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        "every model worker is at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
+    )
 
 
 def _engine(worker: WorkerState) -> RemoteEngine:

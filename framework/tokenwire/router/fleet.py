@@ -168,16 +168,11 @@ class Fleet:
     def choose(self, turn: TurnView, exclude: Sequence[str] = ()) -> WorkerState | None:
         """The worker for ``turn`` (None: no usable worker outside ``exclude``)."""
         now = self._clock()
-        limit = 1 + self._max_queue
-        candidates = []
-        for w in self.workers.values():
-            if not w.healthy or w.draining or w.excluded or now < w.ejected_until:
-                continue
-            if w.key in exclude:
-                continue
-            if w.max_running > 0 and w.others + w.in_flight >= w.max_running * limit:
-                continue  # saturated
-            candidates.append(w)
+        candidates = [
+            w
+            for w in self.workers.values()
+            if w.usable(now) and w.key not in exclude and not w.saturated(self._max_queue)
+        ]
         if not candidates:
             return None
         return self._choose(candidates, turn)
