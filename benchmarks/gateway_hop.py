@@ -189,6 +189,7 @@ async def measure(
     token_ms: float,
     rounds: int,
     interval_ms: float = 0.0,
+    gateway_interval_ms: float | None = None,
 ) -> tuple[Arm, Arm]:
     direct, gateway = Arm("direct"), Arm("gateway")
     context = multiprocessing.get_context("spawn")
@@ -199,6 +200,8 @@ async def measure(
     ):
         await _wait_serving(worker)
         router = RouterConfig(workers=worker)
+        if gateway_interval_ms is not None:
+            router = dataclasses.replace(router, message_interval_ms=gateway_interval_ms)
         config = full_chain_config(data_dir)
         config = dataclasses.replace(config, router=router)
         async with full_chain_server(RoutedEngine(router), config) as running:  # type: ignore[arg-type]
@@ -235,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="the worker's worker.message_interval_ms (0: each token as soon as it is ready)",
     )
+    parser.add_argument(
+        "--gateway-interval-ms",
+        type=float,
+        default=None,
+        help="the gateway's router.message_interval_ms (default: the router's default, "
+        f"{RouterConfig().message_interval_ms:g})",
+    )
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="warning"))
     direct, gateway = asyncio.run(
@@ -245,11 +255,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             token_ms=args.token_ms,
             rounds=args.rounds,
             interval_ms=args.message_interval_ms,
+            gateway_interval_ms=args.gateway_interval_ms,
         )
+    )
+    gw_interval = (
+        RouterConfig().message_interval_ms
+        if args.gateway_interval_ms is None
+        else args.gateway_interval_ms
     )
     print(
         f"{args.streams} streams x {args.turns} turns of {args.tokens} tokens, one token every "
-        f"{args.token_ms} ms; worker messages at least {args.message_interval_ms} ms apart; "
+        f"{args.token_ms} ms; worker messages at least {args.message_interval_ms} ms apart "
+        f"(to the gateway: {gw_interval:g} ms); "
         f"medians of {args.rounds} interleaved rounds"
     )
     print(f"{'arm':8} {'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>9}")

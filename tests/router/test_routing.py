@@ -69,6 +69,18 @@ async def test_turns_stream_from_workers_with_the_workers_tokenizer() -> None:
     assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason  # type: ignore[attr-defined]
 
 
+async def test_the_gateway_asks_workers_for_fewer_larger_messages() -> None:
+    """router.message_interval_ms: an engine faster than the interval reaches the client
+    in a few messages; 0 sends every token as it comes."""
+    fast = FakeBackend(reply="y " * 20, token_delay_s=0.002)
+    async with gateway([fast], message_interval_ms=20.0) as (running, _, _):
+        merged = [e for e in await turn(running) if e.HasField("delta")]  # type: ignore[attr-defined]
+    async with gateway([fast], message_interval_ms=0.0) as (running, _, _):
+        each = [e for e in await turn(running) if e.HasField("delta")]  # type: ignore[attr-defined]
+    assert "y " * 20 == text_of(merged) == text_of(each)
+    assert len(merged) <= 10 < len(each)
+
+
 async def test_least_requests_spreads_concurrent_turns_evenly() -> None:
     """Nine concurrent turns over three workers: three each with least_requests."""
     fakes = [FakeBackend(reply="x" * 20, token_delay_s=0.01) for _ in range(3)]

@@ -13,7 +13,7 @@ from smg_grpc_proto import vllm_engine_pb2_grpc as pb_grpc
 from smg_grpc_proto.generated import common_pb2
 
 from tokenwire.testing import FakeBackend, running_worker
-from tokenwire.worker.protocol import CACHE_SCOPE_KEY, SHARED_PREFIX_KEY
+from tokenwire.worker.protocol import CACHE_SCOPE_KEY, MESSAGE_INTERVAL_KEY, SHARED_PREFIX_KEY
 from tokenwire.worker.server import WorkerServer
 from tokenwire.worker.tokenizer_files import unpack_tokenizer
 
@@ -244,3 +244,37 @@ async def test_a_message_interval_merges_the_tokens_made_meanwhile() -> None:
     assert 40 == sum(sizes)
     assert 1 == sizes[0]
     assert len(sizes) <= 10
+
+
+async def test_a_caller_asks_for_its_own_message_interval() -> None:
+    """A gateway asks for fewer messages per call (tokenwire-message-interval-ms):
+    the worker's own default (every token at once) still holds for other callers."""
+    fake = FakeBackend(reply="x" * 40, token_delay_s=0.002)
+    async with running_worker(fake) as worker:
+        async for stub in stub_for(worker):
+            asked = [
+                len(r.chunk.token_ids)
+                async for r in stub.Generate(
+                    generate(), metadata=((MESSAGE_INTERVAL_KEY, "20"),)
+                )
+                if r.HasField("chunk")
+            ]
+            plain = [
+                len(r.chunk.token_ids)
+                async for r in stub.Generate(generate())
+                if r.HasField("chunk")
+            ]
+    assert 40 == sum(asked) == sum(plain)
+    assert 1 == asked[0]
+    assert len(asked) <= 10 < len(plain)
+
+
+@pytest.mark.parametrize("value", ["-1", "1001", "soon", "nan"])
+async def test_a_message_interval_out_of_range_is_invalid(value: str) -> None:
+    async with running_worker(FakeBackend(reply="Hello")) as worker:
+        async for stub in stub_for(worker):
+            call = stub.Generate(generate(), metadata=((MESSAGE_INTERVAL_KEY, value),))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(call)
+    assert grpc.StatusCode.INVALID_ARGUMENT == refused.value.code()
+    assert MESSAGE_INTERVAL_KEY in (refused.value.details() or "")

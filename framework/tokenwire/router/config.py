@@ -23,6 +23,7 @@ from tokenwire.config_fields import require_positive, setting
 from tokenwire.errors import ConfigError
 from tokenwire.router.fleet import POLICY_NAMES
 from tokenwire.worker.config import read_token
+from tokenwire.worker.protocol import MAX_MESSAGE_INTERVAL_MS
 
 __all__ = ["RouterConfig"]
 
@@ -70,6 +71,13 @@ class RouterConfig:
         "a worker counts as saturated when waiting requests reach this many per request it "
         "runs at once; with every worker saturated, turns are refused (RESOURCE_EXHAUSTED)",
     )
+    message_interval_ms: float = setting(
+        5.0,
+        "least milliseconds between two messages of one answer from a worker: tokens made "
+        "meanwhile ride in the next (the first is never held); an engine slower than this "
+        "is not affected, a faster one costs the gateway fewer messages (0: every token "
+        "as soon as it is ready)",
+    )
     tokenizer_cache_dir: str = setting(
         "~/.cache/tokenwire/tokenizers", "where the tokenizer files workers send are unpacked"
     )
@@ -86,6 +94,11 @@ class RouterConfig:
             raise ConfigError(
                 "router.retries must be >= 0, eject_after_failures >= 1, "
                 "affinity_conversations >= 0"
+            )
+        if not 0 <= self.message_interval_ms <= MAX_MESSAGE_INTERVAL_MS:
+            raise ConfigError(
+                f"router.message_interval_ms must be within 0..{MAX_MESSAGE_INTERVAL_MS:g}, "
+                f"got {self.message_interval_ms}"
             )
         if self.max_queue_per_slot < 0:
             raise ConfigError("router.max_queue_per_slot must be >= 0")

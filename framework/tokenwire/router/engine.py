@@ -210,6 +210,7 @@ class RoutedEngine:
             tokenizer_cache_dir=self.config.tokenizer_cache_dir,
             timeout_s=self.config.connect_timeout_s,
             fetch_tokenizer=probe,
+            message_interval_ms=self.config.message_interval_ms,
         )
 
     # -- background: load, health, discovery ---------------------------------

@@ -31,6 +31,7 @@ from tokenwire.errors import (
 )
 from tokenwire.worker.protocol import (
     CACHE_SCOPE_KEY,
+    MESSAGE_INTERVAL_KEY,
     SHARED_PREFIX_KEY,
     finish_reason_of,
     load_of,
@@ -55,10 +56,15 @@ class RemoteEngine:
         tokenizer_cache_dir: str = "~/.cache/tokenwire/tokenizers",
         timeout_s: float = 5.0,
         fetch_tokenizer: bool = True,
+        message_interval_ms: float = 0.0,
     ) -> None:
         self.target = target
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        # Generate asks for fewer, larger messages when the engine is faster than that.
+        self._generate_metadata = self._metadata + (
+            ((MESSAGE_INTERVAL_KEY, f"{message_interval_ms:g}"),) if message_interval_ms else ()
         )
         self._credentials = credentials
         self._cache_dir = tokenizer_cache_dir
@@ -161,7 +167,7 @@ class RemoteEngine:
         return bool(reply.healthy)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        metadata = self._metadata
+        metadata = self._generate_metadata
         if request.cache_scope or request.shared_prefix_tokens:
             metadata = (
                 *metadata,

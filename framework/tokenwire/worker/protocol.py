@@ -8,7 +8,8 @@ module holds what both sides share: the conversions between the plain types of
 
 What the protocol has no field for travels as call metadata, which other servers
 ignore: the prefix-cache scope of a request and how many of its prompt tokens
-every conversation shares (see :class:`tokenwire.backend.GenerateRequest`).
+every conversation shares (see :class:`tokenwire.backend.GenerateRequest`), and
+the least time between two messages of an answer that the caller wants.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from tokenwire.errors import InvalidArgumentError
 
 __all__ = [
     "CACHE_SCOPE_KEY",
+    "MESSAGE_INTERVAL_KEY",
     "SHARED_PREFIX_KEY",
     "complete_message",
     "finish_reason_of",
     "load_of",
+    "message_interval_of",
     "request_message",
     "request_of",
     "scheduler_load",
@@ -33,6 +36,10 @@ __all__ = [
 
 CACHE_SCOPE_KEY = "tokenwire-cache-scope"
 SHARED_PREFIX_KEY = "tokenwire-shared-prefix"
+# Least milliseconds between two messages of one answer, asked by the caller (a
+# gateway): tokens made meanwhile ride in the next message.
+MESSAGE_INTERVAL_KEY = "tokenwire-message-interval-ms"
+MAX_MESSAGE_INTERVAL_MS = 1000.0
 
 _WIRE_REASON = {
     FinishReason.STOP: "stop",
@@ -129,6 +136,25 @@ def request_of(
         cache_scope=scope if isinstance(scope, str) else scope.decode(),
         shared_prefix_tokens=shared_tokens,
     )
+
+
+def message_interval_of(metadata: Sequence[tuple[str, str | bytes]], default_s: float) -> float:
+    """The seconds between two messages a call asks for in its metadata, else
+    ``default_s``; InvalidArgumentError outside 0..1000 ms."""
+    for key, value in metadata:
+        if key == MESSAGE_INTERVAL_KEY:
+            text = value if isinstance(value, str) else value.decode()
+            try:
+                interval_ms = float(text)
+            except ValueError:
+                interval_ms = -1.0
+            if not 0 <= interval_ms <= MAX_MESSAGE_INTERVAL_MS:
+                raise InvalidArgumentError(
+                    f"{MESSAGE_INTERVAL_KEY} must be a number of milliseconds within "
+                    f"0..{MAX_MESSAGE_INTERVAL_MS:g}, got {text!r}"
+                )
+            return interval_ms / 1000
+    return default_s
 
 
 def complete_message(chunk: Chunk, output_ids: Sequence[int]) -> pb.GenerateResponse:

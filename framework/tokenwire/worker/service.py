@@ -27,7 +27,12 @@ from tokenwire.backend import Chunk, Engine, FinishReason
 from tokenwire.errors import TokenwireError, status_of
 from tokenwire.logs import get_logger
 from tokenwire.streams import Pending, poll_next, wait_set
-from tokenwire.worker.protocol import complete_message, request_of, scheduler_load
+from tokenwire.worker.protocol import (
+    complete_message,
+    message_interval_of,
+    request_of,
+    scheduler_load,
+)
 from tokenwire.worker.tokenizer_files import chunks_of
 
 __all__ = ["EngineServicer"]
@@ -84,13 +89,15 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is draining")
         caps = self._engine.capabilities
+        metadata = tuple(context.invocation_metadata() or ())
         try:
             job = request_of(
                 request,
                 context_length=caps.context_length,
                 eos_token_ids=self._eos,
-                metadata=tuple(context.invocation_metadata() or ()),
+                metadata=metadata,
             )
+            interval = message_interval_of(metadata, self._interval)
         except TokenwireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         if job.request_id in self._running:
@@ -108,10 +115,10 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         try:
             while True:
                 running.waiting = True
-                if sent_at and self._interval:
+                if sent_at and interval:
                     # Not sooner than the interval after the last message: what the
                     # engine makes meanwhile rides in the next one.
-                    wait = sent_at + self._interval - loop.time()
+                    wait = sent_at + interval - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 try:
