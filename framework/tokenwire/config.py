@@ -70,6 +70,15 @@ class ServerConfig:
         "set SO_REUSEPORT so several gateway processes can share one port (off: a second "
         "server started on a busy port by mistake fails instead of taking a share)",
     )
+    open_inference: bool = setting(
+        False,
+        "also serve the Open Inference Protocol (KServe v2, Triton's "
+        "inference.GRPCInferenceService) on this port, for Triton's clients and tools; "
+        "needs the extra: tokenwire[triton]",
+    )
+    inference_stream_requests: int = setting(
+        16, "most requests one ModelStreamInfer stream runs at once; more are refused in-stream"
+    )
     coalesce_chunks: int = setting(
         16,
         "most engine chunks already waiting that one Delta carries when a client reads "

@@ -184,6 +184,8 @@ class TokenwireServer:
             ModelServicer(models, self.config.backend.name), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if cfg.open_inference:
+            names.append(self._add_inference(server, runner, models))
         if cfg.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
@@ -201,8 +203,9 @@ class TokenwireServer:
             raise ConfigError(f"cannot listen on {cfg.listen!r}")
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for name in ("", *names):
+            if name not in (health.SERVICE_NAME, reflection.SERVICE_NAME, ADMIN_SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("serving", address=self.address, model=self.model.name)
         if auth is not None and not auth.config.enabled:
             _log.warning(
@@ -210,6 +213,26 @@ class TokenwireServer:
                 "all of them share one set of conversations; set auth.enabled = true",
                 address=self.address,
             )
+
+    def _add_inference(
+        self, server: grpc.aio.Server, runner: TurnRunner, models: dict[str, ChatModel]
+    ) -> str:
+        """Serve the Open Inference Protocol beside ChatService (tritonclient's stubs)."""
+        try:
+            from tokenwire.services.inference import InferenceServicer, add_inference_service
+        except ImportError as exc:
+            raise ConfigError(
+                f"server.open_inference needs tritonclient ({exc}); "
+                "install its extra: pip install 'tokenwire[triton]'"
+            ) from exc
+        chat = self._chat
+        servicer = InferenceServicer(
+            runner,
+            models,
+            serving=lambda: chat is not None and not chat.draining,
+            stream_requests=self.config.server.inference_stream_requests,
+        )
+        return add_inference_service(server, servicer)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and shut down; safe to call more than once (later calls wait)."""

@@ -65,6 +65,7 @@ __all__ = [
     "COMPLETE_METHOD",
     "CONVERSE_METHOD",
     "EXEMPT_SERVICES",
+    "TURN_STREAM_METHODS",
     "QuotaInterceptor",
     "QuotaLimits",
 ]
@@ -80,6 +81,12 @@ EXEMPT_SERVICES = frozenset(
 )
 CONVERSE_METHOD = "/{}/Converse".format(
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+)
+# Streams of many turns: each turn counts as a request (QuotaPolicy), the stream itself
+# does not. The Open Inference Protocol's stream is named here without importing its
+# stubs (tritonclient is an optional extra).
+TURN_STREAM_METHODS = frozenset(
+    {CONVERSE_METHOD, "/inference.GRPCInferenceService/ModelStreamInfer"}
 )
 # One call, one turn: with a QuotaPolicy attached, the turn takes its stream slot, its
 # request and its tokens in one store call (QuotaPolicy.before_turn), not three.
@@ -239,7 +246,7 @@ class QuotaInterceptor(Interceptor):
         limits = self.limits_for(current_principal())
         if limits.unlimited or (call.method == COMPLETE_METHOD and self.turns_admit_calls):
             return await proceed(request, context)
-        converse = call.method == CONVERSE_METHOD
+        converse = call.method in TURN_STREAM_METHODS
         held: _Held | None = None
         if limits.slots and (call.request_streaming or call.response_streaming):
             held = await self._acquire(limits)

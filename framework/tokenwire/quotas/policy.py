@@ -12,7 +12,7 @@ are the :class:`~tokenwire.quotas.interceptor.QuotaInterceptor`'s.
 
 from __future__ import annotations
 
-from tokenwire.quotas.interceptor import COMPLETE_METHOD, CONVERSE_METHOD, QuotaInterceptor
+from tokenwire.quotas.interceptor import COMPLETE_METHOD, TURN_STREAM_METHODS, QuotaInterceptor
 from tokenwire.quotas.store import Admission
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
@@ -36,8 +36,8 @@ class QuotaPolicy:
         await self.quotas.close()
 
     async def before_turn(self, turn: TurnInfo) -> None:
-        """Take the turn's slot and request (Complete), request (Converse) and most
-        tokens in one store call, or refuse it."""
+        """Take the turn's slot and request (Complete), request (a turn of Converse or
+        ModelStreamInfer) and most tokens in one store call, or refuse it."""
         if not self.quotas.config.enabled:
             return
         limits = self.quotas.limits_for(turn.principal)
@@ -48,7 +48,7 @@ class QuotaPolicy:
             limits,
             turn.prompt_tokens + turn.max_tokens,
             slots=whole_call,
-            requests=whole_call or turn.method == CONVERSE_METHOD,
+            requests=whole_call or turn.method in TURN_STREAM_METHODS,
         )
         if admission is not None and (admission.lease or admission.reservation):
             self._admitted[turn.turn_id] = admission
