@@ -7,8 +7,14 @@ to route every turn to one of them instead::
     [router]
     workers = "10.0.0.5:50061, 10.0.0.6:50061"          # a static list
     # workers = "dns:///tokenwire-workers.default.svc:50061"  # re-resolved (Kubernetes)
+    # workers = "10.0.0.5:50061, trtllm://10.0.0.6:50051, sglang+dns:///sgl.svc:30000"
     policy = "ttft"
     token_file = "/etc/tokenwire/worker-token"
+
+An entry's scheme names the protocol its workers speak (see
+:mod:`tokenwire.router.targets`): none or ``vllm://`` for VllmEngine
+(``tokenwire worker``, vLLM), ``trtllm://`` for ``trtllm-serve --grpc``,
+``sglang://`` for SGLang's gRPC mode; ``+dns`` re-resolves a name.
 
 List-valued settings are comma-separated strings, so they work unchanged as
 ``TOKENWIRE_ROUTER_*`` environment variables.
@@ -22,6 +28,7 @@ from tokenwire.auth.config import split_list
 from tokenwire.config_fields import require_positive, setting
 from tokenwire.errors import ConfigError
 from tokenwire.router.fleet import POLICY_NAMES
+from tokenwire.router.targets import parse_entry
 from tokenwire.worker.config import read_token
 from tokenwire.worker.protocol import MAX_MESSAGE_INTERVAL_MS
 
@@ -34,8 +41,11 @@ class RouterConfig:
 
     workers: str = setting(
         "",
-        "comma-separated HOST:PORT of workers, or dns:///NAME:PORT entries re-resolved "
-        "every dns_refresh_s; empty: the [backend] engine runs in-process",
+        "comma-separated workers: HOST:PORT, or dns:///NAME:PORT re-resolved every "
+        "dns_refresh_s; a scheme names the protocol they speak: none or vllm:// "
+        "(VllmEngine: tokenwire worker, vLLM), trtllm:// (trtllm-serve --grpc), sglang:// "
+        "(SGLang's gRPC mode), with +dns to resolve (trtllm+dns:///NAME:PORT); empty: the "
+        "[backend] engine runs in-process",
     )
     policy: str = setting(
         "ttft",
@@ -48,7 +58,9 @@ class RouterConfig:
     tls_cert_file: str = setting("", "PEM client certificate for mTLS to workers")
     tls_key_file: str = setting("", "PEM private key of tls_cert_file")
     poll_interval_s: float = setting(
-        0.05, "how often each worker's load is polled (GetLoads) and its health checked"
+        0.05,
+        "how often each worker's load is polled (GetLoads) and its health checked; "
+        "workers without a load call (TensorRT-LLM) get a health check each time",
     )
     dns_refresh_s: float = setting(5.0, "how often dns:/// workers are resolved again")
     connect_timeout_s: float = setting(
@@ -81,6 +93,23 @@ class RouterConfig:
     tokenizer_cache_dir: str = setting(
         "~/.cache/tokenwire/tokenizers", "where the tokenizer files workers send are unpacked"
     )
+    tokenizer: str = setting(
+        "",
+        "local directory with the model's tokenizer files (tokenizer.json, and the chat "
+        "template in tokenizer_config.json) used instead of the one workers send "
+        "(GetTokenizer); set it for workers that send none; empty: ask the workers",
+    )
+    context_length: int = setting(
+        0,
+        "the model's context in tokens, for workers that report none (trtllm-serve "
+        "started without max_seq_len); 0: what the workers report",
+    )
+    default_max_running: int = setting(
+        0,
+        "requests a worker runs at once when it does not say (TensorRT-LLM reports no "
+        "load): saturation and the ttft policy count on it; 0: unknown, and such a "
+        "worker never counts as saturated",
+    )
 
     def __post_init__(self) -> None:
         if self.policy not in POLICY_NAMES:
@@ -102,6 +131,10 @@ class RouterConfig:
             )
         if self.max_queue_per_slot < 0:
             raise ConfigError("router.max_queue_per_slot must be >= 0")
+        if self.context_length < 0 or self.default_max_running < 0:
+            raise ConfigError("router.context_length and default_max_running must be >= 0")
+        for entry in self.worker_list:
+            parse_entry(entry)  # an unknown scheme fails here, at start-up
 
     @property
     def worker_list(self) -> tuple[str, ...]:

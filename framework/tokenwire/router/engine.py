@@ -15,7 +15,10 @@ and handles failures:
   RESOURCE_EXHAUSTED and a retry delay before it starts.
 
 Workers come from a static list or ``dns:///name:port`` entries re-resolved
-every ``router.dns_refresh_s`` (a Kubernetes headless Service).
+every ``router.dns_refresh_s`` (a Kubernetes headless Service). Each entry's
+scheme names the engine protocol its workers speak (:mod:`tokenwire.router.targets`):
+VllmEngine (no scheme), TensorRT-LLM's TrtllmService (``trtllm://``) or SGLang's
+SglangScheduler (``sglang://``); the router treats them all alike.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from tokenwire.errors import (
     UnavailableError,
 )
 from tokenwire.logs import get_logger
+from tokenwire.router.client import EngineClient
 from tokenwire.router.config import RouterConfig
 from tokenwire.router.fleet import Fleet, Policy, TurnView, WorkerState
-from tokenwire.router.remote import RemoteEngine
+from tokenwire.router.remote import client_for
+from tokenwire.router.targets import parse_entry, worker_key
 from tokenwire.tls import channel_credentials
 
 __all__ = ["RoutedEngine", "resolve_workers"]
@@ -81,12 +86,14 @@ class RoutedEngine:
         deadline = time.monotonic() + self.config.connect_timeout_s
         last: Exception | None = None
         while True:
+            misconfigured = 0  # workers that answered but cannot serve as configured
             for worker in list(self.fleet.workers.values()):
                 probe = self._connect(worker.key, probe=True)
                 try:
                     await probe.start()
                 except TokenwireError as exc:
                     last = exc
+                    misconfigured += isinstance(exc, ConfigError)
                     continue
                 finally:
                     await probe.close()
@@ -99,6 +106,8 @@ class RoutedEngine:
                 break
             if self._capabilities.context_length or time.monotonic() > deadline:
                 break
+            if misconfigured and misconfigured == len(self.fleet.workers):
+                raise ConfigError(str(last))  # waiting would not change the answer
             await asyncio.sleep(0.2)
             await self._refresh()
         if not self._capabilities.context_length:
@@ -107,7 +116,7 @@ class RoutedEngine:
                 f"{self.config.connect_timeout_s} s: {last}"
             )
         self._tasks = [asyncio.create_task(self._poll_forever())]
-        if any(entry.startswith("dns:") for entry in self.config.worker_list):
+        if any(parse_entry(entry).dns for entry in self.config.worker_list):
             self._tasks.append(asyncio.create_task(self._resolve_forever()))
         _log.info("routing", workers=len(self.fleet.workers), policy=self.config.policy)
 
@@ -201,16 +210,21 @@ class RoutedEngine:
             cached_tokens=turn.prompt_tokens + tokens,
         )
 
-    def _connect(self, target: str, *, probe: bool = False) -> RemoteEngine:
-        """An engine client for ``target``; a probe also fetches model and tokenizer."""
-        return RemoteEngine(
-            target,
+    def _connect(self, key: str, *, probe: bool = False) -> EngineClient:
+        """An engine client for the worker ``key``, in its protocol; a probe also
+        fetches model and tokenizer."""
+        config = self.config
+        return client_for(
+            key,
             token=self._secret,
             credentials=self._credentials,
-            tokenizer_cache_dir=self.config.tokenizer_cache_dir,
-            timeout_s=self.config.connect_timeout_s,
+            tokenizer_cache_dir=config.tokenizer_cache_dir,
+            timeout_s=config.connect_timeout_s,
             fetch_tokenizer=probe,
-            message_interval_ms=self.config.message_interval_ms,
+            message_interval_ms=config.message_interval_ms,
+            tokenizer_path=config.tokenizer,
+            context_length=config.context_length,
+            default_max_running=config.default_max_running,
         )
 
     # -- background: load, health, discovery ---------------------------------
@@ -247,7 +261,7 @@ class RoutedEngine:
         if was_down:
             _log.info("worker back in rotation", worker=worker.key)
 
-    async def _check_model(self, worker: WorkerState, engine: RemoteEngine) -> None:
+    async def _check_model(self, worker: WorkerState, engine: EngineClient) -> None:
         """Keep a worker that serves another model than the router's out of rotation:
         its tokens would mean other words under this gateway's tokenizer."""
         served = await engine.model()
@@ -283,22 +297,24 @@ def _at_capacity() -> ResourceExhaustedError:
     )
 
 
-def _engine(worker: WorkerState) -> RemoteEngine:
+def _engine(worker: WorkerState) -> EngineClient:
     engine = worker.handle
-    assert isinstance(engine, RemoteEngine)
+    assert isinstance(engine, EngineClient)
     return engine
 
 
 async def resolve_workers(entries: tuple[str, ...]) -> list[str]:
-    """``host:port`` entries as given; ``dns:///name:port`` resolved to every address."""
+    """The fleet's keys for ``router.workers`` entries (see :func:`worker_key`):
+    ``host:port`` entries as given, ``dns:///name:port`` (any protocol's, e.g.
+    ``trtllm+dns:///name:port``) resolved to every address."""
     found: list[str] = []
     loop = asyncio.get_running_loop()
     for entry in entries:
-        if not entry.startswith("dns:"):
-            found.append(entry)
+        parsed = parse_entry(entry)
+        if not parsed.dns:
+            found.append(worker_key(parsed.protocol, parsed.address))
             continue
-        name = entry.removeprefix("dns:").lstrip("/")
-        host, sep, port = name.rpartition(":")
+        host, sep, port = parsed.address.rpartition(":")
         if not sep or not port.isdigit():
             raise ConfigError(f"router.workers entry {entry!r} needs a port: dns:///NAME:PORT")
         try:
@@ -309,6 +325,7 @@ async def resolve_workers(entries: tuple[str, ...]) -> list[str]:
         for family, _, _, _, address in infos:
             ip = address[0]
             target = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-            if target not in found:
-                found.append(target)
+            key = worker_key(parsed.protocol, target)
+            if key not in found:
+                found.append(key)
     return found
