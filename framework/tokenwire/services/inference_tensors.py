@@ -49,6 +49,7 @@ __all__ = [
     "bytes_tensor",
     "decode_tensor",
     "int32_tensor",
+    "scalar_tensor",
     "turn_of",
 ]
 
@@ -243,4 +244,9 @@ def bytes_tensor(values: Sequence[str]) -> tuple[str, list[int], bytes]:
 
 def int32_tensor(value: int) -> tuple[str, list[int], bytes]:
     """An INT32 output of one value with batch dimension 1."""
-    return "INT32", [1, 1], struct.pack("<i", value)
+    return scalar_tensor("INT32", value)
+
+
+def scalar_tensor(datatype: str, value: float | bool) -> tuple[str, list[int], bytes]:
+    """A tensor of one value (BOOL, INT32, UINT64, FP32, ...) with batch dimension 1."""
+    return datatype, [1, 1], struct.pack(f"<{_FORMATS[datatype]}", value)
