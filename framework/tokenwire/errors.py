@@ -184,4 +184,6 @@ def status_of(exc: BaseException) -> tuple[Code, str, str]:
     """
     if isinstance(exc, TokenwireError) and not isinstance(exc, InternalError):
         return exc.code, exc.message, exc.error_type
+    if isinstance(exc, NotImplementedError):  # a generated servicer's method left out
+        return Code.UNIMPLEMENTED, "this method is not implemented by this server", "unimplemented"
     return Code.INTERNAL, _INTERNAL_MESSAGE, "internal"

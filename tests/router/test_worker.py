@@ -254,9 +254,7 @@ async def test_a_caller_asks_for_its_own_message_interval() -> None:
         async for stub in stub_for(worker):
             asked = [
                 len(r.chunk.token_ids)
-                async for r in stub.Generate(
-                    generate(), metadata=((MESSAGE_INTERVAL_KEY, "20"),)
-                )
+                async for r in stub.Generate(generate(), metadata=((MESSAGE_INTERVAL_KEY, "20"),))
                 if r.HasField("chunk")
             ]
             plain = [
