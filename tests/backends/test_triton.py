@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -138,3 +139,38 @@ def test_renamed_tensors_are_used() -> None:
     """name.<tensor> renames one tensor and leaves the others."""
     options = TritonOptions.parse({"url": "h:1", "name.text_output": "OUTPUT_0"})
     assert ("OUTPUT_0", "text_input") == (options.name("text_output"), options.name("text_input"))
+
+
+REAL_TRITON = os.environ.get("TOKENWIRE_TRITON_URL", "")
+
+
+@pytest.fixture(scope="module")
+async def real_triton() -> AsyncIterator[TritonBackend]:
+    """A real Triton server with TensorRT-LLM, named by TOKENWIRE_TRITON_URL (and _MODEL)."""
+    if not REAL_TRITON:
+        pytest.skip(
+            "no real Triton: set TOKENWIRE_TRITON_URL=HOST:PORT (and TOKENWIRE_TRITON_MODEL)"
+        )
+    model = os.environ.get("TOKENWIRE_TRITON_MODEL", "ensemble")
+    output = "cumulative" if model == "tensorrt_llm_bls" else "delta"
+    backend = TritonBackend(
+        TritonOptions.parse({"url": REAL_TRITON, "model": model, "output": output})
+    )
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+@pytest.mark.gpu
+class TestRealTritonConformance(TextBackendConformance):
+    """On a GPU box: the same contract against Triton serving TensorRT-LLM."""
+
+    @pytest.fixture
+    def messages(self) -> list[ChatMessage]:
+        return [ChatMessage("user", "Count from one to one hundred in words, comma-separated.")]
+
+    @pytest.fixture
+    def backend(self, real_triton: TritonBackend) -> TritonBackend:
+        return real_triton
