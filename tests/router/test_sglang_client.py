@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import grpc
 import pytest
+from smg_grpc_proto import sglang_scheduler_pb2 as pb
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
-from tokenwire.backend import Engine
+from tokenwire.backend import Engine, FinishReason, GenerateRequest
+from tokenwire.errors import UnavailableError
+from tokenwire.proto.v1 import chat_pb2
 from tokenwire.router.config import RouterConfig
 from tokenwire.router.engine import RoutedEngine
+from tokenwire.router.sglang import SglangClient, request_message
 from tokenwire.testing.conformance import EngineConformance
 from tokenwire.testing.fake import FakeBackend
-from tokenwire.testing.standins.server import running_standin
+from tokenwire.testing.server import RunningServer, config_for_tests, running_server
+from tokenwire.testing.standins.server import RunningStandin, running_standin
 
 
 @pytest.fixture
@@ -34,3 +44,190 @@ class TestSglangConformance(EngineConformance):
     def engine(self, routed: Engine) -> Engine:
         """The router, speaking SglangScheduler to its worker."""
         return routed
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    *fakes: FakeBackend, standin: dict[str, Any] | None = None, **router: Any
+) -> AsyncIterator[tuple[RunningServer, RoutedEngine, list[RunningStandin]]]:
+    """A gateway routing over one sglang stand-in per fake engine."""
+    async with contextlib.AsyncExitStack() as stack:
+        standins = [
+            await stack.enter_async_context(running_standin("sglang", f, **(standin or {})))
+            for f in fakes
+        ]
+        workers = ",".join(s.target for s in standins)
+        config = RouterConfig(workers=workers, poll_interval_s=0.02, **router)
+        engine = RoutedEngine(config)
+        running = await stack.enter_async_context(
+            running_server(engine, config_for_tests(router=config))
+        )
+        yield running, engine, standins
+
+
+async def failing_turn(running: RunningServer) -> tuple[grpc.StatusCode, str]:
+    """A turn that fails: its status and the text that came before."""
+    received: list[chat_pb2.CompleteResponse] = []
+
+    async def consume() -> None:
+        async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="go")):
+            received.append(event)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await consume()
+    return raised.value.code(), text_of(received)
+
+
+async def turn(running: RunningServer, message: str = "hi") -> list[chat_pb2.CompleteResponse]:
+    return [e async for e in running.chat.Complete(chat_pb2.CompleteRequest(message=message))]
+
+
+def text_of(events: Sequence[chat_pb2.CompleteResponse]) -> str:
+    return "".join(e.delta.text for e in events if e.HasField("delta"))
+
+
+async def until(check: object, limit_s: float = 2.0) -> None:
+    """Wait until ``check()`` is true (the router polls every 20 ms)."""
+    for _ in range(int(limit_s / 0.01)):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_a_gateway_streams_turns_from_an_sglang_worker() -> None:
+    """A turn streams from SGLang's protocol, every sampling field sent explicitly."""
+    async with gateway(FakeBackend(reply="Hello from SGLang")) as (running, _, [sgl]):
+        events = await turn(running)
+    sent = sgl.servicer.requests[0]
+    params = sent.sampling_params
+    assert "Hello from SGLang" == text_of(events)
+    assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
+    assert (True, 1.0, -1, 1.0, 1) == (
+        sent.stream,
+        params.top_p,
+        params.top_k,
+        params.repetition_penalty,
+        params.n,
+    )
+
+
+async def test_the_stop_token_sglang_sends_is_not_passed_on() -> None:
+    """SGLang sends the matched stop token last and repeats the last chunk's ids in its
+    GenerateComplete; the client passes on neither, and counts what it passed on."""
+    request = GenerateRequest("r-1", [1, 2], max_tokens=50, stop_token_ids=frozenset({ord("l")}))
+    async with running_standin("sglang", FakeBackend(reply="Hello")) as sgl:
+        async with grpc.aio.insecure_channel(sgl.address) as channel:
+            wire = [
+                m
+                async for m in pb_grpc.SglangSchedulerStub(channel).Generate(
+                    request_message(request)
+                )
+            ]
+        client = SglangClient(sgl.address)
+        chunks = [chunk async for chunk in client.generate(request)]
+        await client.close()
+    *_, last, complete = wire
+    assert list(b"Hel") == [t for m in wire[:-1] for t in m.chunk.token_ids]
+    assert (list(last.chunk.token_ids), ord("l")) == (
+        list(complete.complete.output_ids),
+        complete.complete.matched_token_id,
+    )
+    assert b"He" == bytes(t for c in chunks for t in c.token_ids)
+    assert (FinishReason.STOP, 2) == (chunks[-1].finish_reason, chunks[-1].completion_tokens)
+
+
+async def test_load_from_get_loads_reaches_the_fleet_view() -> None:
+    """Another gateway's request on an SGLang worker shows in the router's fleet through
+    GetLoads: running, KV use and the worker's slots."""
+    fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01, max_running=4)
+    async with gateway(fake) as (_, engine, [sgl]):
+        state = engine.fleet.workers[sgl.target]
+        elsewhere = fake.generate(GenerateRequest("other", [1, 2, 3], max_tokens=500))
+        await anext(elsewhere)
+        await until(lambda: state.load.running == 1)
+        seen = (state.load.running, state.others, state.max_running)
+        kv = engine.load().kv_cache_usage
+        await elsewhere.aclose()  # type: ignore[attr-defined]
+        await until(lambda: state.load.running == 0)
+        after = (state.load.running, state.others)
+    assert ((1, 1, 4), 0.25) == (seen, kv)
+    assert (0, 0) == after
+
+
+async def test_a_saturated_sglang_fleet_refuses_turns_before_they_start() -> None:
+    """With the slots GetLoads reports taken, a turn is RESOURCE_EXHAUSTED."""
+    fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01, max_running=1)
+    async with gateway(fake, max_queue_per_slot=0.0) as (running, _, _):
+        call = running.chat.Complete(chat_pb2.CompleteRequest(message="one"))
+        stream = aiter(call)
+        await anext(stream)
+        await anext(stream)
+        code, text = await failing_turn(running)
+        call.cancel()
+    assert (grpc.StatusCode.RESOURCE_EXHAUSTED, "") == (code, text)
+    assert 1 == len(fake.requests)
+
+
+async def test_health_comes_from_the_standard_health_service() -> None:
+    """SGLang's HealthCheck RPC takes a second or more; the router asks grpc.health.v1
+    instead, and a worker shutting down leaves rotation at once."""
+    slow = {"health_check_delay_s": 30.0}
+    async with gateway(FakeBackend(reply="ok"), standin=slow) as (running, engine, [sgl]):
+        answered = text_of(await turn(running))
+        sgl.servicer.shutting_down = True
+        await until(lambda: not engine.fleet.usable())
+        left = not engine.fleet.usable()
+    assert ("ok", True) == (answered, left)
+
+
+async def test_a_cancelled_turn_aborts_on_the_sglang_worker() -> None:
+    """A client leaving mid-answer cancels the call and sends Abort by request id;
+    the engine's work stops."""
+    fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01)
+    async with gateway(fake) as (running, _, [sgl]):
+        call = running.chat.Complete(chat_pb2.CompleteRequest(message="go"))
+        stream = aiter(call)
+        await anext(stream)
+        await anext(stream)
+        call.cancel()
+        request_id = sgl.servicer.requests[0].request_id
+        await until(lambda: request_id in sgl.servicer.abort_calls and not fake.running)
+    assert [request_id] == sgl.servicer.abort_calls
+    assert [request_id] == sgl.runner.cancelled
+    assert (0, True) == (fake.running, fake.requests[0].closed)
+
+
+async def test_abort_by_request_id_ends_the_stream_with_an_error() -> None:
+    """SGLang ends an aborted request's stream with an error status: mid-answer, the
+    client reports UNAVAILABLE."""
+    fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01)
+    async with running_standin("sglang", fake) as sgl:
+        client = SglangClient(sgl.address)
+        stream = client.generate(GenerateRequest("r-1", [1, 2, 3], max_tokens=500))
+        await anext(stream)
+        async with grpc.aio.insecure_channel(sgl.address) as channel:
+            reply = await pb_grpc.SglangSchedulerStub(channel).Abort(
+                pb.AbortRequest(request_id="r-1")
+            )
+            with pytest.raises(UnavailableError, match="middle of an answer"):
+                async for _ in stream:
+                    pass
+        await client.close()
+    assert (True, ["r-1"]) == (reply.success, sgl.runner.aborted)
+
+
+async def test_a_full_sglang_queue_is_retried_elsewhere() -> None:
+    """A full scheduler queue (UNAVAILABLE from SGLang) before the first token costs the
+    client nothing: another worker answers."""
+    full, good = FakeBackend(reply="never", max_running=0), FakeBackend(reply="answered")
+    async with gateway(full, good, policy="round_robin") as (running, _, [bad, _]):
+        texts = [text_of(await turn(running)) for _ in range(4)]
+    assert ["answered"] * 4 == texts
+    assert bad.servicer.requests
+
+
+async def test_an_sglang_failure_mid_answer_is_unavailable() -> None:
+    """An engine failing after the first token ends the turn UNAVAILABLE, text kept."""
+    async with gateway(FakeBackend(reply="abcdefgh", fail_after=3)) as (running, _, _):
+        failed = await failing_turn(running)
+    assert (grpc.StatusCode.UNAVAILABLE, "abc") == failed

@@ -93,7 +93,8 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
         self._started = time.time()
         self._last_receive = 0.0
         self.shutting_down = False  # set: health NOT_SERVING, HealthCheck unhealthy
-        self.requests: list[pb.GenerateRequest] = []
+        self.requests: list[pb.GenerateRequest] = []  # every Generate, as received
+        self.abort_calls: list[str] = []  # every Abort's request id, as received
 
     def _job(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, frozenset[int]]:
         if not request.HasField("tokenized"):
@@ -173,6 +174,7 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
     async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
+        self.abort_calls.append(request.request_id)
         # The servicer reports success once the abort reached the scheduler, found or not.
         self.runner.abort(request.request_id)
         return pb.AbortResponse(success=True, message=f"Request {request.request_id} aborted")

@@ -61,7 +61,8 @@ class TrtllmStandin(pb_grpc.TrtllmServiceServicer):  # type: ignore[misc]
         self._eos = eos_token_ids
         self._serve_tokenizer = serve_tokenizer
         self.unhealthy = ""  # set: HealthCheck reports it (the executor's fatal error)
-        self.requests: list[pb.GenerateRequest] = []
+        self.requests: list[pb.GenerateRequest] = []  # every Generate, as received
+        self.abort_calls: list[str] = []  # every Abort's request id, as received
 
     def _job(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, frozenset[int]]:
         prompt = tuple(request.tokenized.input_token_ids)
@@ -136,6 +137,7 @@ class TrtllmStandin(pb_grpc.TrtllmServiceServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
     async def Abort(self, request: pb.AbortRequest, context: Context) -> pb.AbortResponse:
+        self.abort_calls.append(request.request_id)
         success = self.runner.abort(request.request_id)
         state = "aborted" if success else "not found"
         return pb.AbortResponse(success=success, message=f"Request {request.request_id} {state}")
