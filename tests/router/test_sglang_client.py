@@ -180,6 +180,17 @@ async def test_health_comes_from_the_standard_health_service() -> None:
     assert ("ok", True) == (answered, left)
 
 
+async def test_without_the_health_service_the_healthcheck_rpc_decides() -> None:
+    """A server without grpc.health.v1 is asked with SGLang's own HealthCheck RPC."""
+    options = {"health_service": False, "health_check_delay_s": 0.0}
+    async with gateway(FakeBackend(reply="ok"), standin=options) as (running, engine, [sgl]):
+        answered = text_of(await turn(running))
+        sgl.servicer.shutting_down = True
+        await until(lambda: not engine.fleet.usable())
+        left = not engine.fleet.usable()
+    assert ("ok", True) == (answered, left)
+
+
 async def test_a_cancelled_turn_aborts_on_the_sglang_worker() -> None:
     """A client leaving mid-answer cancels the call and sends Abort by request id;
     the engine's work stops."""

@@ -56,7 +56,14 @@ from tokenwire.errors import (
 from tokenwire.worker.protocol import CACHE_SCOPE_KEY, MESSAGE_INTERVAL_KEY, SHARED_PREFIX_KEY
 from tokenwire.worker.tokenizer_files import unpack_tokenizer
 
-__all__ = ["Ending", "EngineClient", "ModelInfo", "error_of", "load_of_ranks"]
+__all__ = [
+    "Ending",
+    "EngineClient",
+    "ModelInfo",
+    "SchedulerLoadLike",
+    "error_of",
+    "load_of_ranks",
+]
 
 _RETRY_AFTER_S = 1.0
 _NO_TOKENIZER = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)

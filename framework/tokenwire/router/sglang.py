@@ -82,10 +82,7 @@ class SglangClient(EngineClient):
     """A worker speaking SglangScheduler, as an engine."""
 
     protocol = "sglang"
-
-    def __init__(self, target: str, **options: Any) -> None:
-        super().__init__(target, **options)
-        self._standard_health = True  # False: the server has no grpc.health.v1
+    _standard_health = True  # False once the server turned out to have no grpc.health.v1
 
     def _new_stub(self, channel: grpc.aio.Channel) -> Any:
         self._health_stub = health_pb2_grpc.HealthStub(channel)

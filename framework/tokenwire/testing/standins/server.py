@@ -58,11 +58,14 @@ async def running_standin(
 ) -> AsyncIterator[RunningStandin]:
     """Start ``engine`` and a stand-in server for ``protocol`` ("trtllm" or "sglang")
     around it on a free port; stop both (grace 0) on exit. ``options`` go to the
-    servicer, e.g. ``serve_tokenizer=False`` or ``health_check_delay_s=0``; the
-    model's EOS ids come from the engine's tokenizer unless ``eos_token_ids`` says."""
+    servicer, e.g. ``serve_tokenizer=False`` or ``health_check_delay_s=0``, except
+    ``health_service=False``: an SGLang stand-in without ``grpc.health.v1`` (as older
+    releases). The model's EOS ids come from the engine's tokenizer unless
+    ``eos_token_ids`` says."""
     if protocol not in STANDIN_PROTOCOLS:
         known = ", ".join(p for p in PROTOCOLS if p in STANDIN_PROTOCOLS)
         raise ValueError(f"no stand-in speaks {protocol!r}; known: {known}")
+    health_service = bool(options.pop("health_service", True))
     await engine.start()
     try:
         if "eos_token_ids" not in options and engine.capabilities.tokenizer is not None:
@@ -76,7 +79,9 @@ async def running_standin(
         else:
             servicer = SglangStandin(engine, **options)
             sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
-            health_pb2_grpc.add_HealthServicer_to_server(SglangHealthStandin(servicer), server)
+            if health_service:
+                health = SglangHealthStandin(servicer)
+                health_pb2_grpc.add_HealthServicer_to_server(health, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
