@@ -27,7 +27,6 @@ __all__ = [
     "SHARED_PREFIX_KEY",
     "complete_message",
     "finish_reason_of",
-    "load_of",
     "message_interval_of",
     "request_message",
     "request_of",
@@ -181,19 +180,6 @@ def scheduler_load(report: LoadReport, max_running: int) -> pb.SchedulerLoad:
         max_running_requests=max_running,
         num_waiting_uncached_tokens=report.queued_tokens,
     )
-
-
-def load_of(loads: Sequence[pb.SchedulerLoad]) -> tuple[LoadReport, int]:
-    """A worker's load over its data-parallel ranks, and the requests it can run at
-    once (0: it did not say)."""
-    report = LoadReport(
-        running=sum(x.num_running_reqs for x in loads),
-        queued=sum(x.num_waiting_reqs for x in loads),
-        queued_tokens=sum(x.num_waiting_uncached_tokens for x in loads),
-        kv_cache_usage=max((x.token_usage for x in loads), default=0.0),
-        tokens_per_second=sum(x.gen_throughput for x in loads),
-    )
-    return report, sum(x.max_running_requests for x in loads)
 
 
 def _int32(seed: int) -> int:
