@@ -370,3 +370,99 @@ async def test_the_real_model_streams_through_tritonclient(torch_engine: Engine)
         running_after = torch_engine.load().running
     assert "Paris" in answer
     assert 0 == running_after
+
+
+async def test_infer_refuses_stream_true() -> None:
+    """ModelInfer sends one response: asking it to stream is INVALID_ARGUMENT, not lost text."""
+    async with served(FakeBackend()) as (_, client):
+        with pytest.raises(InferenceServerException) as refused:
+            await client.infer("fake", inputs(aioclient, "Hi", stream=True))
+    assert "StatusCode.INVALID_ARGUMENT" == refused.value.status()
+    assert "ModelStreamInfer" in refused.value.message()
+
+
+async def test_the_ensembles_other_inputs_are_taken_at_their_neutral_values() -> None:
+    """A client written for TensorRT-LLM's ensemble (random_seed, beam_width 1, penalties
+    off, counts asked for) is answered; an input this server cannot honour is refused."""
+    async with served(FakeBackend(reply="Fine.")) as (_, client):
+        ensemble = [
+            *inputs(aioclient, "Hi"),
+            tensor(aioclient, "beam_width", "INT32", 1),
+            tensor(aioclient, "repetition_penalty", "FP32", 1.0),
+            tensor(aioclient, "return_num_output_tokens", "BOOL", True),
+            tensor(aioclient, "bad_words", "BYTES", []),
+        ]
+        seed = aioclient.InferInput("random_seed", [1, 1], "UINT64")
+        seed.set_data_from_numpy(np.array([[7]], dtype=np.uint64))
+        answered = await client.infer("fake", [*ensemble, seed])
+        with pytest.raises(InferenceServerException) as refused:
+            await client.infer(
+                "fake", [*inputs(aioclient, "Hi"), tensor(aioclient, "beam_width", "INT32", 4)]
+            )
+    assert "Fine." == text_of(answered)
+    assert "StatusCode.INVALID_ARGUMENT" == refused.value.status()
+    assert "beam_width" in refused.value.message()
+
+
+async def test_drain_ends_an_idle_open_stream() -> None:
+    """On shutdown a stream the client keeps open ends once its requests are answered."""
+    hold = asyncio.Event()
+
+    async def one_then_wait() -> AsyncIterator[dict[str, Any]]:
+        yield {"model_name": "fake", "inputs": inputs(aioclient, "Hi")}
+        await hold.wait()
+
+    running_cm = served(FakeBackend(reply="Bye."))
+    running, client = await running_cm.__aenter__()
+    try:
+        call = client.stream_infer(one_then_wait())
+        first, error = await anext(call)
+        assert error is None
+        stopping = asyncio.ensure_future(running.server.stop(grace=30))
+        rest = await asyncio.wait_for(_drain_rest(call), 10)
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        hold.set()
+        await running_cm.__aexit__(None, None, None)
+    assert "Bye." == text_of(first)
+    assert [] == rest
+
+
+async def _drain_rest(call: Any) -> list[Any]:
+    return [item async for item in call]
+
+
+async def test_concurrent_generations_take_a_stream_slot_each() -> None:
+    """With one concurrent stream allowed, a second ModelInfer or a second request on one
+    ModelStreamInfer is refused while the first generates."""
+    base = config_for_tests()
+    config = inference_config(
+        auth=dataclasses.replace(base.auth, enabled=True, api_keys=True, bootstrap_admin_key=False),
+        quotas=QuotaConfig(plans={"one": PlanLimits(concurrent_streams=1)}, default_plan="one"),
+    )
+    fake = FakeBackend(reply="slow ", endless=True, token_delay_s=0.01)
+    async with served(fake, config) as (running, client):
+        auth = running.server.pipeline.auth
+        assert auth is not None
+        issued = await auth.key_store.create_key(make_principal("acme", "bob"))
+        headers = {"authorization": f"Bearer {issued.secret}"}
+        first = asyncio.ensure_future(
+            client.infer("fake", inputs(aioclient, "Hi", max_tokens=30), headers=headers)
+        )
+        for _ in range(500):
+            if fake.running:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(InferenceServerException) as second:
+            await client.infer("fake", inputs(aioclient, "Hi", max_tokens=2), headers=headers)
+        await first
+        call = client.stream_infer(
+            requests(
+                *({"model_name": "fake", "inputs": inputs(aioclient, "Hi", max_tokens=30)},) * 2
+            ),
+            headers=headers,
+        )
+        errors = [str(e) async for _, e in call if e is not None]
+    assert "StatusCode.RESOURCE_EXHAUSTED" == second.value.status()
+    assert 1 == len(errors)
+    assert errors[0].startswith("RESOURCE_EXHAUSTED")

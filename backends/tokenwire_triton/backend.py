@@ -46,6 +46,7 @@ from tokenwire.backend import (
 )
 from tokenwire.errors import (
     ConfigError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     TokenwireError,
@@ -98,7 +99,7 @@ class TritonBackend:
                 "install its extra: pip install 'tokenwire[triton]'"
             ) from exc
         self._pb, self._result = service_pb2, InferResult
-        self._render = self._renderer()
+        self._render = await asyncio.to_thread(self._renderer)  # a tokenizer loads from disk
         o = self.options
         ca = await asyncio.to_thread(_read, o.tls_ca_file) if o.tls_ca_file else None
         self._client = aioclient.InferenceServerClient(
@@ -121,7 +122,8 @@ class TritonBackend:
         except Exception as exc:
             await self.close()
             raise ConfigError(
-                f"the Triton server at {self.options.url} did not answer ({exc})"
+                f"the Triton server at {self.options.url} could not say whether model "
+                f"{self.options.model!r} is ready ({exc}); check backend.options url and token"
             ) from exc
         if not ready:
             await self.close()
@@ -235,7 +237,10 @@ class TritonBackend:
                 result = self._result(message.infer_response)
                 text = _first_text(result, text_name)
                 if cumulative and text is not None:
-                    text, so_far = text[len(so_far) :], text
+                    # The whole text so far; a server that rewrote its start (a
+                    # detokenizer settling a character) gets what it says now, whole.
+                    new = text[len(so_far) :] if text.startswith(so_far) else text
+                    text, so_far = new, text
                 tokens = _first_int(result, "num_output_tokens")
                 if text:
                     count = tokens if tokens is not None else 1
@@ -260,8 +265,7 @@ class TritonBackend:
                 )
             yield TextChunk("", 0, reason, prompt_tokens, completion)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            raise _error_of(f"{code.name}: {exc.details()}", self.options.url) from None
+            raise _call_error(exc, self.options.url) from None
         finally:
             self._running -= 1
             if not done:  # the consumer left or the stream failed: stop Triton's work
@@ -295,11 +299,16 @@ class TritonBackend:
             return
         finished = success - last[1]
         if finished <= 0:
-            self._queued_estimate = 0
+            # Nothing finished: an idle server, or one busy with long answers, whose
+            # queue is then at least what it was.
+            if not self._running:
+                self._queued_estimate = 0
             return
         rate = finished / (now - last[0])
         wait_s = (queue_ns - last[2]) / finished / 1e9
-        self._queued_estimate = max(0, round(rate * wait_s))
+        # Triton's queue holds this gateway's waiting requests too, which load() already
+        # counts as running: only the rest is queued.
+        self._queued_estimate = max(0, round(rate * wait_s) - self._running)
 
 
 _NP = {"BYTES": object, "INT32": "int32", "BOOL": bool, "FP32": "float32", "UINT64": "uint64"}
@@ -335,7 +344,8 @@ def _first_text(result: Any, name: str) -> str | None:
     if array is None or array.size == 0:
         return None
     value = array.reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else str(value)
+    # A model may cut a character between two responses: never fail the answer for it.
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _first_int(result: Any, name: str) -> int | None:
@@ -345,13 +355,45 @@ def _first_int(result: Any, name: str) -> int | None:
     return int(array.reshape(-1)[0])
 
 
+_INPUT_ERRORS = ("unexpected inference input", "invalid argument", "exceeds", "must be")
+
+
 def _error_of(message: str, url: str) -> TokenwireError:
-    """An in-stream error of Triton (or of a Tokenwire inference frontend) as ours."""
-    head = message.split(":", 1)[0].strip().upper()
-    if "RESOURCE_EXHAUSTED" in head:
+    """An in-stream error of Triton (or of a Tokenwire inference frontend) as ours.
+
+    A Tokenwire frontend prefixes its status code's name; Triton's own messages
+    carry none, so the words of its input checks mark a refused request."""
+    head, _, _ = message.partition(":")
+    code = head.strip().upper()
+    if code == "RESOURCE_EXHAUSTED":
         return ResourceExhaustedError(
             "the Triton server is at capacity; retry shortly", retry_after_s=1.0
         )
-    if "INVALID_ARGUMENT" in head:
+    if code == "INVALID_ARGUMENT" or any(w in message.lower() for w in _INPUT_ERRORS):
         return InvalidArgumentError(f"the Triton server refused the request: {message}")
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"):
+        return FailedPreconditionError(
+            f"the Triton server at {url} refused this gateway ({code}): check backend.options"
+        )
     return UnavailableError(f"the Triton server at {url} failed the request; retry")
+
+
+def _call_error(exc: grpc.aio.AioRpcError, url: str) -> TokenwireError:
+    """The stream's status as ours: its code, not its words, says what it was."""
+    code = exc.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhaustedError(
+            "the Triton server is at capacity; retry shortly", retry_after_s=1.0
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return InvalidArgumentError(f"the Triton server refused the request: {exc.details()}")
+    if code in (
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ):
+        return FailedPreconditionError(
+            f"the Triton server at {url} refused this gateway ({code.name}): check backend.options"
+        )
+    return UnavailableError(f"the Triton server at {url} failed ({code.name}); retry")

@@ -23,7 +23,8 @@ option                      default      meaning
 ``tls_ca_file``             (none)       PEM CA of the server's certificate; set: TLS
 ``stats_interval_s``        ``1.0``      how often Triton's statistics are read for load
 ``timeout_s``               ``10.0``     limit on each control call (ready, statistics)
-``name.<tensor>``           the tensor   another name for one of the tensors
+``name.<tensor>``           the tensor   another name for one of the tensors (e.g.
+                                         ``name.seed=random_seed`` for older ensembles)
                                          ``text_input``, ``text_output``, ``max_tokens``,
                                          ``stream``, ``temperature``, ``top_p``, ``top_k``,
                                          ``seed``, ``stop_words``, ``end_id``, ``pad_id``

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +48,9 @@ from tokenwire.stores.conversations import ConversationStore
 from tokenwire.tls import server_credentials
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.turns.runner import TurnRunner
+
+if TYPE_CHECKING:  # tritonclient is an optional extra: imported only when served
+    from tokenwire.services.inference import InferenceServicer
 
 __all__ = ["SERVICE_NAMES", "TokenwireServer"]
 
@@ -97,6 +101,7 @@ class TokenwireServer:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
+        self._inference: InferenceServicer | None = None  # server.open_inference
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -225,14 +230,10 @@ class TokenwireServer:
                 f"server.open_inference needs tritonclient ({exc}); "
                 "install its extra: pip install 'tokenwire[triton]'"
             ) from exc
-        chat = self._chat
-        servicer = InferenceServicer(
-            runner,
-            models,
-            serving=lambda: chat is not None and not chat.draining,
-            stream_requests=self.config.server.inference_stream_requests,
+        self._inference = InferenceServicer(
+            runner, models, stream_requests=self.config.server.inference_stream_requests
         )
-        return add_inference_service(server, servicer)
+        return add_inference_service(server, self._inference)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and shut down; safe to call more than once (later calls wait)."""
@@ -246,6 +247,8 @@ class TokenwireServer:
         await self._health.enter_graceful_shutdown()
         if self._chat is not None:
             self._chat.drain()
+        if self._inference is not None:
+            self._inference.drain()
         # Watchers follow forever: end their streams now, not at the end of the grace period.
         await self._live.close()
         if self._server is not None:

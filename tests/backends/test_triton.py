@@ -11,7 +11,7 @@ from tokenwire_triton import TritonBackend, TritonOptions
 
 from tokenwire.backend import BackendConfig, ChatMessage, TextRequest, create_backend
 from tokenwire.config import Config
-from tokenwire.errors import ConfigError, ResourceExhaustedError
+from tokenwire.errors import ConfigError, InvalidArgumentError, ResourceExhaustedError
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 from tokenwire.testing.text_conformance import TextBackendConformance, collect_text
@@ -174,3 +174,30 @@ class TestRealTritonConformance(TextBackendConformance):
     @pytest.fixture
     def backend(self, real_triton: TritonBackend) -> TritonBackend:
         return real_triton
+
+
+async def test_a_request_the_server_refuses_is_invalid_argument(inner: RunningServer) -> None:
+    """A message over the server's limit comes back as INVALID_ARGUMENT, not as an outage."""
+    backend = TritonBackend(
+        TritonOptions.parse({"url": inner.address, "model": "fake", "prompt": "last_message"})
+    )
+    await backend.start()
+    try:
+        huge = TextRequest("r", [ChatMessage("user", "x" * 40_000)], max_tokens=4)
+        with pytest.raises(InvalidArgumentError, match="refused the request"):
+            await collect_text(backend, huge)
+    finally:
+        await backend.close()
+
+
+async def test_a_server_that_wants_credentials_fails_at_start() -> None:
+    """Without backend.options token, a server with authentication on fails start-up clearly."""
+    base = config_for_tests()
+    config = dataclasses.replace(
+        inference_config(),
+        auth=dataclasses.replace(base.auth, enabled=True, api_keys=True, bootstrap_admin_key=False),
+    )
+    async with running_server(FakeBackend(), config) as guarded:
+        backend = TritonBackend(TritonOptions.parse({"url": guarded.address, "model": "fake"}))
+        with pytest.raises(ConfigError, match=r"check backend\.options url and token"):
+            await backend.start()

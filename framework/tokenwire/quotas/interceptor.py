@@ -62,9 +62,13 @@ from tokenwire.quotas.store import (
 from tokenwire.streams import closing
 
 __all__ = [
+    "CALL_TURN_METHODS",
     "COMPLETE_METHOD",
     "CONVERSE_METHOD",
     "EXEMPT_SERVICES",
+    "INFER_METHOD",
+    "INFER_STREAM_METHOD",
+    "SLOT_PER_TURN_METHODS",
     "TURN_STREAM_METHODS",
     "QuotaInterceptor",
     "QuotaLimits",
@@ -82,17 +86,22 @@ EXEMPT_SERVICES = frozenset(
 CONVERSE_METHOD = "/{}/Converse".format(
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 )
-# Streams of many turns: each turn counts as a request (QuotaPolicy), the stream itself
-# does not. The Open Inference Protocol's stream is named here without importing its
-# stubs (tritonclient is an optional extra).
-TURN_STREAM_METHODS = frozenset(
-    {CONVERSE_METHOD, "/inference.GRPCInferenceService/ModelStreamInfer"}
-)
 # One call, one turn: with a QuotaPolicy attached, the turn takes its stream slot, its
 # request and its tokens in one store call (QuotaPolicy.before_turn), not three.
 COMPLETE_METHOD = "/{}/Complete".format(
     chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 )
+# The Open Inference Protocol's calls, named without importing their stubs
+# (tritonclient is an optional extra).
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+INFER_STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+CALL_TURN_METHODS = frozenset({COMPLETE_METHOD, INFER_METHOD})
+# Streams of many turns: each turn counts as a request (QuotaPolicy), the stream itself
+# does not.
+TURN_STREAM_METHODS = frozenset({CONVERSE_METHOD, INFER_STREAM_METHOD})
+# Streams whose turns run side by side: each turn takes a stream slot of its own (a
+# Converse session, one turn at a time, holds one slot for the call).
+SLOT_PER_TURN_METHODS = frozenset({INFER_STREAM_METHOD})
 _REQUESTS, _TOKENS, _STREAMS = "requests_per_minute", "tokens_per_minute", "concurrent_streams"
 _CACHE_LIMIT = 10_000  # principals whose keys are kept precomputed
 _STORE_RETRY_S = 1.0
@@ -244,7 +253,10 @@ class QuotaInterceptor(Interceptor):
         if not self.config.enabled or call.service in self._exempt:
             return await proceed(request, context)
         limits = self.limits_for(current_principal())
-        if limits.unlimited or (call.method == COMPLETE_METHOD and self.turns_admit_calls):
+        if limits.unlimited or (
+            self.turns_admit_calls
+            and (call.method in CALL_TURN_METHODS or call.method in SLOT_PER_TURN_METHODS)
+        ):
             return await proceed(request, context)
         converse = call.method in TURN_STREAM_METHODS
         held: _Held | None = None

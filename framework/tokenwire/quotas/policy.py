@@ -12,7 +12,12 @@ are the :class:`~tokenwire.quotas.interceptor.QuotaInterceptor`'s.
 
 from __future__ import annotations
 
-from tokenwire.quotas.interceptor import COMPLETE_METHOD, TURN_STREAM_METHODS, QuotaInterceptor
+from tokenwire.quotas.interceptor import (
+    CALL_TURN_METHODS,
+    SLOT_PER_TURN_METHODS,
+    TURN_STREAM_METHODS,
+    QuotaInterceptor,
+)
 from tokenwire.quotas.store import Admission
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
@@ -24,7 +29,7 @@ class QuotaPolicy:
 
     def __init__(self, quotas: QuotaInterceptor) -> None:
         self.quotas = quotas
-        quotas.turns_admit_calls = True  # Complete's slot and request are taken here
+        quotas.turns_admit_calls = True  # Complete's and ModelInfer's slot and request: here
         self._admitted: dict[str, Admission] = {}
 
     async def start(self) -> None:
@@ -36,18 +41,19 @@ class QuotaPolicy:
         await self.quotas.close()
 
     async def before_turn(self, turn: TurnInfo) -> None:
-        """Take the turn's slot and request (Complete), request (a turn of Converse or
-        ModelStreamInfer) and most tokens in one store call, or refuse it."""
+        """Take the turn's slot and request (Complete, ModelInfer; a turn of
+        ModelStreamInfer), request (a Converse turn) and most tokens in one store call,
+        or refuse it."""
         if not self.quotas.config.enabled:
             return
         limits = self.quotas.limits_for(turn.principal)
         if limits.unlimited:
             return
-        whole_call = turn.method == COMPLETE_METHOD
+        whole_call = turn.method in CALL_TURN_METHODS
         admission = await self.quotas.admit(
             limits,
             turn.prompt_tokens + turn.max_tokens,
-            slots=whole_call,
+            slots=whole_call or turn.method in SLOT_PER_TURN_METHODS,
             requests=whole_call or turn.method in TURN_STREAM_METHODS,
         )
         if admission is not None and (admission.lease or admission.reservation):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ class _InferEvents:
         tensors: list[tuple[str, tuple[str, list[int], bytes]]] = []
         if "text_output" in wanted:
             tensors.append(("text_output", bytes_tensor([text])))
-        if "num_input_tokens" in wanted:
+        if "num_input_tokens" in wanted and finished is not None:  # known at the end
             tensors.append(("num_input_tokens", int32_tensor(self._prompt)))
         if "num_output_tokens" in wanted:
             tensors.append(("num_output_tokens", int32_tensor(tokens)))
@@ -174,13 +174,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         runner: TurnRunner,
         models: Mapping[str, ChatModel],
         *,
-        serving: Callable[[], bool],
         stream_requests: int = 16,
     ) -> None:
         self._runner = runner
         self._models = dict(models)
         self._default = next(iter(self._models))
-        self._serving = serving
+        self._draining = False
+        self._streams: set[_Stream] = set()
         self._stream_requests = max(1, stream_requests)
         self._stats = {name: _Stats() for name in self._models}
 
@@ -190,14 +190,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
-        return pb.ServerReadyResponse(ready=self._serving())
+        return pb.ServerReadyResponse(ready=not self._draining)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         return pb.ServerMetadataResponse(name="tokenwire", version=__version__, extensions=[])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         known = request.name in self._models and request.version in ("", _VERSION)
-        return pb.ModelReadyResponse(ready=known and self._serving())
+        return pb.ModelReadyResponse(ready=known and not self._draining)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
         name = self._model_name(request.name, request.version)
@@ -253,11 +253,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     # -- inference ----------------------------------------------------------
 
+    def drain(self) -> None:
+        """Refuse new requests; end each stream once its running requests finish."""
+        self._draining = True
+        for stream in list(self._streams):
+            stream.end_when_idle()
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         infer = self._admit(request)
+        if infer.stream:
+            raise InvalidArgumentError(
+                "ModelInfer sends one response: stream=true needs ModelStreamInfer"
+            )
         last: pb.ModelInferResponse | None = None
-        async for response in self._turn(request, infer):
-            last = response
+        async with contextlib.aclosing(self._turn(request, infer)) as responses:
+            async for response in responses:
+                last = response
         return last
 
     async def ModelStreamInfer(
@@ -265,68 +276,70 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         request_iterator: AsyncIterator[pb.ModelInferRequest | UndecodableRequest],
         context: Context,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        outbox: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(
-            maxsize=4 * self._stream_requests
-        )
-        running: set[asyncio.Task[None]] = set()
-        reader = asyncio.ensure_future(self._read(request_iterator, outbox, running))
+        stream = _Stream(self._stream_requests)
+        self._streams.add(stream)
+        if self._draining:
+            stream.end_when_idle()
+        reader = asyncio.ensure_future(self._read(request_iterator, stream))
         try:
             while True:
-                message = await outbox.get()
+                message = await stream.outbox.get()
                 if message is None:
                     return
                 yield message
         finally:
+            self._streams.discard(stream)
+            stream.close()
             reader.cancel()
-            for task in list(running):
+            for task in list(stream.running):
                 task.cancel()
-            # Cancelled turns store what they sent before the stream's status goes out.
+            # Each cancelled turn closes its answer in its own task (aclosing below), so
+            # what was sent is stored before the stream's status goes out.
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(reader, *running, return_exceptions=True)
+                await asyncio.gather(reader, *stream.running, return_exceptions=True)
 
     async def _read(
         self,
         requests: AsyncIterator[pb.ModelInferRequest | UndecodableRequest],
-        outbox: asyncio.Queue[pb.ModelStreamInferResponse | None],
-        running: set[asyncio.Task[None]],
+        stream: _Stream,
     ) -> None:
-        async for request in requests:
-            if isinstance(request, UndecodableRequest):
-                await outbox.put(_stream_error(InvalidArgumentError(request.message), ""))
-                continue
-            if len(running) >= self._stream_requests:
-                refused = ResourceExhaustedError(
-                    f"this stream already runs {self._stream_requests} requests "
-                    "(server.inference_stream_requests); wait for one to finish",
-                    retry_after_s=1.0,
-                )
-                await outbox.put(_stream_error(refused, request.id))
-                continue
-            task = asyncio.ensure_future(self._stream_one(request, outbox))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        while running:  # the client closed its side: the answers still come
-            await asyncio.gather(*list(running), return_exceptions=True)
-        await outbox.put(None)
+        try:
+            async for request in requests:
+                if isinstance(request, UndecodableRequest):
+                    await stream.put(_stream_error(InvalidArgumentError(request.message), ""))
+                    continue
+                if len(stream.running) >= self._stream_requests:
+                    refused = ResourceExhaustedError(
+                        f"this stream already runs {self._stream_requests} requests "
+                        "(server.inference_stream_requests); wait for one to finish",
+                        retry_after_s=1.0,
+                    )
+                    await stream.put(_stream_error(refused, request.id, request.model_name))
+                    continue
+                stream.start(self._stream_one(request, stream))
+            stream.end_when_idle()  # the client closed its side: the answers still come
+        except Exception:  # the request stream broke: end the call, cancelling its turns
+            _log.warning("reading an inference stream failed", exc_info=True)
+            stream.end_now()
 
-    async def _stream_one(
-        self,
-        request: pb.ModelInferRequest,
-        outbox: asyncio.Queue[pb.ModelStreamInferResponse | None],
-    ) -> None:
+    async def _stream_one(self, request: pb.ModelInferRequest, stream: _Stream) -> None:
         try:
             infer = self._admit(request)
             flag = request.parameters.get(_EMPTY_FINAL)
             empty_final = infer.stream and flag is not None and flag.bool_param
-            async for response in self._turn(request, infer, empty_final=empty_final):
-                await outbox.put(pb.ModelStreamInferResponse(infer_response=response))
+            turn = self._turn(request, infer, empty_final=empty_final)
+            # Closed in this task however it ends (a cancel included): the turn stores
+            # its answer and gives back its capacity before this task is done.
+            async with contextlib.aclosing(turn) as responses:
+                async for response in responses:
+                    await stream.put(pb.ModelStreamInferResponse(infer_response=response))
             if empty_final:
-                await outbox.put(pb.ModelStreamInferResponse(infer_response=self._final(request)))
+                await stream.put(pb.ModelStreamInferResponse(infer_response=self._final(request)))
         except Exception as exc:
-            await outbox.put(_stream_error(exc, request.id))
+            await stream.put(_stream_error(exc, request.id, request.model_name))
 
     def _admit(self, request: pb.ModelInferRequest) -> InferTurn:
-        if not self._serving():
+        if self._draining:
             raise UnavailableError("the server is shutting down; retry on another")
         infer = turn_of(request)
         if request.model_version not in ("", _VERSION):
@@ -335,15 +348,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
 
     async def _turn(
         self, request: pb.ModelInferRequest, infer: InferTurn, *, empty_final: bool = False
-    ) -> AsyncIterator[pb.ModelInferResponse]:
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         events = _InferEvents(request.model_name, request.id, infer, empty_final=empty_final)
         stats = self._stats.get(request.model_name or self._default)
         started = time.monotonic_ns()
         ok = False
         try:
-            async for response in self._runner.run(infer.turn, current_call(), events):
-                if response is not None:
-                    yield response
+            turn = self._runner.run(infer.turn, current_call(), events)
+            async with contextlib.aclosing(turn) as responses:
+                async for response in responses:
+                    if response is not None:
+                        yield response
             ok = True
         finally:
             if stats is not None:
@@ -357,14 +372,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return response
 
 
-def _stream_error(exc: BaseException, request_id: str) -> pb.ModelStreamInferResponse:
+class _Stream:
+    """One ModelStreamInfer call: its outbox and the requests it runs."""
+
+    def __init__(self, limit: int) -> None:
+        # Bounded: a client that stops reading holds its turns at their next message.
+        self.outbox: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(
+            maxsize=4 * limit
+        )
+        self.running: set[asyncio.Task[None]] = set()
+        self._ending = False
+        self._end: asyncio.Future[None] | None = None
+
+    async def put(self, message: pb.ModelStreamInferResponse) -> None:
+        await self.outbox.put(message)
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.running.add(task)
+        task.add_done_callback(self._done)
+
+    def end_when_idle(self) -> None:
+        """End the call once no request runs (now, if none does)."""
+        self._ending = True
+        if not self.running:
+            self.end_now()
+
+    def end_now(self) -> None:
+        if self._end is None:
+            # A task, not put_nowait: the outbox may be full of answers still to send.
+            self._end = asyncio.ensure_future(self.outbox.put(None))
+
+    def close(self) -> None:
+        """The call is over: nothing more goes into the outbox."""
+        if self._end is not None:
+            self._end.cancel()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        if self._ending and not self.running:
+            self.end_now()
+
+
+def _stream_error(
+    exc: BaseException, request_id: str, model: str = ""
+) -> pb.ModelStreamInferResponse:
     """A failed request, reported in the stream (which stays open) as Triton does."""
     code, message, _ = status_of(exc)
     if code is Code.INTERNAL:  # the client sees only the request id to quote
         _log.exception("inference request failed", request_id=request_id, exc_info=exc)
     return pb.ModelStreamInferResponse(
         error_message=f"{code.name}: {message}",
-        infer_response=pb.ModelInferResponse(id=request_id),
+        infer_response=pb.ModelInferResponse(id=request_id, model_name=model),
     )
 
 

@@ -12,16 +12,23 @@ input                  type     meaning here
 ``temperature``        FP32     0: greedy
 ``top_p`` ``top_k``    FP32     nucleus and top-k sampling
                        INT32
-``seed``               UINT64   fixed sampling
+``seed``               UINT64   fixed sampling (``random_seed`` in older releases)
 ``stop_words``         BYTES    stop strings (any number of elements)
 ``stream``             BOOL     send the answer as deltas (default: one response)
 ``end_id`` ``pad_id``  INT32    accepted and ignored: the engine knows its own
 =====================  =======  ==================================================
 
+The ensemble's other inputs are accepted at their neutral values (``beam_width``
+1, ``repetition_penalty`` 1.0, ``presence_penalty`` 0, ``return_log_probs`` false,
+an empty ``bad_words``, ...) and refused otherwise, as this server cannot honour
+them; ``return_num_input_tokens`` / ``return_num_output_tokens`` and
+``exclude_input_in_output`` are accepted (counts are always returned, the input
+never is).
+
 Outputs: ``text_output`` (BYTES, the new text: a delta when streaming, the whole
-answer otherwise), ``num_input_tokens`` and ``num_output_tokens`` (INT32, the
-prompt's tokens and the tokens this response's text covers), and in the last
-response ``finish_reason`` (BYTES: stop, length, cancelled, content_filter) and
+answer otherwise) and ``num_output_tokens`` (INT32, the tokens that text covers)
+in every response; in the last one also ``num_input_tokens`` (the prompt's
+tokens), ``finish_reason`` (BYTES: stop, length, cancelled, content_filter) and
 ``conversation_id`` (BYTES; pass it back as the request parameter
 ``conversation_id`` to continue the conversation).
 
@@ -61,6 +68,7 @@ INPUTS: dict[str, tuple[str, tuple[int, ...], bool]] = {
     "top_p": ("FP32", (1,), True),
     "top_k": ("INT32", (1,), True),
     "seed": ("UINT64", (1,), True),
+    "random_seed": ("UINT64", (1,), True),
     "stop_words": ("BYTES", (-1,), True),
     "stream": ("BOOL", (1,), True),
     "end_id": ("INT32", (1,), True),
@@ -74,6 +82,24 @@ OUTPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "conversation_id": ("BYTES", (1,)),
 }
 _IGNORED = frozenset({"end_id", "pad_id"})
+# The ensemble's other inputs: (datatype, the values that change nothing; None: any).
+_NEUTRAL: dict[str, tuple[str, frozenset[Any] | None]] = {
+    "beam_width": ("INT32", frozenset({1})),
+    "num_return_sequences": ("INT32", frozenset({1})),
+    "min_tokens": ("INT32", frozenset({0})),
+    "repetition_penalty": ("FP32", frozenset({1.0})),
+    "length_penalty": ("FP32", frozenset({1.0})),
+    "presence_penalty": ("FP32", frozenset({0.0})),
+    "frequency_penalty": ("FP32", frozenset({0.0})),
+    "return_log_probs": ("BOOL", frozenset({False})),
+    "return_context_logits": ("BOOL", frozenset({False})),
+    "return_generation_logits": ("BOOL", frozenset({False})),
+    "return_perf_metrics": ("BOOL", frozenset({False})),
+    "return_num_input_tokens": ("BOOL", None),
+    "return_num_output_tokens": ("BOOL", None),
+    "exclude_input_in_output": ("BOOL", None),
+    "bad_words": ("BYTES", frozenset()),  # no element is neutral: only an empty list
+}
 _MAX_STOP_WORDS = 16
 _FORMATS = {
     "BOOL": "?",
@@ -116,9 +142,9 @@ class InferTurn:
 def decode_tensor(tensor: Any, raw: bytes | None) -> list[Any]:
     """The elements of one input tensor (from ``raw`` when the request sent raw contents)."""
     datatype = tensor.datatype
-    count = math.prod(tensor.shape) if tensor.shape else 1
-    if count < 0:
+    if any(d < 0 for d in tensor.shape):
         raise InvalidArgumentError(f"input {tensor.name!r} has a negative shape")
+    count = math.prod(tensor.shape) if tensor.shape else 1
     if raw is None:
         field = _CONTENTS.get(datatype)
         if field is None:
@@ -170,6 +196,10 @@ def turn_of(request: Any) -> InferTurn:
         )
     values: dict[str, list[Any]] = {}
     for index, tensor in enumerate(request.inputs):
+        neutral = _NEUTRAL.get(tensor.name)
+        if neutral is not None:
+            _check_neutral(tensor, raw[index] if raw else None, *neutral)
+            continue
         spec = INPUTS.get(tensor.name)
         if spec is None:
             known = ", ".join(INPUTS)
@@ -190,7 +220,10 @@ def turn_of(request: Any) -> InferTurn:
         raise InvalidArgumentError(f"at most {_MAX_STOP_WORDS} stop_words")
     for name in _IGNORED & values.keys():
         _one(values, name)  # still one value each
-    seed = _one(values, "seed") if "seed" in values else None
+    if "seed" in values and "random_seed" in values:
+        raise InvalidArgumentError("give seed or random_seed, not both")
+    seed_name = "random_seed" if "random_seed" in values else "seed"
+    seed = _one(values, seed_name) if seed_name in values else None
     params = TurnParams(
         temperature=float(_one(values, "temperature")) if "temperature" in values else 0.0,
         top_p=float(_one(values, "top_p")) if "top_p" in values else 1.0,
@@ -217,6 +250,23 @@ def turn_of(request: Any) -> InferTurn:
         stream=bool(_one(values, "stream")) if "stream" in values else False,
         outputs=outputs or frozenset(OUTPUTS),
     )
+
+
+def _check_neutral(
+    tensor: Any, raw: bytes | None, datatype: str, allowed: frozenset[Any] | None
+) -> None:
+    if tensor.datatype != datatype:
+        raise InvalidArgumentError(
+            f"input {tensor.name!r} must be {datatype}, not {tensor.datatype}"
+        )
+    values = decode_tensor(tensor, raw)
+    if allowed is None:
+        return
+    if any(v not in allowed for v in values):
+        neutral = ", ".join(repr(v) for v in sorted(allowed)) or "empty"
+        raise InvalidArgumentError(
+            f"input {tensor.name!r} is not supported here beyond its neutral value ({neutral})"
+        )
 
 
 def _one(values: dict[str, list[Any]], name: str) -> Any:
