@@ -13,9 +13,11 @@ class holds everything else once:
 * leaving: closing the answer's iterator cancels the call and sends Abort by
   request id, so the worker stops within a step;
 * errors with their meaning kept: RESOURCE_EXHAUSTED stays RESOURCE_EXHAUSTED,
-  a refused request is INVALID_ARGUMENT, and anything else (unreachable, INTERNAL,
-  a worker dying mid-answer) is UNAVAILABLE, so the router tries another worker
-  when nothing reached the client yet;
+  and so does a protocol's own way of saying it is at capacity (SGLang's full
+  queue, sent as UNAVAILABLE), so the router tries another worker without
+  counting a failure; a refused request is INVALID_ARGUMENT, and anything else
+  (unreachable, INTERNAL, a worker dying mid-answer) is UNAVAILABLE, so the router
+  tries another worker when nothing reached the client yet;
 * the tokenizer, fetched with GetTokenizer (a zip in chunks, the same message in
   every protocol) or read from ``router.tokenizer``;
 * load: the protocol's own load call when it has one; a server without one
@@ -196,6 +198,11 @@ class EngineClient:
     async def _send_abort(self, request_id: str) -> None:
         raise NotImplementedError
 
+    def _at_capacity(self, exc: grpc.aio.AioRpcError) -> bool:
+        """True when ``exc``, before the first token, refuses the request for capacity
+        with a status other than RESOURCE_EXHAUSTED (a protocol that has its own way)."""
+        return False
+
     # -- the engine ------------------------------------------------------------
 
     @property
@@ -274,11 +281,12 @@ class EngineClient:
         """The model the worker serves (its model info); gRPC errors propagate."""
         return (await self._info()).model
 
-    async def poll(self) -> LoadReport:
-        """Read the worker's load now; gRPC errors propagate. A server without a load
-        call (UNIMPLEMENTED, or none in its protocol) is asked for its health
-        instead, and its load is what the router itself sent it (``reports_loads``
-        turns False)."""
+    async def poll(self, *, check_health: bool = False) -> LoadReport:
+        """Read the worker's load now, and its health (``draining``) too when
+        ``check_health``; gRPC errors propagate. A server without a load call
+        (UNIMPLEMENTED, or none in its protocol) is asked for its health instead, and
+        its load is what the router itself sent it (``reports_loads`` turns False).
+        Either way one poll makes one health call at most."""
         if self.reports_loads:
             try:
                 self._load, max_running = await self._loads()
@@ -288,6 +296,8 @@ class EngineClient:
                 self.reports_loads = False
             else:
                 self.max_running = max_running or self.max_running
+                if check_health:
+                    await self.healthy()
                 return self._load
         await self.healthy()
         return self._load
@@ -338,6 +348,8 @@ class EngineClient:
                 return
         except grpc.aio.AioRpcError as exc:
             done = True
+            if sent == 0 and self._at_capacity(exc):
+                raise _at_capacity() from None
             raise error_of(exc, self.target, mid_answer=sent > 0) from None
         finally:
             if not done:  # the consumer left: stop the worker's work within a step
@@ -361,10 +373,14 @@ def error_of(exc: grpc.aio.AioRpcError, target: str, *, mid_answer: bool = False
     """A worker's status as the gateway's error (safe to show: no worker internals)."""
     code = exc.code()
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhaustedError(
-            "the model's workers are at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
-        )
+        return _at_capacity()
     if code == grpc.StatusCode.INVALID_ARGUMENT and not mid_answer:
         return InvalidArgumentError(f"the worker refused the request: {exc.details()}")
     where = "in the middle of an answer" if mid_answer else "before answering"
     return UnavailableError(f"a model worker failed {where} ({code.name}); retry")
+
+
+def _at_capacity() -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        "the model's workers are at capacity; retry shortly", retry_after_s=_RETRY_AFTER_S
+    )

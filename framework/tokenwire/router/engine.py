@@ -7,12 +7,18 @@ and handles failures:
 
 * a worker that fails before the first token (unreachable, draining, at capacity)
   is left for another, up to ``router.retries`` times, without the client noticing;
+  one at capacity (RESOURCE_EXHAUSTED, or SGLang's full queue) is busy, not
+  failing, and does not count towards its ejection;
 * a failure after the first token ends the answer with UNAVAILABLE (the turn runner
   stores the partial answer as incomplete);
 * failures in a row eject a worker for ``router.eject_s``; health checks bring it
   back, as they bring back a restarted one;
 * with every worker saturated, :meth:`check_admission` refuses the turn with
   RESOURCE_EXHAUSTED and a retry delay before it starts.
+
+Each worker is polled by a task of its own, one health call per round at most,
+so a slow answer (SGLang's HealthCheck RPC takes a second or more on servers
+without ``grpc.health.v1``) holds up that worker's next poll and no other's.
 
 Workers come from a static list or ``dns:///name:port`` entries re-resolved
 every ``router.dns_refresh_s`` (a Kubernetes headless Service). Each entry's
@@ -48,7 +54,7 @@ __all__ = ["RoutedEngine", "resolve_workers"]
 
 _log = get_logger("tokenwire.router")
 _RETRY_AFTER_S = 0.5
-_HEALTH_EVERY = 4  # polls between HealthCheck calls (draining shows there first)
+_HEALTH_EVERY = 4  # polls between health checks where a load call answers the rest
 _MAX_BATCH = 1 << 20  # admission is the router's own (check_admission), not a fixed count
 
 
@@ -73,6 +79,8 @@ class RoutedEngine:
         )
         self._capabilities = Capabilities(model="", context_length=0)
         self._tasks: list[asyncio.Task[None]] = []
+        self._pollers: dict[str, asyncio.Task[None]] = {}  # worker key -> its poll loop
+        self._polling = False  # started: workers added from now on get a poller at once
         self._closed = False
 
     @property
@@ -115,16 +123,20 @@ class RoutedEngine:
                 f"no worker of router.workers={self.config.workers!r} answered within "
                 f"{self.config.connect_timeout_s} s: {last}"
             )
-        self._tasks = [asyncio.create_task(self._poll_forever())]
+        self._polling = True
+        for worker in self.fleet.workers.values():
+            self._start_polling(worker)
         if any(parse_entry(entry).dns for entry in self.config.worker_list):
             self._tasks.append(asyncio.create_task(self._resolve_forever()))
         _log.info("routing", workers=len(self.fleet.workers), policy=self.config.policy)
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._pollers.values()]
+        self._pollers.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for worker in list(self.fleet.workers.values()):
@@ -174,7 +186,8 @@ class RoutedEngine:
                     chunk = await stream.__anext__()
                 except (UnavailableError, ResourceExhaustedError) as exc:
                     last = exc  # nothing reached the client: another worker may answer
-                    fleet.failed(worker)
+                    if isinstance(exc, UnavailableError):
+                        fleet.failed(worker)  # a busy worker is not a failing one
                     continue
                 got_first = True
                 fleet.first_token(worker, turn, time.monotonic() - started)
@@ -229,13 +242,24 @@ class RoutedEngine:
 
     # -- background: load, health, discovery ---------------------------------
 
-    async def _poll_forever(self) -> None:
+    def _start_polling(self, worker: WorkerState) -> None:
+        if worker.key not in self._pollers:
+            task = asyncio.create_task(self._poll_forever(worker))
+            self._pollers[worker.key] = task
+
+    async def _stop_polling(self, key: str) -> None:
+        task = self._pollers.pop(key, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _poll_forever(self, worker: WorkerState) -> None:
+        """Poll one worker every ``poll_interval_s`` after its last poll ended."""
         interval = self.config.poll_interval_s
         rounds = 0
         while not self._closed:
-            workers = list(self.fleet.workers.values())
-            check_health = rounds % _HEALTH_EVERY == 0
-            await asyncio.gather(*(self._poll(w, check_health) for w in workers))
+            await self._poll(worker, rounds % _HEALTH_EVERY == 0)
             rounds += 1
             await asyncio.sleep(interval)
 
@@ -247,15 +271,13 @@ class RoutedEngine:
         try:
             if not engine.model_checked:
                 await self._check_model(worker, engine)
-            if check_health or not worker.healthy:
-                healthy = await engine.healthy()
-                worker.draining = not healthy
-            report = await engine.poll()
+            report = await engine.poll(check_health=check_health or not worker.healthy)
         except Exception as exc:  # unreachable or refusing: count it
             self.fleet.failed(worker)
             if worker.failures == self.config.eject_after_failures:
                 _log.warning("worker ejected", worker=worker.key, error=str(exc))
             return
+        worker.draining = engine.draining  # as of its last health check
         was_down = not worker.healthy
         self.fleet.report(worker, report, engine.max_running)
         if was_down:
@@ -284,8 +306,11 @@ class RoutedEngine:
         wanted = await resolve_workers(self.config.worker_list)
         for key in wanted:
             if key not in self.fleet.workers:
-                self.fleet.add(key, self._connect(key))
+                worker = self.fleet.add(key, self._connect(key))
+                if self._polling:
+                    self._start_polling(worker)
         for key in [k for k in self.fleet.workers if k not in wanted]:
+            await self._stop_polling(key)
             gone = self.fleet.remove(key)
             if gone is not None:
                 await _engine(gone).close()

@@ -25,8 +25,14 @@ sgl-project/sglang, ``python/sglang/srt/managers/scheduler.py``):
   second, so it takes a second or more; the standard ``grpc.health.v1`` service
   the server also runs answers at once (NOT_SERVING while shutting down), so
   health checks use that, and HealthCheck only on servers without it.
-* Errors: a refused request is INVALID_ARGUMENT; a full queue is HTTP 503 in the
-  scheduler, UNAVAILABLE here; engine failures are INTERNAL.
+* Errors: a refused request is INVALID_ARGUMENT; engine failures are INTERNAL. A
+  full queue (``--max-queued-requests``) is HTTP 503 in the scheduler
+  (``_abort_on_queued_limit``: "The request queue is full.", or with priority
+  scheduling "The request is aborted by a higher priority request." for a waiting
+  one it pushed out), which the servicer sends as UNAVAILABLE with that message
+  (``abort_code_from_output``). UNAVAILABLE is also what an unreachable server
+  gives, so this client tells them apart by the message: a full queue is
+  RESOURCE_EXHAUSTED here (a busy worker, not a failing one).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from tokenwire.router.client import Ending, EngineClient, ModelInfo, load_of_ran
 __all__ = ["SCHEDULER_SERVICE_NAME", "SglangClient", "request_message"]
 
 SCHEDULER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
+# The scheduler's messages for requests it refuses because its waiting queue is full.
+_QUEUE_FULL = ("request queue is full", "aborted by a higher priority request")
 _REASON = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
@@ -139,6 +147,12 @@ class SglangClient(EngineClient):
             int(end.prompt_tokens),
             int(end.completion_tokens),
         )
+
+    def _at_capacity(self, exc: grpc.aio.AioRpcError) -> bool:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        details = (exc.details() or "").lower()
+        return any(message in details for message in _QUEUE_FULL)
 
     async def _send_abort(self, request_id: str) -> None:
         await self.stub.Abort(

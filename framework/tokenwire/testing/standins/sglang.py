@@ -19,9 +19,12 @@ client can be tested without a GPU:
 * Abort (one request id) answers success and ends that request's stream with
   INTERNAL "Request aborted" (the scheduler's abort, through
   ``abort_code_from_output``); a cancelled call stops the engine's work too.
-* Errors: a bad request INVALID_ARGUMENT; the engine refusing for capacity is
-  the scheduler's full queue, HTTP 503, so UNAVAILABLE; other failures INTERNAL.
-* GetLoads reports one data-parallel rank from the engine's ``load()``.
+* Errors: a bad request INVALID_ARGUMENT; the engine refusing for capacity, or
+  every request while ``queue_full`` is set, is the scheduler's full queue
+  (``_abort_on_queued_limit``: HTTP 503, so UNAVAILABLE "The request queue is
+  full."); other failures INTERNAL.
+* GetLoads reports one data-parallel rank from the engine's ``load()``; tests
+  read ``load_calls`` and ``health_checks`` (HealthCheck RPCs) to see the polls.
 * The ``HealthCheck`` RPC waits ``health_check_delay_s`` (the real one polls for
   its one-token request once a second); the standard ``grpc.health.v1`` service
   answers at once, NOT_SERVING once ``shutting_down`` is set.
@@ -51,6 +54,7 @@ __all__ = ["SCHEDULER_SERVICE_NAME", "SglangHealthStandin", "SglangStandin"]
 SCHEDULER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
 Context = grpc.aio.ServicerContext[Any, Any]
 _DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's SamplingParams default
+_QUEUE_FULL = "The request queue is full."  # the scheduler's message, sent as details
 _LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 _WIRE_REASON = {
     FinishReason.STOP: "stop",
@@ -93,6 +97,9 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
         self._started = time.time()
         self._last_receive = 0.0
         self.shutting_down = False  # set: health NOT_SERVING, HealthCheck unhealthy
+        self.queue_full = False  # set: Generate refuses as at --max-queued-requests
+        self.load_calls = 0  # GetLoads calls answered
+        self.health_checks = 0  # HealthCheck RPCs received
         self.requests: list[pb.GenerateRequest] = []  # every Generate, as received
         self.abort_calls: list[str] = []  # every Abort's request id, as received
 
@@ -132,6 +139,8 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
         request_id = request.request_id
         try:
             job, stops = self._job(request)
+            if self.queue_full:
+                raise ResourceExhaustedError(_QUEUE_FULL)
             prompt_tokens = len(job.prompt_token_ids)
             output: list[int] = []
             steps = self.runner.steps(job, stops=stops, keep_stop=True)
@@ -169,7 +178,7 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
             message = exc.message if isinstance(exc, InvalidArgumentError) else str(exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         except ResourceExhaustedError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "The request queue is full.")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _QUEUE_FULL)
         except Exception as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
 
@@ -182,6 +191,7 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
     async def HealthCheck(
         self, request: pb.HealthCheckRequest, context: Context
     ) -> pb.HealthCheckResponse:
+        self.health_checks += 1
         if self.shutting_down:
             return pb.HealthCheckResponse(healthy=False, message="Server is shutting down")
         await asyncio.sleep(self._health_delay)
@@ -213,6 +223,7 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
         )
 
     async def GetLoads(self, request: pb.GetLoadsRequest, context: Context) -> pb.GetLoadsResponse:
+        self.load_calls += 1
         invalid = set(request.include) - _LOAD_SECTIONS
         if invalid:
             await context.abort(

@@ -16,7 +16,8 @@ Not TensorRT-LLM: a test double generated from the engine's own proto (the
 * Errors as the servicer maps them: a bad request INVALID_ARGUMENT, anything the
   engine raises INTERNAL (TensorRT-LLM queues what it cannot run yet, so it has
   no capacity status of its own).
-* HealthCheck's ``status`` is ``"OK"``, or what ``unhealthy`` says.
+* HealthCheck's ``status`` is ``"OK"``, or what ``unhealthy`` says; tests read
+  ``health_checks`` to count them.
 * No load call (the protocol has none); GetModelInfo leaves ``max_batch_size``
   at 0 as the servicer does. GetTokenizer is served unless
   ``serve_tokenizer=False`` (releases without it answer UNIMPLEMENTED).
@@ -61,6 +62,7 @@ class TrtllmStandin(pb_grpc.TrtllmServiceServicer):  # type: ignore[misc]
         self._eos = eos_token_ids
         self._serve_tokenizer = serve_tokenizer
         self.unhealthy = ""  # set: HealthCheck reports it (the executor's fatal error)
+        self.health_checks = 0  # HealthCheck calls received
         self.requests: list[pb.GenerateRequest] = []  # every Generate, as received
         self.abort_calls: list[str] = []  # every Abort's request id, as received
 
@@ -145,6 +147,7 @@ class TrtllmStandin(pb_grpc.TrtllmServiceServicer):  # type: ignore[misc]
     async def HealthCheck(
         self, request: pb.HealthCheckRequest, context: Context
     ) -> pb.HealthCheckResponse:
+        self.health_checks += 1
         return pb.HealthCheckResponse(status=self.unhealthy or "OK")
 
     async def GetModelInfo(
