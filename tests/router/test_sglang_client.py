@@ -13,7 +13,7 @@ from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
 from tokenwire.backend import Engine, FinishReason, GenerateRequest
-from tokenwire.errors import UnavailableError
+from tokenwire.errors import ResourceExhaustedError, UnavailableError
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.router.config import RouterConfig
 from tokenwire.router.engine import RoutedEngine
@@ -235,6 +235,80 @@ async def test_a_full_sglang_queue_is_retried_elsewhere() -> None:
         texts = [text_of(await turn(running)) for _ in range(4)]
     assert ["answered"] * 4 == texts
     assert bad.servicer.requests
+
+
+async def test_a_full_sglang_queue_is_at_capacity_and_an_outage_unavailable() -> None:
+    """Before the first token, SGLang's full queue (UNAVAILABLE "The request queue is
+    full.") is RESOURCE_EXHAUSTED; a server that is gone stays UNAVAILABLE."""
+    request = GenerateRequest("r-1", [1, 2, 3], max_tokens=5)
+    async with running_standin("sglang", FakeBackend(reply="ok")) as sgl:
+        sgl.servicer.queue_full = True
+        client = SglangClient(sgl.address)
+        with pytest.raises(ResourceExhaustedError) as full:
+            _ = [chunk async for chunk in client.generate(request)]
+        await client.close()
+    client = SglangClient(sgl.address)
+    with pytest.raises(UnavailableError, match="before answering"):
+        _ = [chunk async for chunk in client.generate(request)]
+    await client.close()
+    assert 1.0 == full.value.retry_after_s
+
+
+async def test_a_full_sglang_queue_leaves_the_worker_in_rotation() -> None:
+    """A worker refusing for a full queue is busy, not failing: its turns go to another
+    worker and it is not ejected, even with router.eject_after_failures=1."""
+    busy, good = FakeBackend(reply="never"), FakeBackend(reply="answered")
+    async with gateway(busy, good, policy="round_robin", eject_after_failures=1) as (
+        running,
+        engine,
+        [full, _],
+    ):
+        full.servicer.queue_full = True
+        texts = [text_of(await turn(running)) for _ in range(4)]
+        state = engine.fleet.workers[full.target]
+        kept = (state.healthy, len(engine.fleet.usable()))
+    assert ["answered"] * 4 == texts
+    assert (True, 2) == kept
+    assert [] != full.servicer.requests
+
+
+async def test_an_sglang_worker_failing_before_the_first_token_is_ejected() -> None:
+    """An engine failure before the first token is retried elsewhere, and counts: with
+    router.eject_after_failures=1 the worker leaves rotation."""
+    broken, good = FakeBackend(reply="never", fail_after=0), FakeBackend(reply="answered")
+    async with gateway(broken, good, policy="round_robin", eject_after_failures=1) as (
+        running,
+        engine,
+        [failing, _],
+    ):
+        texts = [text_of(await turn(running)) for _ in range(4)]
+        state = engine.fleet.workers[failing.target]
+        kept = (state.healthy, len(engine.fleet.usable()))
+    assert ["answered"] * 4 == texts
+    assert (False, 1) == kept
+    assert [] != failing.servicer.requests
+
+
+async def test_a_slow_health_check_holds_up_no_other_workers_polls() -> None:
+    """SGLang's HealthCheck RPC (on a server without grpc.health.v1) takes a second;
+    meanwhile the router polls its other workers at the usual pace."""
+    slow_health = {"health_service": False, "health_check_delay_s": 1.0}
+    async with contextlib.AsyncExitStack() as stack:
+        slow = await stack.enter_async_context(
+            running_standin("sglang", FakeBackend(), **slow_health)
+        )
+        fast = await stack.enter_async_context(running_standin("sglang", FakeBackend()))
+        config = RouterConfig(workers=f"{slow.target},{fast.target}", poll_interval_s=0.02)
+        engine = RoutedEngine(config)
+        await engine.start()
+        try:
+            await until(lambda: slow.servicer.health_checks >= 1)
+            before = fast.servicer.load_calls
+            await asyncio.sleep(0.5)  # within the slow worker's HealthCheck
+            polled = fast.servicer.load_calls - before
+        finally:
+            await engine.close()
+    assert polled >= 10, f"the other worker was polled {polled} times in 0.5 s"
 
 
 async def test_an_sglang_failure_mid_answer_is_unavailable() -> None:

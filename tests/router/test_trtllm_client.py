@@ -152,6 +152,21 @@ async def test_a_trtllm_worker_is_counted_by_the_router_and_kept_by_its_health()
     assert (True, 1) == (out_of_rotation, back)
 
 
+async def test_a_health_round_asks_a_worker_without_a_load_call_once() -> None:
+    """Without a load call the poll is a HealthCheck: a poll round that also checks
+    health sends one, not two (the probe at start sends the other one here)."""
+    async with running_standin("trtllm", FakeBackend(reply="ok")) as trt:
+        engine = RoutedEngine(RouterConfig(workers=trt.target, poll_interval_s=3600.0))
+        await engine.start()
+        try:
+            await until(lambda: trt.servicer.health_checks >= 2)
+            await asyncio.sleep(0.1)  # room for a second check in the round, if one came
+            checks = trt.servicer.health_checks
+        finally:
+            await engine.close()
+    assert 2 == checks
+
+
 async def test_a_saturated_trtllm_fleet_refuses_turns_before_they_start() -> None:
     """With router.default_max_running slots taken, a turn is RESOURCE_EXHAUSTED."""
     fake = FakeBackend(reply="ab", endless=True, token_delay_s=0.01)

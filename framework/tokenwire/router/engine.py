@@ -132,6 +132,7 @@ class RoutedEngine:
 
     async def close(self) -> None:
         self._closed = True
+        self._polling = False
         tasks = [*self._tasks, *self._pollers.values()]
         self._pollers.clear()
         for task in tasks:
