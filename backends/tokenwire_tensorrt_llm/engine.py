@@ -203,7 +203,9 @@ class TensorRTLLMEngine:
     async def close(self) -> None:
         """Abort every request in flight, then shut the ``LLM`` down.
 
-        Consumers still iterating get :class:`UnavailableError`.
+        Consumers still iterating get what was made so far, then
+        :class:`UnavailableError`. The ``LLM`` shuts down in a thread: it blocks
+        while the runtime's workers stop.
         """
         if self._closed:
             return
@@ -222,7 +224,13 @@ class TensorRTLLMEngine:
                 pump.cancel()
         llm, self._llm = self._llm, None
         if llm is not None:
-            llm.shutdown()
+            # LLM.shutdown (tensorrt_llm/llmapi/llm.py) shuts the executor down and
+            # then the MPI session: the executor proxy aborts what is left through its
+            # IPC queue, waits for its worker processes and joins its dispatch threads,
+            # which hand results to the loop only with call_soon_threadsafe. It needs
+            # nothing of the loop's thread and takes seconds, so it runs in a thread
+            # while the loop serves everything else.
+            await asyncio.to_thread(llm.shutdown)
 
     def load(self) -> LoadReport:
         """Running and queued requests, queued prompt tokens, KV-cache use and tokens/s."""
@@ -244,8 +252,9 @@ class TensorRTLLMEngine:
         Raises :class:`InvalidArgumentError` for an empty prompt, ``max_tokens <
         1``, a prompt that fills the context or arguments the runtime refuses;
         :class:`ResourceExhaustedError` when ``max_running`` requests are in
-        flight; :class:`InternalError` when the runtime fails. Closing the
-        generator or cancelling its task aborts the request in the runtime.
+        flight; :class:`InternalError` when the runtime fails, once the tokens
+        made before the failure are yielded. Closing the generator or cancelling
+        its task aborts the request in the runtime.
         """
         stream = self._admit(request)
         try:
@@ -255,6 +264,8 @@ class TensorRTLLMEngine:
                 tokens = tuple(stream.pending)
                 stream.pending.clear()
                 if stream.error is not None:
+                    if tokens:  # send what came before the failure, then fail
+                        yield Chunk(tokens)
                     raise _client_error(stream)
                 if stream.done:
                     yield Chunk(

@@ -43,6 +43,7 @@ from tokenwire.backend import (
 )
 from tokenwire.errors import (
     ConfigError,
+    InternalError,
     InvalidArgumentError,
     ResourceExhaustedError,
     UnavailableError,
@@ -156,6 +157,56 @@ async def test_close_ends_a_running_stream_with_unavailable() -> None:
     with pytest.raises(UnavailableError):
         await anext(stream)
     assert (0, True) == (llm.unfinished, llm._shut)
+
+
+async def test_close_shuts_the_llm_down_off_the_event_loop() -> None:
+    """LLM.shutdown blocks while the runtime's workers stop; the loop keeps running."""
+    slow = LLMApi(
+        functools.partial(StandInLLM, shutdown_s=0.3), StandInSamplingParams, StandInKvCacheConfig
+    )
+    engine = standin_engine(llm_api=slow)
+    await engine.start()
+    llm = llm_of(engine)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await engine.close()
+    finally:
+        ticker.cancel()
+    assert llm._shut
+    assert ticks >= 10, f"the event loop ran {ticks} times in a 0.3 s shutdown"
+
+
+async def test_tokens_made_before_a_runtime_failure_come_before_the_error() -> None:
+    """A request the runtime fails on sends every token made before the failure, then
+    INTERNAL, even when the consumer reads only after the failure."""
+    failing = LLMApi(
+        functools.partial(StandInLLM, fail_after=10), StandInSamplingParams, StandInKvCacheConfig
+    )
+    engine = standin_engine(llm_api=failing)
+    await engine.start()
+    received: list[int] = []
+    stream = engine.generate(request(max_tokens=50))
+
+    async def read_on() -> None:
+        async for chunk in stream:
+            received.extend(chunk.token_ids)
+
+    try:
+        received.extend((await anext(stream)).token_ids)
+        await asyncio.sleep(0.1)  # the runtime makes the rest and fails while nobody reads
+        with pytest.raises(InternalError):
+            await read_on()
+    finally:
+        await engine.close()
+    assert greedy_answer(PROMPT, 10) == received
 
 
 async def test_more_than_max_running_is_refused_as_overloaded() -> None:

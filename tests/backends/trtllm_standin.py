@@ -6,7 +6,8 @@ uses, shaped after NVIDIA/TensorRT-LLM's documented behaviour:
 * ``StandInLLM(model, tokenizer=None, tensor_parallel_size=1, dtype="auto",
   **kwargs)`` refuses arguments the real ``LLM`` does not take (``ValueError``,
   as ``BaseLLM.__init__`` does); ``args.max_seq_len``, ``tokenizer.eos_token_id``,
-  ``shutdown()``;
+  ``shutdown()`` (which blocks ``shutdown_s``, a stand-in knob, as the real one
+  waits for its workers and threads to stop);
 * ``generate_async(inputs, sampling_params=None, ..., streaming=False, ...,
   cache_salt=None)`` returns a ``StandInRequestOutput``: async-iterable, one
   response per engine iteration when streaming, with ``outputs[0].token_ids``,
@@ -15,7 +16,9 @@ uses, shaped after NVIDIA/TensorRT-LLM's documented behaviour:
 * a stop token id or ``end_id`` ends the answer with 'stop' and is not in
   ``token_ids`` (``include_stop_str_in_output`` is False); ``max_tokens`` ends
   it with 'length'; an aborted request ends at the next iteration with
-  'cancelled';
+  'cancelled'; with ``fail_after`` (a stand-in knob) a request fails right after
+  its Nth token: iterating its output raises ``StandInRequestError``, as the real
+  one raises ``RequestError`` for a response with an error;
 * ``get_stats_async(timeout)`` yields one stats dict per iteration, in the real
   field names, until ``timeout`` passes without one; before the first request
   it yields nothing, and after a timeout nothing until the next request
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ __all__ = [
     "StandInCompletionOutput",
     "StandInKvCacheConfig",
     "StandInLLM",
+    "StandInRequestError",
     "StandInRequestOutput",
     "StandInSamplingParams",
     "greedy_answer",
@@ -123,12 +128,17 @@ class StandInCompletionOutput:
         return self.token_ids[self._last_token_ids_len :]
 
 
+class StandInRequestError(RuntimeError):
+    """``RequestError``: the runtime failed on a request."""
+
+
 @dataclass
 class _Response:
     tokens: list[int]
     finish_reason: str | None
     stop_reason: int | None
     final: bool
+    error: str | None = None
 
 
 class StandInRequestOutput:
@@ -176,6 +186,8 @@ class StandInRequestOutput:
         output._last_token_ids_len = len(output.token_ids)
         output.token_ids.extend(response.tokens)
         self._done = response.final
+        if response.error is not None:
+            raise StandInRequestError(response.error)
         if response.final:
             output.finish_reason = response.finish_reason
             output.stop_reason = response.stop_reason
@@ -233,6 +245,8 @@ class StandInLLM:
         *,
         step_s: float = 0.002,
         batch_limit: int | None = None,
+        fail_after: int | None = None,
+        shutdown_s: float = 0.0,
         **kwargs: Any,
     ) -> None:
         for key in kwargs:
@@ -245,6 +259,8 @@ class StandInLLM:
         self.tokenizer = SimpleNamespace(eos_token_id=EOS)
         self.max_batch_size = batch_limit or int(kwargs.get("max_batch_size") or 8)
         self.step_s = step_s
+        self.fail_after = fail_after
+        self.shutdown_s = shutdown_s
         self.submitted: list[tuple[list[int], StandInSamplingParams, str | None]] = []
         self.aborted_ids: list[int] = []
         self.iterations = 0
@@ -310,6 +326,7 @@ class StandInLLM:
         return self._stats
 
     def shutdown(self) -> None:
+        time.sleep(self.shutdown_s)
         self._shut = True
         if self._loop_task is not None:
             self._loop_task.cancel()
@@ -349,6 +366,8 @@ class StandInLLM:
                 request.generated.append(token)
                 if request.output._streaming:
                     request.output._queue.put_nowait(_Response([token], None, None, False))
+                if len(request.generated) == self.fail_after:
+                    self._fail(request)
                 continue
             completed += 1
         self._record_stats(completed)
@@ -362,6 +381,12 @@ class StandInLLM:
         request.generated.extend(tokens)
         sent = tokens if request.output._streaming else request.generated
         request.output._queue.put_nowait(_Response(sent, reason, stop_reason, True))
+
+    def _fail(self, request: _Request) -> None:
+        self._running.remove(request)
+        del self._by_id[request.id]
+        error = _Response([], None, None, True, error="injected runtime failure")
+        request.output._queue.put_nowait(error)
 
     def _record_stats(self, completed: int) -> None:
         if self._stats is None:
