@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,6 +12,14 @@ import pytest
 from smg_grpc_proto import sglang_scheduler_pb2 as pb
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as pb_grpc
 
+from tests.router.standin_gateway import (
+    failing_turn,
+    routed_over,
+    standin_gateway,
+    text_of,
+    turn,
+    until,
+)
 from tokenwire.backend import Engine, FinishReason, GenerateRequest
 from tokenwire.errors import ResourceExhaustedError, UnavailableError
 from tokenwire.proto.v1 import chat_pb2
@@ -20,21 +28,15 @@ from tokenwire.router.engine import RoutedEngine
 from tokenwire.router.sglang import SglangClient, request_message
 from tokenwire.testing.conformance import EngineConformance
 from tokenwire.testing.fake import FakeBackend
-from tokenwire.testing.server import RunningServer, config_for_tests, running_server
+from tokenwire.testing.server import RunningServer
 from tokenwire.testing.standins.server import RunningStandin, running_standin
 
 
 @pytest.fixture
 async def routed() -> AsyncIterator[Engine]:
-    """A RoutedEngine over one SGLang stand-in serving a paced fake engine."""
-    fake = FakeBackend(token_delay_s=0.001, endless=True)
-    async with running_standin("sglang", fake) as standin:
-        engine = RoutedEngine(RouterConfig(workers=standin.target, poll_interval_s=0.02))
-        await engine.start()
-        try:
-            yield engine
-        finally:
-            await engine.close()
+    """A RoutedEngine over one sglang stand-in serving a paced fake engine."""
+    async with routed_over("sglang") as engine:
+        yield engine
 
 
 class TestSglangConformance(EngineConformance):
@@ -46,52 +48,13 @@ class TestSglangConformance(EngineConformance):
         return routed
 
 
-@contextlib.asynccontextmanager
-async def gateway(
+def gateway(
     *fakes: FakeBackend, standin: dict[str, Any] | None = None, **router: Any
-) -> AsyncIterator[tuple[RunningServer, RoutedEngine, list[RunningStandin]]]:
+) -> contextlib.AbstractAsyncContextManager[
+    tuple[RunningServer, RoutedEngine, list[RunningStandin]]
+]:
     """A gateway routing over one sglang stand-in per fake engine."""
-    async with contextlib.AsyncExitStack() as stack:
-        standins = [
-            await stack.enter_async_context(running_standin("sglang", f, **(standin or {})))
-            for f in fakes
-        ]
-        workers = ",".join(s.target for s in standins)
-        config = RouterConfig(workers=workers, poll_interval_s=0.02, **router)
-        engine = RoutedEngine(config)
-        running = await stack.enter_async_context(
-            running_server(engine, config_for_tests(router=config))
-        )
-        yield running, engine, standins
-
-
-async def failing_turn(running: RunningServer) -> tuple[grpc.StatusCode, str]:
-    """A turn that fails: its status and the text that came before."""
-    received: list[chat_pb2.CompleteResponse] = []
-
-    async def consume() -> None:
-        async for event in running.chat.Complete(chat_pb2.CompleteRequest(message="go")):
-            received.append(event)
-
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await consume()
-    return raised.value.code(), text_of(received)
-
-
-async def turn(running: RunningServer, message: str = "hi") -> list[chat_pb2.CompleteResponse]:
-    return [e async for e in running.chat.Complete(chat_pb2.CompleteRequest(message=message))]
-
-
-def text_of(events: Sequence[chat_pb2.CompleteResponse]) -> str:
-    return "".join(e.delta.text for e in events if e.HasField("delta"))
-
-
-async def until(check: object, limit_s: float = 2.0) -> None:
-    """Wait until ``check()`` is true (the router polls every 20 ms)."""
-    for _ in range(int(limit_s / 0.01)):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
+    return standin_gateway("sglang", *fakes, standin=standin, **router)
 
 
 async def test_a_gateway_streams_turns_from_an_sglang_worker() -> None:
