@@ -310,9 +310,11 @@ async def test_statistics_count_successes_and_failures() -> None:
         await client.infer("fake", inputs(aioclient, "Hi"))
         with pytest.raises(InferenceServerException):
             await client.infer("fake", inputs(aioclient, "Hi", max_tokens=-1))
+        with pytest.raises(InferenceServerException):  # refused before its turn
+            await client.infer("fake", [tensor(aioclient, "max_tokens", "INT32", 4)])
         stats = await client.get_inference_statistics("fake", as_json=True)
     entry = stats["model_stats"][0]
-    assert ("1", "1") == (
+    assert ("1", "2") == (
         entry["inference_stats"]["success"]["count"],
         entry["inference_stats"]["fail"]["count"],
     )

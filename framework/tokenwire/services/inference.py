@@ -339,11 +339,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             await stream.put(_stream_error(exc, request.id, request.model_name))
 
     def _admit(self, request: pb.ModelInferRequest) -> InferTurn:
-        if self._draining:
-            raise UnavailableError("the server is shutting down; retry on another")
-        infer = turn_of(request)
-        if request.model_version not in ("", _VERSION):
-            raise NotFoundError(f"model {request.model_name!r} has only version {_VERSION}")
+        started = time.monotonic_ns()
+        try:
+            if self._draining:
+                raise UnavailableError("the server is shutting down; retry on another")
+            infer = turn_of(request)
+            if request.model_version not in ("", _VERSION):
+                raise NotFoundError(f"model {request.model_name!r} has only version {_VERSION}")
+        except Exception:  # a refused request counts as a failed one, as in Triton
+            stats = self._stats.get(request.model_name or self._default)
+            if stats is not None:
+                stats.record(False, started)
+            raise
         return infer
 
     async def _turn(
