@@ -27,9 +27,12 @@ from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
 from tokenwire.config_fields import parse_pairs, require_positive, setting
 from tokenwire.errors import ConfigError
+from tokenwire.metrics.config import MetricsConfig
 from tokenwire.moderation.config import ModerationConfig
 from tokenwire.quotas.config import QuotaConfig
 from tokenwire.router.config import RouterConfig
+from tokenwire.tracing.config import TracingConfig
+from tokenwire.usage.config import UsageConfig
 from tokenwire.worker.config import WorkerConfig
 
 __all__ = [
@@ -201,6 +204,9 @@ class Config:
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
 
 
 def _sections() -> Iterator[tuple[str, type[Any]]]:
