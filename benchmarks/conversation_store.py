@@ -54,6 +54,7 @@ from tokenwire.stores.conversations import (
     new_id,
 )
 from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.stores.usage import UsageRecord, UsageTotal
 from tokenwire.testing import FakeBackend, config_for_tests, running_server
 
 __all__ = [
@@ -125,6 +126,14 @@ class NullStore:
         self, owner: str, conversation_id: str, *, page_size: int, cursor: str = ""
     ) -> Page[StoredMessage]:
         return Page([])
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        return None
+
+    async def usage_totals(
+        self, *, start: float, end: float, group_by: str, tenant: str = ""
+    ) -> list[UsageTotal]:
+        return []
 
 
 @dataclass(frozen=True, slots=True)

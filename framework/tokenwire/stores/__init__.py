@@ -37,6 +37,7 @@ from tokenwire.stores.conversations import (
     validate_role,
 )
 from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.stores.usage import USAGE_GROUPS, UsageRecord, UsageTotal
 
 if TYPE_CHECKING:
     from tokenwire.config import StoreConfig
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_ID_LENGTH",
     "MAX_TITLE_BYTES",
     "MESSAGE_ROLES",
+    "USAGE_GROUPS",
     "BegunTurn",
     "Conversation",
     "ConversationBusyError",
@@ -57,6 +59,8 @@ __all__ = [
     "StoredMessage",
     "TurnEnd",
     "TurnRecord",
+    "UsageRecord",
+    "UsageTotal",
     "conversation_not_found",
     "is_valid_id",
     "new_id",

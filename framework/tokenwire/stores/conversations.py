@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, Protocol, TypeVar, runtime_checkable
 
 from tokenwire.errors import AbortedError, InvalidArgumentError, NotFoundError, UnavailableError
+from tokenwire.stores.usage import UsageRecord, UsageTotal
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -312,6 +313,20 @@ class ConversationStore(Protocol):
         self, owner: str, conversation_id: str, *, page_size: int, cursor: str = ""
     ) -> Page[StoredMessage]:
         """A page of the messages, oldest first; ``cursor`` as in :meth:`list_conversations`."""
+        ...
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Record one turn's usage (see :mod:`tokenwire.stores.usage`); a second record
+        of the same turn id is ignored."""
+        ...
+
+    async def usage_totals(
+        self, *, start: float, end: float, group_by: str, tenant: str = ""
+    ) -> list[UsageTotal]:
+        """Usage recorded at ``start <= recorded_at < end`` (unix seconds), summed per
+        group (``"tenant"``, ``"user"`` or ``"model"``) and model, sorted by key then
+        model; with ``tenant``, that tenant's turns only. InvalidArgumentError for an
+        empty range or an unknown grouping."""
         ...
 
 

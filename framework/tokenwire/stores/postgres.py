@@ -61,6 +61,8 @@ from tokenwire.stores.rows import (
     turn_from_row,
     turn_not_found,
 )
+from tokenwire.stores.sql_usage import USAGE_COLUMNS, record_values, totals_from_rows, totals_sql
+from tokenwire.stores.usage import UsageRecord, UsageTotal, check_usage_query
 
 __all__ = ["PostgresConversationStore"]
 
@@ -409,6 +411,24 @@ class PostgresConversationStore:
         if not rows:
             raise conversation_not_found(conversation_id)
         return [message_from_row(row) for row in rows if row[0] is not None]
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Record one turn's usage; a turn already recorded keeps its first row."""
+        await self._pool.call(
+            "execute",
+            f"INSERT INTO usage_records ({USAGE_COLUMNS})"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (turn_id) DO NOTHING",
+            *record_values(record),
+        )
+
+    async def usage_totals(
+        self, *, start: float, end: float, group_by: str, tenant: str = ""
+    ) -> list[UsageTotal]:
+        """Usage of ``start <= recorded_at < end`` per group and model (see the contract)."""
+        check_usage_query(start, end, group_by)
+        sql = totals_sql(group_by, tenant=bool(tenant), markers=("$1", "$2", "$3"))
+        params = (start, end, tenant) if tenant else (start, end)
+        return totals_from_rows(await self._pool.call("fetch", sql, *params))
 
 
 def _check_id(conversation_id: str) -> None:

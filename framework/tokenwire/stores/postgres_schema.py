@@ -259,9 +259,31 @@ _FUNCTIONS: Final = (
     """,
 )
 
+_USAGE: Final = (
+    # One row per turn that reached the engine (see tokenwire.stores.usage). No foreign
+    # key to turns: usage outlives a deleted conversation.
+    """
+    CREATE TABLE usage_records (
+        turn_id            text PRIMARY KEY,
+        tenant             text NOT NULL,
+        user_name          text NOT NULL,
+        api_key_id         text NOT NULL,
+        model              text NOT NULL,
+        finish_reason      text NOT NULL,
+        prompt_tokens      bigint NOT NULL,
+        completion_tokens  bigint NOT NULL,
+        recorded_at        double precision NOT NULL
+    )
+    """,
+    "CREATE INDEX usage_records_time ON usage_records (recorded_at)",
+    "CREATE INDEX usage_records_tenant_time ON usage_records (tenant, recorded_at)",
+)
+
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 1: conversations, messages, turns, gateways and the turn functions.
     (*_TABLES, *_FUNCTIONS),
+    # 2: usage records.
+    _USAGE,
 )
 """Schema migrations in order; migration ``n`` (1-based) is recorded as version ``n``."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -53,8 +54,10 @@ from tokenwire.stores.cursors import (
 )
 from tokenwire.stores.heartbeat import Heartbeat, check_timings
 from tokenwire.stores.rows import check_title, check_turn_ids, turn_not_found
-from tokenwire.stores.sqlite_database import SQLiteDatabase
+from tokenwire.stores.sql_usage import USAGE_COLUMNS, record_values, totals_from_rows, totals_sql
+from tokenwire.stores.sqlite_database import SQLiteDatabase, write_transaction
 from tokenwire.stores.sqlite_schema import MIGRATIONS
+from tokenwire.stores.usage import UsageRecord, UsageTotal, check_usage_query
 
 __all__ = ["MIGRATIONS", "SQLiteConversationStore"]
 
@@ -326,6 +329,23 @@ class SQLiteConversationStore:
         return Page(rows[:limit], messages_cursor(conversation_id=conversation_id,
                                                   seq=rows[limit - 1].seq))  # fmt: skip
 
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Record one turn's usage; a turn already recorded keeps its first row."""
+        await self._db.run_fast(_insert_usage, record)
+
+    async def usage_totals(
+        self, *, start: float, end: float, group_by: str, tenant: str = ""
+    ) -> list[UsageTotal]:
+        """Usage of ``start <= recorded_at < end`` per group and model (see the contract).
+
+        On the worker thread: a long range reads many rows, which the event loop
+        must not wait for.
+        """
+        check_usage_query(start, end, group_by)
+        sql = totals_sql(group_by, tenant=bool(tenant), markers=("?", "?", "?"))
+        params = (start, end, tenant) if tenant else (start, end)
+        return await self._db.run(_select_totals, sql, params)
+
     def _liveness(self, now: float) -> queries.Liveness:
         return queries.Liveness(self._gateway_id, self._gateway_timeout_s, now)
 
@@ -333,3 +353,18 @@ class SQLiteConversationStore:
     def _check_id(conversation_id: str) -> None:
         if not is_valid_id(conversation_id, _CONVERSATION_PREFIX):
             raise conversation_not_found(conversation_id)
+
+
+def _insert_usage(conn: sqlite3.Connection, record: UsageRecord) -> None:
+    with write_transaction(conn):
+        conn.execute(
+            f"INSERT OR IGNORE INTO usage_records ({USAGE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            record_values(record),
+        )
+
+
+def _select_totals(
+    conn: sqlite3.Connection, sql: str, params: tuple[object, ...]
+) -> list[UsageTotal]:
+    return totals_from_rows(conn.execute(sql, params).fetchall())

@@ -99,6 +99,26 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         LEFT JOIN messages AS a ON a.id = t.answer_id AND a.turn_id = t.turn_id AND t.running = 0
         """,
     ),
+    # 3: usage, one row per turn that reached the engine (see tokenwire.stores.usage).
+    # No foreign key to turns: usage outlives a deleted conversation.
+    (
+        """
+        CREATE TABLE usage_records (
+            turn_id            TEXT PRIMARY KEY,
+            tenant             TEXT NOT NULL,
+            user_name          TEXT NOT NULL,
+            api_key_id         TEXT NOT NULL,
+            model              TEXT NOT NULL,
+            finish_reason      TEXT NOT NULL,
+            prompt_tokens      INTEGER NOT NULL,
+            completion_tokens  INTEGER NOT NULL,
+            recorded_at        REAL NOT NULL
+        )
+        """,
+        # Serves "usage between two times", optionally of one tenant.
+        "CREATE INDEX usage_records_time ON usage_records (recorded_at)",
+        "CREATE INDEX usage_records_tenant_time ON usage_records (tenant, recorded_at)",
+    ),
 )
 """Schema migrations in order; migration ``n`` (1-based) brings a file to
 ``user_version = n``. Only ever append: a shipped migration never changes."""
