@@ -328,6 +328,11 @@ class TorchEngine:
         return self._scheduler.prefix_hits if self._scheduler is not None else 0
 
     @property
+    def prefix_cache_lookups(self) -> int:
+        """Prompt tokens of every request admitted so far (what the cache was asked for)."""
+        return self._scheduler.prompt_tokens if self._scheduler is not None else 0
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes the batching cache holds, preallocated at start (0 without batching)."""
         scheduler = self._scheduler

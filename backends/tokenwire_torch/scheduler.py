@@ -50,6 +50,7 @@ class SlotScheduler:
     ) -> None:
         self.batcher = batcher
         self.prefix_hits = 0  # prompt tokens whose keys came from the cache
+        self.prompt_tokens = 0  # prompt tokens of every admitted request
         self.steps_executed = 0  # forward passes
         self._executor = executor
         self._live = admitted
@@ -78,6 +79,7 @@ class SlotScheduler:
             source = -1
         admitted.row = self.batcher.new_row(slot, prompt, request.sampling, reuse, source)
         self.prefix_hits += reuse
+        self.prompt_tokens += len(prompt)
         self._order.append(admitted)
 
     def wake(self) -> None:

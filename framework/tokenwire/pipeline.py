@@ -3,11 +3,13 @@
 Two levels, in a fixed order:
 
 * **interceptors**, per call, outermost first: errors + logging (binds the call
-  state, maps every error to a status) → authentication (who is calling, may
-  they call this method) → quotas (requests and stream slots);
-* **turn policies**, per turn, in order: credentials checked again (a
-  long-lived stream's key may be revoked) → quotas (count the turn, reserve and
-  settle tokens) → moderation (the message in, the answer out).
+  state, maps every error to a status) → metrics (with ``metrics.enabled``: open
+  streams, refused calls) → authentication (who is calling, may they call this
+  method) → quotas (requests and stream slots);
+* **turn policies**, per turn, in order: metrics (with ``metrics.enabled``; they
+  only watch) → credentials checked again (a long-lived stream's key may be
+  revoked) → quotas (count the turn, reserve and settle tokens) → moderation (the
+  message in, the answer out).
 
 The server hands the policies to the turn runner itself, so a turn never runs
 without them, whatever chain a program assembles. A chain it cannot serve
@@ -29,6 +31,9 @@ from tokenwire.config import Config
 from tokenwire.errors import ConfigError
 from tokenwire.interceptors.base import Interceptor
 from tokenwire.interceptors.errors import ErrorsInterceptor
+from tokenwire.metrics.interceptor import MetricsInterceptor
+from tokenwire.metrics.policy import MetricsPolicy
+from tokenwire.metrics.registry import Metrics
 from tokenwire.moderation.policy import ModerationPolicy
 from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.quotas.policy import QuotaPolicy
@@ -43,6 +48,7 @@ class Pipeline:
 
     interceptors: tuple[Interceptor, ...]
     policies: tuple[TurnPolicy, ...]
+    metrics: Metrics | None = None  # with metrics.enabled: what the chain and policies count
 
     @property
     def auth(self) -> AuthInterceptor | None:
@@ -64,10 +70,19 @@ def build_pipeline(
     """
     auth: AuthInterceptor | None
     quotas: QuotaInterceptor | None
+    metrics = (
+        Metrics(tenant_labels=config.metrics.tenant_labels) if config.metrics.enabled else None
+    )
     if interceptors is None:
         auth = AuthInterceptor(config.auth, config.store.data_dir)
         quotas = QuotaInterceptor(config.quotas) if config.quotas.enabled else None
-        chain: list[Interceptor] = [ErrorsInterceptor(), auth, *([quotas] if quotas else [])]
+        chain: list[Interceptor] = [
+            ErrorsInterceptor(),
+            # Right after the errors interceptor: it sees what auth and quotas refuse.
+            *([MetricsInterceptor(metrics)] if metrics else []),
+            auth,
+            *([quotas] if quotas else []),
+        ]
     else:
         chain = list(interceptors)
         check_chain(chain)
@@ -78,7 +93,8 @@ def build_pipeline(
         if quotas is None and config.quotas.enabled:
             quotas = QuotaInterceptor(config.quotas)
     if policies is None:
-        turn_policies: list[TurnPolicy] = []
+        # Metrics first: they see every turn a later policy admits or refuses.
+        turn_policies: list[TurnPolicy] = [MetricsPolicy(metrics)] if metrics else []
         if auth is not None:  # another authenticating interceptor checks its own
             turn_policies.append(CredentialPolicy(auth))
         if quotas is not None:
@@ -89,7 +105,7 @@ def build_pipeline(
             )
     else:
         turn_policies = list(policies)
-    return Pipeline(tuple(chain), tuple(turn_policies))
+    return Pipeline(tuple(chain), tuple(turn_policies), metrics)
 
 
 def check_chain(chain: Sequence[Interceptor]) -> None:

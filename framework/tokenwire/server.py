@@ -28,6 +28,7 @@ from tokenwire.errors import ConfigError
 from tokenwire.interceptors import Interceptor, InterceptorChain
 from tokenwire.live import LiveBus, live_bus_from_config
 from tokenwire.logs import get_logger
+from tokenwire.metrics.endpoint import MetricsEndpoint
 from tokenwire.model.frontend import ChatModel, frontend_for
 from tokenwire.pipeline import build_pipeline
 from tokenwire.proto.v1 import (
@@ -82,15 +83,17 @@ class TokenwireServer:
         live: LiveBus | None = None,
         interceptors: Sequence[Interceptor] | None = None,
         policies: Sequence[TurnPolicy] | None = None,
+        serve_metrics: bool = True,
     ) -> None:
         self.config = config
         self.pipeline = build_pipeline(config, interceptors=interceptors, policies=policies)
         self._interceptors = list(self.pipeline.interceptors)
         self._policies = list(self.pipeline.policies)
+        metrics = self.pipeline.metrics
         if backend is None:
             # Workers named: every turn goes to one of them; else the engine runs here.
             backend = (
-                RoutedEngine(config.router)
+                RoutedEngine(config.router, observer=metrics.router_events() if metrics else None)
                 if config.router.worker_list
                 else create_backend(config.backend)
             )
@@ -98,6 +101,12 @@ class TokenwireServer:
         self.model: ChatModel = frontend_for(self._backend, config.limits)
         self._store = store if store is not None else open_store_from_config(config.store)
         self._live = live if live is not None else live_bus_from_config(config.store)
+        # With several processes only the first serves the metrics (of them all).
+        self.metrics_endpoint = (
+            MetricsEndpoint(config.metrics, metrics, self._backend, serve=serve_metrics)
+            if metrics is not None
+            else None
+        )
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
@@ -135,6 +144,7 @@ class TokenwireServer:
             # A policy's close() is optional, as its start() is.
             *(c for p in reversed(self._policies) if (c := getattr(p, "close", None))),
             *(i.close for i in reversed(self._interceptors)),
+            *([self.metrics_endpoint.close] if self.metrics_endpoint else []),
             self._live.close,
             self._store.close,
         ):
@@ -145,6 +155,8 @@ class TokenwireServer:
 
     async def _start(self) -> None:
         await self.model.start()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.start()
         await self._store.open()
         await self._live.open()
         for interceptor in self._interceptors:

@@ -34,6 +34,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from tokenwire.backend import Capabilities, Chunk, GenerateRequest, LoadReport
 from tokenwire.errors import (
@@ -50,7 +51,7 @@ from tokenwire.router.remote import client_for
 from tokenwire.router.targets import parse_entry, worker_key
 from tokenwire.tls import channel_credentials
 
-__all__ = ["RoutedEngine", "resolve_workers"]
+__all__ = ["RoutedEngine", "RouterObserver", "resolve_workers"]
 
 _log = get_logger("tokenwire.router")
 _RETRY_AFTER_S = 0.5
@@ -58,11 +59,31 @@ _HEALTH_EVERY = 4  # polls between health checks where a load call answers the r
 _MAX_BATCH = 1 << 20  # admission is the router's own (check_admission), not a fixed count
 
 
+class RouterObserver(Protocol):
+    """What the router tells as it works (metrics count it); every method is cheap."""
+
+    def decided(self, worker: str) -> None:
+        """A turn was sent to ``worker``."""
+
+    def retried(self, worker: str) -> None:
+        """``worker`` failed before the first token; the turn tries another."""
+
+    def ejected(self, worker: str) -> None:
+        """``worker`` was taken out of rotation."""
+
+
 class RoutedEngine:
     """An engine whose requests run on the workers of ``config``; ``policy`` replaces
-    ``config.policy`` with a routing policy of one's own."""
+    ``config.policy`` with a routing policy of one's own, ``observer`` hears of every
+    decision, retry and ejection."""
 
-    def __init__(self, config: RouterConfig, *, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        policy: Policy | None = None,
+        observer: RouterObserver | None = None,
+    ) -> None:
         if not config.worker_list:
             raise ConfigError("router.workers names no worker")
         self.config = config
@@ -77,6 +98,7 @@ class RoutedEngine:
             eject_after_failures=config.eject_after_failures,
             eject_s=config.eject_s,
         )
+        self.observer = observer
         self._capabilities = Capabilities(model="", context_length=0)
         self._tasks: list[asyncio.Task[None]] = []
         self._pollers: dict[str, asyncio.Task[None]] = {}  # worker key -> its poll loop
@@ -177,6 +199,8 @@ class RoutedEngine:
                 break
             tried.append(worker.key)
             fleet.sent(worker, turn)
+            if self.observer is not None:
+                self.observer.decided(worker.key)
             started = time.monotonic()
             stream = _engine(worker).generate(request)
             got_first = False
@@ -188,7 +212,9 @@ class RoutedEngine:
                 except (UnavailableError, ResourceExhaustedError) as exc:
                     last = exc  # nothing reached the client: another worker may answer
                     if isinstance(exc, UnavailableError):
-                        fleet.failed(worker)  # a busy worker is not a failing one
+                        self._failed(worker)  # a busy worker is not a failing one
+                    if self.observer is not None:
+                        self.observer.retried(worker.key)
                     continue
                 got_first = True
                 fleet.first_token(worker, turn, time.monotonic() - started)
@@ -203,7 +229,7 @@ class RoutedEngine:
                     yield chunk
                     chunk = await stream.__anext__()
             except UnavailableError:
-                fleet.failed(worker)
+                self._failed(worker)
                 raise
             finally:
                 if not settled:
@@ -212,6 +238,10 @@ class RoutedEngine:
         if last is not None and not isinstance(last, ResourceExhaustedError):
             raise UnavailableError("no model worker could take the turn; retry shortly")
         raise _at_capacity()
+
+    def _failed(self, worker: WorkerState) -> None:
+        if self.fleet.failed(worker) and self.observer is not None:
+            self.observer.ejected(worker.key)
 
     def _finished(
         self, worker: WorkerState, turn: TurnView, got_first: bool, started: float, tokens: int
@@ -274,7 +304,7 @@ class RoutedEngine:
                 await self._check_model(worker, engine)
             report = await engine.poll(check_health=check_health or not worker.healthy)
         except Exception as exc:  # unreachable or refusing: count it
-            self.fleet.failed(worker)
+            self._failed(worker)
             if worker.failures == self.config.eject_after_failures:
                 _log.warning("worker ejected", worker=worker.key, error=str(exc))
             return

@@ -147,12 +147,16 @@ class Fleet:
         worker.healthy = True
         worker.failures = 0
 
-    def failed(self, worker: WorkerState) -> None:
-        """A call or a health check failed: eject after enough in a row."""
+    def failed(self, worker: WorkerState) -> bool:
+        """A call or a health check failed: eject after enough in a row. True when this
+        failure took the worker out of rotation."""
         worker.failures += 1
         if worker.failures >= self._eject_after:
+            ejecting = worker.healthy
             worker.healthy = False
             worker.ejected_until = self._clock() + self._eject_s
+            return ejecting
+        return False
 
     # -- choosing ------------------------------------------------------------
 

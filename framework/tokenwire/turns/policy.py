@@ -57,6 +57,9 @@ class TurnOutcome:
     prompt_tokens: int
     completion_tokens: int  # tokens the engine generated for this turn
     error: BaseException | None = None  # the failure, for FINISH_REASON_ERROR
+    time_to_first_token_s: float | None = None  # request to first text sent; None: none sent
+    streaming_s: float = 0.0  # first text sent to the end of the answer
+    filter_category: str = ""  # why an output filter cut the answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,25 @@ async def _finish(pending: Pending[BegunTurn]) -> BegunTurn:
     return await pending
 
 
+def _outcome(
+    state: TurnState,
+    reason: FinishReason,
+    prompt_tokens: int,
+    error: BaseException | None = None,
+) -> TurnOutcome:
+    """How the turn ended, as the policies' after_turn sees it (timings included)."""
+    first = state.first_token_at
+    return TurnOutcome(
+        reason,
+        prompt_tokens,
+        state.completion_tokens,
+        error,
+        time_to_first_token_s=None if first is None else first - state.received_at,
+        streaming_s=0.0 if first is None else time.perf_counter() - first,
+        filter_category=state.filter_category,
+    )
+
+
 class TurnRunner:
     """Runs turns against the served models, the conversation store and the policies.
 
@@ -307,16 +326,14 @@ class TurnRunner:
                         )
                         capacity.release()  # the engine stream is closed: the place is free
                         reserved = False
-                    outcome = TurnOutcome(
-                        state.reason, state.prompt_tokens, state.completion_tokens
-                    )
+                    outcome = _outcome(state, state.reason, state.prompt_tokens)
                 except BaseException as exc:  # GeneratorExit and CancelledError: cancelled
                     cancelled = not isinstance(exc, Exception)
-                    outcome = TurnOutcome(
+                    outcome = _outcome(
+                        state,
                         FinishReason.CANCELLED if cancelled else FinishReason.ERROR,
                         # A turn refused or cut before the engine got it used no tokens.
                         state.prompt_tokens if generating else 0,
-                        state.completion_tokens,
                         None if cancelled else exc,
                     )
                     raise

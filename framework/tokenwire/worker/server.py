@@ -29,6 +29,8 @@ from tokenwire.backend import Engine, create_backend
 from tokenwire.config import Config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import get_logger
+from tokenwire.metrics.endpoint import MetricsEndpoint
+from tokenwire.metrics.registry import Metrics
 from tokenwire.model.tokenizers import load_tokenizer
 from tokenwire.signals import until_stop_signal
 from tokenwire.tls import server_credentials
@@ -52,6 +54,12 @@ class WorkerServer:
                 f"backend {config.backend.name!r} is a text backend; a worker hosts token engines"
             )
         self.engine: Engine = backend
+        self.metrics = (
+            Metrics(tenant_labels=config.metrics.tenant_labels) if config.metrics.enabled else None
+        )
+        self.metrics_endpoint = (
+            MetricsEndpoint(config.metrics, self.metrics, backend) if self.metrics else None
+        )
         self._secret = config.worker.secret()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: grpc.aio.Server | None = None
@@ -71,12 +79,16 @@ class WorkerServer:
         try:
             await self._start()
         except BaseException:
+            if self.metrics_endpoint is not None:
+                await self.metrics_endpoint.close()
             await self.engine.close()
             raise
 
     async def _start(self) -> None:
         cfg = self.config.worker
         await self.engine.start()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.start()
         source = self.engine.capabilities.tokenizer
         if source is None:
             raise ConfigError(f"engine {type(self.engine).__name__} names no tokenizer")
@@ -87,6 +99,7 @@ class WorkerServer:
             archive=self._tokenizer_archive,
             model_path=self.config.backend.model_path,
             message_interval_s=cfg.message_interval_ms / 1000,
+            metrics=self.metrics,
         )
         interceptors = [_TokenInterceptor(self._secret)] if self._secret else []
         server = grpc.aio.server(
@@ -145,6 +158,8 @@ class WorkerServer:
             if self._servicer is not None:
                 await self._servicer.wait_idle(grace)
             await self._server.stop(max(0.0, until - loop.time()))
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.close()
         await self.engine.close()
         _log.info("worker stopped")
 

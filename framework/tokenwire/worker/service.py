@@ -26,6 +26,7 @@ from smg_grpc_proto.generated import common_pb2
 from tokenwire.backend import Chunk, Engine, FinishReason
 from tokenwire.errors import TokenwireError, status_of
 from tokenwire.logs import get_logger
+from tokenwire.metrics.registry import Metrics
 from tokenwire.streams import Pending, poll_next, wait_set
 from tokenwire.worker.protocol import (
     complete_message,
@@ -61,8 +62,10 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         archive: Callable[[], Awaitable[bytes]],
         model_path: str = "",
         message_interval_s: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
         self._interval = message_interval_s
         self._eos = eos_token_ids
         self._archive = archive
@@ -158,13 +161,16 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                 if failure is not None:
                     raise failure
                 if chunk.finish_reason is not None:
+                    self._count(chunk.finish_reason.value)
                     yield complete_message(chunk, running.output)
                     return
                 if running.aborted:
+                    self._count("cancelled")
                     yield self._aborted(job.prompt_token_ids, running)
                     return
         except asyncio.CancelledError:
             task = running.task
+            self._count("cancelled")
             if running.aborted and task is not None and task.uncancel() == 0:
                 yield self._aborted(job.prompt_token_ids, running)
                 return
@@ -172,6 +178,7 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # the engine's own errors keep their status; others: INTERNAL
+            self._count("error")
             if not isinstance(exc, TokenwireError):
                 _log.exception("engine failed", request_id=job.request_id)
             code, message, _ = status_of(exc)
@@ -183,6 +190,10 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
             if not self._running:
                 self._idle.set()
             await stream.aclose()  # type: ignore[attr-defined]
+
+    def _count(self, finish_reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.worker_requests.labels(finish_reason).inc()
 
     @staticmethod
     def _aborted(prompt: Sequence[int], running: _Running) -> pb.GenerateResponse:
