@@ -17,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import multiprocessing
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
 
 from tokenwire.config import load_config
 from tokenwire.errors import ConfigError
 from tokenwire.logs import configure_logging, get_logger
+from tokenwire.metrics.endpoint import MULTIPROCESS_ENV
 from tokenwire.server import TokenwireServer
 from tokenwire.signals import until_stop_signal
 
@@ -37,7 +40,8 @@ def _child(config_file: str | None, overrides: dict[str, str]) -> None:
     _end_with_parent()
     config = load_config(config_file, overrides=overrides)
     configure_logging(config.logging)
-    asyncio.run(TokenwireServer(config).serve())
+    # The first process serves the metrics of all (PROMETHEUS_MULTIPROC_DIR, inherited).
+    asyncio.run(TokenwireServer(config, serve_metrics=False).serve())
 
 
 async def serve_processes(
@@ -55,6 +59,12 @@ async def serve_processes(
     configure_logging(config.logging)
     if processes > 1 and config.server.listen.rsplit(":", 1)[-1] == "0":
         raise ConfigError("--processes needs a fixed port: processes cannot share port 0")
+    metrics_dir = None
+    if processes > 1 and config.metrics.enabled and not os.environ.get(MULTIPROCESS_ENV):
+        # Every process writes its metrics here; the first serves their sum. Set before
+        # any metric exists, and inherited by the children.
+        metrics_dir = tempfile.TemporaryDirectory(prefix="tokenwire-metrics-")
+        os.environ[MULTIPROCESS_ENV] = metrics_dir.name
     server = TokenwireServer(config)
     await server.start()
     context = multiprocessing.get_context("spawn")  # no inherited event loop or gRPC state
@@ -78,6 +88,8 @@ async def serve_processes(
             await asyncio.to_thread(child.join, config.server.grace_period_s + 10)
             if child.is_alive():
                 child.kill()
+        if metrics_dir is not None:
+            metrics_dir.cleanup()
 
 
 def _end_with_parent() -> None:
