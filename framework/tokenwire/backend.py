@@ -93,6 +93,9 @@ class GenerateRequest:
     stop_token_ids: frozenset[int] = frozenset()
     cache_scope: str = ""
     shared_prefix_tokens: int = 0
+    # W3C trace context (``traceparent``) of the turn, as call metadata: engines that
+    # call another service pass it on; others ignore it.
+    trace_metadata: tuple[tuple[str, str], ...] = ()
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

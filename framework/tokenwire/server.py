@@ -47,6 +47,7 @@ from tokenwire.signals import until_stop_signal
 from tokenwire.stores import open_store_from_config
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.tls import server_credentials
+from tokenwire.tracing.spans import Tracing
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.turns.runner import TurnRunner
 
@@ -84,8 +85,11 @@ class TokenwireServer:
         interceptors: Sequence[Interceptor] | None = None,
         policies: Sequence[TurnPolicy] | None = None,
         serve_metrics: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        # Spans of every turn with tracing.enabled (``tracing`` replaces the OTLP export).
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
         self.pipeline = build_pipeline(config, interceptors=interceptors, policies=policies)
         self._interceptors = list(self.pipeline.interceptors)
         self._policies = list(self.pipeline.policies)
@@ -93,7 +97,11 @@ class TokenwireServer:
         if backend is None:
             # Workers named: every turn goes to one of them; else the engine runs here.
             backend = (
-                RoutedEngine(config.router, observer=metrics.router_events() if metrics else None)
+                RoutedEngine(
+                    config.router,
+                    observer=metrics.router_events() if metrics else None,
+                    tracing=self.tracing,
+                )
                 if config.router.worker_list
                 else create_backend(config.backend)
             )
@@ -145,6 +153,7 @@ class TokenwireServer:
             *(c for p in reversed(self._policies) if (c := getattr(p, "close", None))),
             *(i.close for i in reversed(self._interceptors)),
             *([self.metrics_endpoint.close] if self.metrics_endpoint else []),
+            *([self._close_tracing] if self.tracing else []),
             self._live.close,
             self._store.close,
         ):
@@ -191,6 +200,7 @@ class TokenwireServer:
             coalesce_chunks=cfg.coalesce_chunks,
             coalesce_budget_us=cfg.coalesce_budget_us,
             live=self._live,
+            tracing=self.tracing,
         )
         self._chat = ChatServicer(runner, outbox_limit=cfg.converse_outbox_messages)
         chat_pb2_grpc.add_ChatServiceServicer_to_server(self._chat, server)
@@ -230,6 +240,10 @@ class TokenwireServer:
                 "all of them share one set of conversations; set auth.enabled = true",
                 address=self.address,
             )
+
+    async def _close_tracing(self) -> None:
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # exports what is buffered
 
     def _add_inference(
         self, server: grpc.aio.Server, runner: TurnRunner, models: dict[str, ChatModel]

@@ -145,7 +145,13 @@ class ChatModel(Protocol):
 
     def stream(self, turn: PreparedTurn, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]: ...
 
-    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer: ...
+    def answer(
+        self,
+        turn: PreparedTurn,
+        request_id: str,
+        cache_scope: str = "",
+        trace_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Answer: ...
 
 
 async def _stream(answer: Answer, name: str, request_id: str) -> AsyncIterator[TextDelta | TurnEnd]:
@@ -306,9 +312,16 @@ class EngineFrontend:
             self._heads[system] = head
         return common_prefix(head, turn.prompt_token_ids)
 
-    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer:
+    def answer(
+        self,
+        turn: PreparedTurn,
+        request_id: str,
+        cache_scope: str = "",
+        trace_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Answer:
         """The engine's chunks for ``turn`` and their decoder (detokenizer, stop strings);
-        ``cache_scope`` is what the engine may share cached keys within (a conversation)."""
+        ``cache_scope`` is what the engine may share cached keys within (a conversation),
+        ``trace_metadata`` the turn's trace context."""
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=turn.prompt_token_ids,
@@ -317,6 +330,7 @@ class EngineFrontend:
             stop_token_ids=self.tokenizer.eos_token_ids,
             cache_scope=cache_scope,
             shared_prefix_tokens=self.shared_prefix_tokens(turn),
+            trace_metadata=trace_metadata,
         )
         decoder = _EngineDecoder(self.tokenizer.detokenizer().step, turn)
         return Answer(self._engine.generate(request), decoder.decode)  # type: ignore[arg-type]
@@ -397,7 +411,13 @@ class TextFrontend:
         """Stream the answer; closing this iterator stops the backend's work."""
         return _stream(self.answer(turn, request_id), self.name, request_id)
 
-    def answer(self, turn: PreparedTurn, request_id: str, cache_scope: str = "") -> Answer:
+    def answer(
+        self,
+        turn: PreparedTurn,
+        request_id: str,
+        cache_scope: str = "",
+        trace_metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Answer:
         """The backend's text chunks for ``turn``, passed through (a text backend keeps
         its own caches: ``cache_scope`` is not used)."""
         request = TextRequest(

@@ -309,7 +309,7 @@ class EngineClient:
         return healthy
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        metadata = self._generate_metadata
+        metadata = self._generate_metadata + request.trace_metadata
         if request.cache_scope or request.shared_prefix_tokens:
             metadata = (
                 *metadata,

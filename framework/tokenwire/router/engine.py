@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenwire.backend import Capabilities, Chunk, GenerateRequest, LoadReport
 from tokenwire.errors import (
@@ -50,6 +51,9 @@ from tokenwire.router.fleet import Fleet, Policy, TurnView, WorkerState
 from tokenwire.router.remote import client_for
 from tokenwire.router.targets import parse_entry, worker_key
 from tokenwire.tls import channel_credentials
+
+if TYPE_CHECKING:
+    from tokenwire.tracing.spans import Tracing
 
 __all__ = ["RoutedEngine", "RouterObserver", "resolve_workers"]
 
@@ -75,7 +79,8 @@ class RouterObserver(Protocol):
 class RoutedEngine:
     """An engine whose requests run on the workers of ``config``; ``policy`` replaces
     ``config.policy`` with a routing policy of one's own, ``observer`` hears of every
-    decision, retry and ejection."""
+    decision, retry and ejection, ``tracing`` records a span per turn (the router's,
+    between the gateway's and the worker's)."""
 
     def __init__(
         self,
@@ -83,6 +88,7 @@ class RoutedEngine:
         *,
         policy: Policy | None = None,
         observer: RouterObserver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if not config.worker_list:
             raise ConfigError("router.workers names no worker")
@@ -99,6 +105,7 @@ class RoutedEngine:
             eject_s=config.eject_s,
         )
         self.observer = observer
+        self._tracing = tracing
         self._capabilities = Capabilities(model="", context_length=0)
         self._tasks: list[asyncio.Task[None]] = []
         self._pollers: dict[str, asyncio.Task[None]] = {}  # worker key -> its poll loop
@@ -187,6 +194,24 @@ class RoutedEngine:
             raise UnavailableError("no model worker is available; retry shortly")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        if self._tracing is None or not request.trace_metadata:
+            async for chunk in self._generate(request, None):
+                yield chunk
+            return
+        span = self._tracing.start(
+            "tokenwire.route",
+            request.trace_metadata,
+            {"router.policy": str(self.config.policy)},
+        )
+        try:
+            # The worker's span is the router's child.
+            routed = dataclasses.replace(request, trace_metadata=self._tracing.inject(span))
+            async for chunk in self._generate(routed, span):
+                yield chunk
+        finally:
+            span.end()
+
+    async def _generate(self, request: GenerateRequest, span: Any) -> AsyncIterator[Chunk]:
         turn = TurnView(
             len(request.prompt_token_ids), request.cache_scope, request.shared_prefix_tokens
         )
@@ -201,6 +226,9 @@ class RoutedEngine:
             fleet.sent(worker, turn)
             if self.observer is not None:
                 self.observer.decided(worker.key)
+            if span is not None:
+                span.set_attribute("router.worker", worker.key)
+                span.set_attribute("router.attempts", len(tried))
             started = time.monotonic()
             stream = _engine(worker).generate(request)
             got_first = False

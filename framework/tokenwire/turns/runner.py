@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import structlog
 
 from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.config import LimitsConfig
@@ -41,11 +43,15 @@ from tokenwire.logs import get_logger
 from tokenwire.model.frontend import ChatModel, PreparedTurn
 from tokenwire.stores.conversations import BegunTurn, ConversationStore, TurnEnd
 from tokenwire.streams import Pending, finish_shielded, poll_next, start_now, wait_set
+from tokenwire.tracing.spans import trace_id_of
 from tokenwire.turns.admission import Capacity, validate_request
 from tokenwire.turns.events import Started, TurnEvents, TurnRequest, TurnState, new_message_id
 from tokenwire.turns.history import fit_history
 from tokenwire.turns.policy import TurnInfo, TurnOutcome, TurnPolicy
 from tokenwire.turns.replay import replay_turn
+
+if TYPE_CHECKING:
+    from tokenwire.tracing.spans import Tracing
 
 __all__ = ["TurnRunner"]
 
@@ -56,6 +62,14 @@ Out = TypeVar("Out")
 
 async def _finish(pending: Pending[BegunTurn]) -> BegunTurn:
     return await pending
+
+
+def _end_span(span: Any, state: TurnState) -> None:
+    span.set_attribute("turn.conversation_id", state.conversation_id)
+    span.set_attribute("turn.finish_reason", state.reason.value)
+    span.set_attribute("turn.prompt_tokens", state.prompt_tokens)
+    span.set_attribute("turn.completion_tokens", state.completion_tokens)
+    span.end()
 
 
 def _outcome(
@@ -95,6 +109,7 @@ class TurnRunner:
         coalesce_chunks: int = 16,
         coalesce_budget_us: float = 100.0,
         live: LiveBus | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
@@ -110,6 +125,7 @@ class TurnRunner:
         self._coalesce = max(1, coalesce_chunks)
         self._budget = max(0.0, coalesce_budget_us) / 1e6
         self._live = live
+        self._tracing = tracing
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -167,6 +183,12 @@ class TurnRunner:
         state = state if state is not None else TurnState()
         self._active += 1
         self._idle.clear()
+        span = trace = None
+        if self._tracing is not None:  # the turn's span: the root of its trace
+            span = self._tracing.start("tokenwire.turn", attributes={"turn.id": state.turn_id})
+            trace = self._tracing.inject(span)
+            # The call's log lines from here carry it, as they carry its request id.
+            structlog.contextvars.bind_contextvars(trace_id=trace_id_of(span))
         try:
             principal = call.principal
             if principal is None:  # fail closed: never serve a turn as nobody in particular
@@ -222,7 +244,9 @@ class TurnRunner:
                             )
                         )
                         generating = True  # from here the engine has the prompt
-                        answer = model.answer(turn, state.turn_id, state.conversation_id)
+                        answer = model.answer(
+                            turn, state.turn_id, state.conversation_id, trace or ()
+                        )
                         chunks, decode, delta = answer.chunks, answer.decode, events.delta
                         screens = [
                             (f.feed_now if getattr(f, "synchronous", False) else None, f)  # type: ignore[attr-defined]
@@ -355,6 +379,8 @@ class TurnRunner:
             state.final_sent = True
             yield events.finished(state.finished_event())
         finally:
+            if span is not None:
+                _end_span(span, state)
             self._active -= 1
             if not self._active:
                 self._idle.set()

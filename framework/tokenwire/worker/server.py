@@ -34,6 +34,7 @@ from tokenwire.metrics.registry import Metrics
 from tokenwire.model.tokenizers import load_tokenizer
 from tokenwire.signals import until_stop_signal
 from tokenwire.tls import server_credentials
+from tokenwire.tracing.spans import Tracing
 from tokenwire.worker.service import EngineServicer
 from tokenwire.worker.tokenizer_files import pack_tokenizer
 
@@ -46,8 +47,11 @@ _log = get_logger("tokenwire.worker")
 class WorkerServer:
     """A worker built from configuration, or around a ready-made ``engine``."""
 
-    def __init__(self, config: Config, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, config: Config, *, engine: Engine | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
         backend = engine if engine is not None else create_backend(config.backend)
         if not isinstance(backend, Engine):
             raise ConfigError(
@@ -100,6 +104,7 @@ class WorkerServer:
             model_path=self.config.backend.model_path,
             message_interval_s=cfg.message_interval_ms / 1000,
             metrics=self.metrics,
+            tracing=self.tracing,
         )
         interceptors = [_TokenInterceptor(self._secret)] if self._secret else []
         server = grpc.aio.server(
@@ -160,6 +165,8 @@ class WorkerServer:
             await self._server.stop(max(0.0, until - loop.time()))
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)
         await self.engine.close()
         _log.info("worker stopped")
 

@@ -28,6 +28,7 @@ from tokenwire.errors import TokenwireError, status_of
 from tokenwire.logs import get_logger
 from tokenwire.metrics.registry import Metrics
 from tokenwire.streams import Pending, poll_next, wait_set
+from tokenwire.tracing.spans import Tracing
 from tokenwire.worker.protocol import (
     complete_message,
     message_interval_of,
@@ -63,9 +64,11 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
         model_path: str = "",
         message_interval_s: float = 0.0,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._tracing = tracing
         self._interval = message_interval_s
         self._eos = eos_token_ids
         self._archive = archive
@@ -108,6 +111,17 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
                 grpc.StatusCode.ALREADY_EXISTS, f"request {job.request_id!r} is already running"
             )
         self._last_request = time.time()
+        spans: tuple[Any, Any] | None = None
+        if self._tracing is not None:  # continues the gateway's trace, if it sent one
+            worker_span = self._tracing.start(
+                "tokenwire.worker", metadata, {"request.id": job.request_id}
+            )
+            engine_span = self._tracing.start(
+                "tokenwire.engine",
+                self._tracing.inject(worker_span),
+                {"engine.prompt_tokens": len(job.prompt_token_ids)},
+            )
+            spans = (worker_span, engine_span)
         running = _Running(asyncio.current_task())
         self._running[job.request_id] = running
         self._idle.clear()
@@ -184,6 +198,10 @@ class EngineServicer(pb_grpc.VllmEngineServicer):  # type: ignore[misc]
             code, message, _ = status_of(exc)
             await context.abort(grpc.StatusCode[code.name], message)
         finally:
+            if spans is not None:
+                spans[1].set_attribute("engine.completion_tokens", len(running.output))
+                for span in reversed(spans):
+                    span.end()
             if pending is not None:
                 await pending.abandon()
             del self._running[job.request_id]
