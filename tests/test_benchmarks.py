@@ -262,3 +262,21 @@ def test_gateway_hop_benchmark_counts_every_token_of_both_arms() -> None:
         assert 1 == len(arm.rounds)
         assert 2 * 2 * 4 == arm.rounds[0].tokens
         assert 4 == len(arm.rounds[0].ttfts)
+
+
+async def test_observability_benchmark_measures_every_arm() -> None:
+    """A tiny run: off, metrics and metrics+tracing each stream every token of every turn."""
+    from benchmarks.measure import RunSettings
+    from benchmarks.observability import ARMS, format_report, measure_observability
+
+    settings = RunSettings(
+        concurrency=(2,), max_tokens=8, tokens_per_run=32, min_turns=2, rounds=1,
+        client_process=False,
+    )  # fmt: skip
+    rows, seconds = await measure_observability(settings)
+    [row] = rows
+    assert set(ARMS) == set(row.arms)
+    for arm in row.arms.values():
+        assert 0 == arm.failed_turns
+        assert 2 * row.turns * 8 == arm.runs[0].tokens
+    assert "metrics+tracing" in format_report(rows, settings, seconds)

@@ -24,6 +24,7 @@ from tokenwire.proto.v1 import chat_pb2_grpc, conversations_pb2_grpc, models_pb2
 from tokenwire.server import TokenwireServer
 from tokenwire.stores.conversations import ConversationStore
 from tokenwire.stores.sqlite import SQLiteConversationStore
+from tokenwire.tracing.spans import Tracing
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.worker.config import WorkerConfig
 from tokenwire.worker.server import WorkerServer
@@ -111,11 +112,12 @@ async def running_server(
     live: LiveBus | None = None,
     interceptors: Sequence[Interceptor] | None = None,
     policies: Sequence[TurnPolicy] | None = None,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Start a server around ``backend`` on a free port; stop it (grace 0) on exit.
 
     ``interceptors`` and ``policies`` replace the ones ``config`` declares (see
-    :mod:`tokenwire.pipeline`).
+    :mod:`tokenwire.pipeline`); ``tracing`` replaces the OTLP export of spans.
     """
     config = config or config_for_tests()
     server = TokenwireServer(
@@ -125,6 +127,7 @@ async def running_server(
         live=live,
         interceptors=interceptors,
         policies=policies,
+        tracing=tracing,
     )
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)

@@ -33,9 +33,10 @@ _KEYS = ("traceparent", "tracestate")
 class Tracing:
     """Starts spans with parents from call metadata and writes span contexts into it."""
 
-    def __init__(self, config: TracingConfig, *, exporter: Any = None) -> None:
+    def __init__(self, config: TracingConfig, *, exporter: Any = None, batch: bool = False) -> None:
         """``exporter`` (an OpenTelemetry SpanExporter) replaces the OTLP one, exported
-        span by span (tests use an in-memory exporter)."""
+        span by span (tests use an in-memory exporter), or in batches as the OTLP one
+        is with ``batch``."""
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
@@ -61,7 +62,8 @@ class Tracing:
             exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http:"))
             self._provider.add_span_processor(BatchSpanProcessor(exporter))
         else:
-            self._provider.add_span_processor(SimpleSpanProcessor(exporter))
+            processor = BatchSpanProcessor if batch else SimpleSpanProcessor
+            self._provider.add_span_processor(processor(exporter))
         self._tracer = self._provider.get_tracer("tokenwire")
         self._propagator = TraceContextTextMapPropagator()
 
