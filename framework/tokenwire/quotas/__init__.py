@@ -18,6 +18,9 @@ from tokenwire.quotas.memory import MemoryQuotaStore
 from tokenwire.quotas.store import (
     ALLOWED,
     Admission,
+    Budget,
+    BudgetCharge,
+    BudgetStore,
     Lease,
     QuotaStore,
     QuotaStoreError,
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ALLOWED",
     "Admission",
+    "Budget",
+    "BudgetCharge",
+    "BudgetStore",
     "Lease",
     "MemoryQuotaStore",
     "PlanLimits",

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from tokenwire.quotas.store import (
     ALLOWED,
     Admission,
+    Budget,
+    BudgetCharge,
     Lease,
     Rate,
     Reservation,
@@ -41,6 +43,9 @@ class MemoryQuotaStore:
         self._tat: dict[str, float] = {}
         self._leases: dict[str, set[str]] = {}
         self._ops = 0
+        # Budget counters: key -> [units, expires_at (unix seconds)].
+        self._budgets: dict[str, list[float]] = {}
+        self._budget_ops = 0
 
     async def start(self) -> None:
         """Nothing to connect."""
@@ -49,6 +54,7 @@ class MemoryQuotaStore:
         """Forget everything."""
         self._tat.clear()
         self._leases.clear()
+        self._budgets.clear()
 
     def _take(self, rates: Sequence[Rate], cost: int) -> tuple[Verdict, tuple[float, ...]]:
         now = self._clock()
@@ -171,6 +177,43 @@ class MemoryQuotaStore:
     async def in_use(self, slot: Slot) -> int:
         """Live leases on the slot's key."""
         return len(self._leases.get(slot.key, ()))
+
+    async def charge_budget(self, budget: Budget, amount: int) -> tuple[int, BudgetCharge | None]:
+        """Add ``amount`` to the period's counter unless it would pass the limit."""
+        self._budget_ops += 1
+        if self._budget_ops % _SWEEP_EVERY == 0:
+            now = time.time()
+            for key in [k for k, (_, until) in self._budgets.items() if until <= now]:
+                del self._budgets[key]
+        counter = self._counter(budget.key)
+        used = int(counter[0]) if counter is not None else 0
+        if used + amount > budget.limit:
+            return used, None
+        if counter is None:
+            counter = self._budgets[budget.key] = [0, budget.expires_at]
+        counter[0] = used + amount
+        if budget.expires_at <= time.time():  # as Redis does with an expiry in the past
+            del self._budgets[budget.key]
+        return used + amount, BudgetCharge(budget, amount)
+
+    def settle_budget(self, charge: BudgetCharge, actual: int) -> None:
+        """Correct the charge to ``actual``; nothing once the counter is gone."""
+        counter = self._counter(charge.budget.key)
+        if counter is not None:
+            counter[0] = max(0, int(counter[0]) + actual - charge.amount)
+
+    async def budget_used(self, budget: Budget) -> int:
+        """Units the period's counter holds."""
+        counter = self._counter(budget.key)
+        return 0 if counter is None else int(counter[0])
+
+    def _counter(self, key: str) -> list[float] | None:
+        # Expiry is unix time (Budget.expires_at), so the wall clock, not self._clock.
+        counter = self._budgets.get(key)
+        if counter is not None and counter[1] <= time.time():
+            del self._budgets[key]
+            return None
+        return counter
 
     def _sweep(self, now: float) -> None:
         for key in [key for key, tat in self._tat.items() if tat <= now]:

@@ -44,6 +44,8 @@ from tokenwire.quotas import redis_scripts as scripts
 from tokenwire.quotas.store import (
     ALLOWED,
     Admission,
+    Budget,
+    BudgetCharge,
     Lease,
     QuotaStoreError,
     Rate,
@@ -104,6 +106,8 @@ class RedisQuotaStore:
         self._used = self._client.register_script(scripts.USED)
         self._in_use = self._client.register_script(scripts.IN_USE)
         self._admit = self._client.register_script(scripts.ADMIT)
+        self._budget_charge = self._client.register_script(scripts.BUDGET_CHARGE)
+        self._budget_settle = self._client.register_script(scripts.BUDGET_SETTLE)
         self._live: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
@@ -253,6 +257,29 @@ class RedisQuotaStore:
         if self._pending and self._flusher is None and not self._closed:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
+    async def charge_budget(self, budget: Budget, amount: int) -> tuple[int, BudgetCharge | None]:
+        """Add ``amount`` to the period's counter unless it would pass the limit: one
+        script, sent in one round trip with whatever settlements are pending."""
+        args = [budget.limit, amount, int(budget.expires_at * 1000)]
+        op: _Op = (self._budget_charge, [self._prefix + budget.key], args)
+        allowed, used = (await self._send([op]))[-1]
+        return int(used), BudgetCharge(budget, amount) if int(allowed) == 1 else None
+
+    def settle_budget(self, charge: BudgetCharge, actual: int) -> None:
+        """Queue the correction; the next call (or a flush within milliseconds) sends it."""
+        if actual == charge.amount:
+            return
+        key = self._prefix + charge.budget.key
+        self._pending.append((self._budget_settle, [key], [actual - charge.amount]))
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def budget_used(self, budget: Budget) -> int:
+        """Units the period's counter holds (pending settlements sent first)."""
+        await self._send([])
+        async with _redis_errors():
+            return int(await self._client.get(self._prefix + budget.key) or 0)
+
     async def _flush_soon(self) -> None:
         await asyncio.sleep(_FLUSH_DELAY_S)
         self._flusher = None
@@ -291,7 +318,7 @@ class RedisQuotaStore:
 
     async def _load_scripts(self) -> None:
         async with _redis_errors():
-            for script in (self._admit, self._settle):
+            for script in (self._admit, self._settle, self._budget_charge, self._budget_settle):
                 await self._client.script_load(script.script)
 
     async def used(self, rate: Rate) -> float:

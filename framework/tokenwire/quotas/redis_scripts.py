@@ -3,7 +3,19 @@ Redis, on Redis's own clock (``TIME``). See :mod:`tokenwire.quotas.redis`."""
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "ADMIT", "IN_USE", "NOW", "RENEW", "SETTLE", "STAGES", "TAKE", "USED"]
+__all__ = [
+    "ACQUIRE",
+    "ADMIT",
+    "BUDGET_CHARGE",
+    "BUDGET_SETTLE",
+    "IN_USE",
+    "NOW",
+    "RENEW",
+    "SETTLE",
+    "STAGES",
+    "TAKE",
+    "USED",
+]
 
 NOW = """
 local t = redis.call('TIME')
@@ -190,3 +202,23 @@ return string.format('%.6f', (tat - now) * tonumber(ARGV[1]) / tonumber(ARGV[2])
 
 # KEYS[1]: a slot key. Returns the live leases.
 IN_USE = NOW + "return redis.call('ZCOUNT', KEYS[1], string.format('(%.3f', now), '+inf')"
+
+# A budget's charge. KEYS[1]: the period's counter. ARGV: limit, amount, expiry (unix ms,
+# the period's end). Returns {1, units after} or {0, units now} (refused, nothing added).
+BUDGET_CHARGE = """
+local used = tonumber(redis.call('GET', KEYS[1])) or 0
+if used + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return {1, used}
+"""
+
+# A budget's settlement. KEYS[1]: the period's counter. ARGV: actual - charged.
+# A counter already gone (its period is over) stays gone; none goes below 0.
+BUDGET_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+  if used < 0 then redis.call('INCRBY', KEYS[1], -used) end
+end
+return 1
+"""

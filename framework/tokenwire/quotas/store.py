@@ -24,6 +24,14 @@ amount and drains out of the bucket like any use, within one window; nothing is
 held forever. A refund only returns the part of the reservation still in the
 bucket (the rest has drained already), so settling late never mints capacity.
 
+Budgets are plain counters for a fixed period (a tenant's tokens per day or
+month): ``charge_budget`` adds an amount unless the total would pass the
+limit, and the counter disappears when the period is over (``Budget.expires_at``;
+the period is part of its key, so a new period starts at 0). A charge is a
+reservation too: ``settle_budget`` corrects it to what was used, without waiting,
+and a settlement that arrives after its period ended changes nothing. See
+:class:`BudgetStore`; both stores implement it.
+
 Stream slots are leases: ``acquire`` takes one slot on every key (all or none)
 and returns a :class:`Lease`; ``release`` (idempotent) returns them. The
 in-memory store's leases die with its process; the Redis store's expire unless
@@ -40,6 +48,9 @@ from typing import Protocol, runtime_checkable
 __all__ = [
     "ALLOWED",
     "Admission",
+    "Budget",
+    "BudgetCharge",
+    "BudgetStore",
     "Lease",
     "QuotaStore",
     "QuotaStoreError",
@@ -125,6 +136,24 @@ class Admission:
     reservation: Reservation | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """At most ``limit`` units on ``key`` until ``expires_at`` (unix seconds), when the
+    counter is dropped; ``key`` names the period, so the next period starts afresh."""
+
+    key: str
+    limit: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCharge:
+    """``amount`` units charged to ``budget``, to be settled."""
+
+    budget: Budget
+    amount: int
+
+
 def retry_delay(excess_s: float) -> float:
     """An excess in seconds as an advertised delay: rounded up to the millisecond, > 0."""
     if math.isinf(excess_s):
@@ -186,4 +215,38 @@ class QuotaStore(Protocol):
 
     async def in_use(self, slot: Slot) -> int:
         """Live leases on ``slot``'s key."""
+        ...
+
+
+@runtime_checkable
+class BudgetStore(Protocol):
+    """Per-period counters beside the quota buckets: one atomic check-and-add per charge.
+
+    :class:`~tokenwire.quotas.MemoryQuotaStore` and
+    :class:`~tokenwire.quotas.RedisQuotaStore` are both budget stores, so a budget is
+    shared by the same processes that share the quotas.
+    """
+
+    async def start(self) -> None:
+        """Connect (as :meth:`QuotaStore.start`)."""
+        ...
+
+    async def close(self) -> None:
+        """Send what is pending and release connections (as :meth:`QuotaStore.close`)."""
+        ...
+
+    async def charge_budget(self, budget: Budget, amount: int) -> tuple[int, BudgetCharge | None]:
+        """Add ``amount`` unless the total would pass ``budget.limit``. Returns the units
+        counted (after the charge; when refused, as they stand) and the charge, or None
+        when refused (nothing was added)."""
+        ...
+
+    def settle_budget(self, charge: BudgetCharge, actual: int) -> None:
+        """Correct ``charge`` to ``actual`` units without waiting (a remote store sends it
+        with its next call, or within milliseconds); never below 0, and nothing once
+        the period's counter is gone."""
+        ...
+
+    async def budget_used(self, budget: Budget) -> int:
+        """Units counted on ``budget`` now (settlements sent first)."""
         ...
