@@ -1,27 +1,37 @@
-"""``tokenwire.v1.AdminService``: API keys over gRPC (the auth interceptor admits admins only).
+"""``tokenwire.v1.AdminService``: API keys and usage over gRPC (the auth interceptor
+admits admins only).
 
-    add_admin_service(server, auth.key_store)   # the AuthInterceptor's caching store
+    add_admin_service(server, auth.key_store, usage=UsageReport(store, config.usage))
 
 Every change is logged with who made it (``tokenwire.audit``), never with a secret.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from tokenwire.auth.keys import ApiKey, KeyStore, make_principal
 from tokenwire.context import current_principal
+from tokenwire.errors import FailedPreconditionError, InvalidArgumentError
 from tokenwire.logs import get_logger
 from tokenwire.proto.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from tokenwire.usage.report import UsageReport
 
 __all__ = ["ADMIN_SERVICE_NAME", "AdminServicer", "add_admin_service", "api_key_message"]
 
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 _audit = get_logger("tokenwire.audit")
 Context = grpc.aio.ServicerContext[Any, Any]
+_GROUPS = {
+    admin_pb2.USAGE_GROUP_BY_TENANT: "tenant",
+    admin_pb2.USAGE_GROUP_BY_USER: "user",
+    admin_pb2.USAGE_GROUP_BY_MODEL: "model",
+}
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -47,11 +57,20 @@ def api_key_message(key: ApiKey) -> admin_pb2.ApiKey:
     return message
 
 
-class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Creates, lists and revokes API keys in ``key_store``."""
+def _seconds(request: admin_pb2.GetUsageRequest, name: str) -> float:
+    if not request.HasField(name):  # type: ignore[arg-type]
+        raise InvalidArgumentError(f"{name} is required")
+    stamp: timestamp_pb2.Timestamp = getattr(request, name)
+    return stamp.seconds + stamp.nanos / 1e9
 
-    def __init__(self, key_store: KeyStore) -> None:
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """Creates, lists and revokes API keys in ``key_store``; reports ``usage``
+    (None: GetUsage is FAILED_PRECONDITION, usage is not recorded)."""
+
+    def __init__(self, key_store: KeyStore, usage: UsageReport | None = None) -> None:
         self.key_store = key_store
+        self.usage = usage
 
     async def CreateApiKey(
         self, request: admin_pb2.CreateApiKeyRequest, context: Context
@@ -89,9 +108,41 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         _audit.info("api key revoked", key_id=key.id, by=current_principal().owner)
         return admin_pb2.RevokeApiKeyResponse(key=api_key_message(key))
 
+    async def GetUsage(
+        self, request: admin_pb2.GetUsageRequest, context: Context
+    ) -> admin_pb2.GetUsageResponse:
+        start, end = _seconds(request, "start_time"), _seconds(request, "end_time")
+        group_by = _GROUPS.get(request.group_by)
+        if group_by is None:
+            raise InvalidArgumentError("group_by is required: TENANT, USER or MODEL")
+        if self.usage is None:
+            raise FailedPreconditionError("this server does not record usage (usage.enabled)")
+        rows = await self.usage.usage(
+            start=start, end=end, group_by=group_by, tenant=request.tenant
+        )
+        return admin_pb2.GetUsageResponse(
+            rows=[
+                admin_pb2.UsageRow(
+                    key=row.key,
+                    turns=row.turns,
+                    prompt_tokens=row.prompt_tokens,
+                    completion_tokens=row.completion_tokens,
+                    cost=row.cost_float,
+                    cost_micros=row.cost_micros,
+                )
+                for row in rows
+            ],
+            currency=self.usage.currency,
+        )
 
-def add_admin_service(server: grpc.aio.Server, key_store: KeyStore) -> AdminServicer:
-    """Serve the AdminService on ``server``; add ``ADMIN_SERVICE_NAME`` to reflection."""
-    servicer = AdminServicer(key_store)
+
+def add_admin_service(
+    server: grpc.aio.Server, key_store: KeyStore, *, usage: UsageReport | None = None
+) -> AdminServicer:
+    """Serve the AdminService on ``server``; add ``ADMIN_SERVICE_NAME`` to reflection.
+
+    ``usage`` answers GetUsage; without it GetUsage is FAILED_PRECONDITION.
+    """
+    servicer = AdminServicer(key_store, usage)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
     return servicer

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tokenwire/v1/admin.proto\x12\x0ctokenwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\n \x01(\x0e\x32\x19.tokenwire.v1.ApiKeyState\"e\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.tokenwire.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"d\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\"R\n\x13ListApiKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.tokenwire.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x14RevokeApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.tokenwire.v1.ApiKey*a\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x02\x32\x90\x02\n\x0c\x41\x64minService\x12U\n\x0c\x43reateApiKey\x12!.tokenwire.v1.CreateApiKeyRequest\x1a\".tokenwire.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .tokenwire.v1.ListApiKeysRequest\x1a!.tokenwire.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.tokenwire.v1.RevokeApiKeyRequest\x1a\".tokenwire.v1.RevokeApiKeyResponseBT\n\x10\x64\x65v.tokenwire.v1P\x01Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tokenwire/v1/admin.proto\x12\x0ctokenwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfe\x01\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\r\n\x05roles\x18\x05 \x03(\t\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05state\x18\n \x01(\x0e\x32\x19.tokenwire.v1.ApiKeyState\"e\n\x13\x43reateApiKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x0c\n\x04plan\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"I\n\x14\x43reateApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.tokenwire.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"d\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x04 \x01(\x08\"R\n\x13ListApiKeysResponse\x12\"\n\x04keys\x18\x01 \x03(\x0b\x32\x14.tokenwire.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"9\n\x14RevokeApiKeyResponse\x12!\n\x03key\x18\x01 \x01(\x0b\x32\x14.tokenwire.v1.ApiKey\"\xad\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x03 \x01(\x0e\x32\x1a.tokenwire.v1.UsageGroupBy\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"{\n\x08UsageRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\"J\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.tokenwire.v1.UsageRow\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t*a\n\x0b\x41piKeyState\x12\x1d\n\x19\x41PI_KEY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_KEY_STATE_ACTIVE\x10\x01\x12\x19\n\x15\x41PI_KEY_STATE_REVOKED\x10\x02*|\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x19\n\x15USAGE_GROUP_BY_TENANT\x10\x01\x12\x17\n\x13USAGE_GROUP_BY_USER\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_MODEL\x10\x03\x32\xdb\x02\n\x0c\x41\x64minService\x12U\n\x0c\x43reateApiKey\x12!.tokenwire.v1.CreateApiKeyRequest\x1a\".tokenwire.v1.CreateApiKeyResponse\x12R\n\x0bListApiKeys\x12 .tokenwire.v1.ListApiKeysRequest\x1a!.tokenwire.v1.ListApiKeysResponse\x12U\n\x0cRevokeApiKey\x12!.tokenwire.v1.RevokeApiKeyRequest\x1a\".tokenwire.v1.RevokeApiKeyResponse\x12I\n\x08GetUsage\x12\x1d.tokenwire.v1.GetUsageRequest\x1a\x1e.tokenwire.v1.GetUsageResponseBT\n\x10\x64\x65v.tokenwire.v1P\x01Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.admin_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1P\001Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1'
-  _globals['_APIKEYSTATE']._serialized_start=790
-  _globals['_APIKEYSTATE']._serialized_end=887
+  _globals['_APIKEYSTATE']._serialized_start=1167
+  _globals['_APIKEYSTATE']._serialized_end=1264
+  _globals['_USAGEGROUPBY']._serialized_start=1266
+  _globals['_USAGEGROUPBY']._serialized_end=1390
   _globals['_APIKEY']._serialized_start=76
   _globals['_APIKEY']._serialized_end=330
   _globals['_CREATEAPIKEYREQUEST']._serialized_start=332
@@ -49,6 +51,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEAPIKEYREQUEST']._serialized_end=729
   _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=731
   _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=788
-  _globals['_ADMINSERVICE']._serialized_start=890
-  _globals['_ADMINSERVICE']._serialized_end=1162
+  _globals['_GETUSAGEREQUEST']._serialized_start=791
+  _globals['_GETUSAGEREQUEST']._serialized_end=964
+  _globals['_USAGEROW']._serialized_start=966
+  _globals['_USAGEROW']._serialized_end=1089
+  _globals['_GETUSAGERESPONSE']._serialized_start=1091
+  _globals['_GETUSAGERESPONSE']._serialized_end=1165
+  _globals['_ADMINSERVICE']._serialized_start=1393
+  _globals['_ADMINSERVICE']._serialized_end=1740
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Creates, lists and revokes API keys (admin role only).
+    """Creates, lists and revokes API keys, and reports token usage (admin role only).
     """
 
     def __init__(self, channel):
@@ -50,10 +50,15 @@ class AdminServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/tokenwire.v1.AdminService/GetUsage',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Creates, lists and revokes API keys (admin role only).
+    """Creates, lists and revokes API keys, and reports token usage (admin role only).
     """
 
     def CreateApiKey(self, request, context):
@@ -77,6 +82,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Tokens and cost of the turns recorded in a time range, grouped by tenant, user or
+        model. INVALID_ARGUMENT for a missing or empty range or no grouping;
+        FAILED_PRECONDITION when the server does not record usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tokenwire.v1.AdminService', rpc_method_handlers)
@@ -104,7 +123,7 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Creates, lists and revokes API keys (admin role only).
+    """Creates, lists and revokes API keys, and reports token usage (admin role only).
     """
 
     @staticmethod
@@ -178,6 +197,33 @@ class AdminService:
             '/tokenwire.v1.AdminService/RevokeApiKey',
             tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
             tokenwire_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/GetUsage',
+            tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
