@@ -206,7 +206,7 @@ async def test_interceptor_chain_measures_both_arms_and_their_ratio() -> None:
     assert "ErrorsInterceptor -> AuthInterceptor; per turn: none" == report.pipelines["none"]
     assert (
         "ErrorsInterceptor -> AuthInterceptor -> QuotaInterceptor; "
-        "per turn: CredentialPolicy -> QuotaPolicy -> ModerationPolicy"
+        "per turn: CredentialPolicy -> QuotaPolicy -> UsagePolicy -> ModerationPolicy"
     ) == report.pipelines["chain"]
     assert 0 == report.failed_turns
     [row] = report.rows

@@ -8,7 +8,8 @@ Two levels, in a fixed order:
   method) → quotas (requests and stream slots);
 * **turn policies**, per turn, in order: metrics (with ``metrics.enabled``; they
   only watch) → credentials checked again (a long-lived stream's key may be
-  revoked) → quotas (count the turn, reserve and settle tokens) → moderation (the
+  revoked) → quotas (count the turn, reserve and settle tokens) → usage (the
+  tenant's token budget; the turn's usage recorded when it ends) → moderation (the
   message in, the answer out).
 
 The server hands the policies to the turn runner itself, so a turn never runs
@@ -37,7 +38,9 @@ from tokenwire.metrics.registry import Metrics
 from tokenwire.moderation.policy import ModerationPolicy
 from tokenwire.quotas.interceptor import QuotaInterceptor
 from tokenwire.quotas.policy import QuotaPolicy
+from tokenwire.stores.conversations import ConversationStore
 from tokenwire.turns.policy import TurnPolicy
+from tokenwire.usage.policy import build_usage_policy
 
 __all__ = ["Pipeline", "build_pipeline", "check_chain"]
 
@@ -61,12 +64,14 @@ def build_pipeline(
     *,
     interceptors: Sequence[Interceptor] | None = None,
     policies: Sequence[TurnPolicy] | None = None,
+    store: ConversationStore | None = None,
 ) -> Pipeline:
     """The chain and policies ``config`` asks for.
 
     ``interceptors`` replaces the chain (it must still pass :func:`check_chain`);
     the turn policies are still those of ``config`` unless ``policies`` replaces
-    them too: a custom chain never turns quotas or moderation off.
+    them too: a custom chain never turns quotas or moderation off. ``store`` is
+    where the usage policy records each turn (without one it only enforces budgets).
     """
     auth: AuthInterceptor | None
     quotas: QuotaInterceptor | None
@@ -99,6 +104,17 @@ def build_pipeline(
             turn_policies.append(CredentialPolicy(auth))
         if quotas is not None:
             turn_policies.append(QuotaPolicy(quotas))
+        # After quotas (a turn over its per-minute quota never touches the budget),
+        # before moderation (a turn refused there is refunded in after_turn).
+        usage = build_usage_policy(
+            config.usage,
+            store,
+            quotas=config.quotas,
+            quota_store=quotas.store if quotas is not None else None,
+            keys=auth.key_store if auth is not None else None,
+        )
+        if usage is not None:
+            turn_policies.append(usage)
         if config.moderation.enabled:
             turn_policies.append(
                 ModerationPolicy(config.moderation, data_dir=config.store.data_dir)

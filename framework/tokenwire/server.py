@@ -50,6 +50,7 @@ from tokenwire.tls import server_credentials
 from tokenwire.tracing.spans import Tracing
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.turns.runner import TurnRunner
+from tokenwire.usage.report import UsageReport
 
 if TYPE_CHECKING:  # tritonclient is an optional extra: imported only when served
     from tokenwire.services.inference import InferenceServicer
@@ -88,9 +89,12 @@ class TokenwireServer:
         tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self._store = store if store is not None else open_store_from_config(config.store)
         # Spans of every turn with tracing.enabled (``tracing`` replaces the OTLP export).
         self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
-        self.pipeline = build_pipeline(config, interceptors=interceptors, policies=policies)
+        self.pipeline = build_pipeline(
+            config, interceptors=interceptors, policies=policies, store=self._store
+        )
         self._interceptors = list(self.pipeline.interceptors)
         self._policies = list(self.pipeline.policies)
         metrics = self.pipeline.metrics
@@ -107,7 +111,6 @@ class TokenwireServer:
             )
         self._backend = backend
         self.model: ChatModel = frontend_for(self._backend, config.limits)
-        self._store = store if store is not None else open_store_from_config(config.store)
         self._live = live if live is not None else live_bus_from_config(config.store)
         # With several processes only the first serves the metrics (of them all).
         self.metrics_endpoint = (
@@ -187,7 +190,10 @@ class TokenwireServer:
         names = [*SERVICE_NAMES, health.SERVICE_NAME]
         auth = self.pipeline.auth
         if auth is not None and auth.serves_keys:
-            add_admin_service(server, auth.key_store)
+            report = UsageReport(self._store, self.config.usage)
+            add_admin_service(
+                server, auth.key_store, usage=report if self.config.usage.enabled else None
+            )
             names.append(ADMIN_SERVICE_NAME)
         if auth is not None and auth.admin_key is not None:
             # The first start's admin key: shown once, kept only as a hash (and in its 0600 file).

@@ -11,17 +11,15 @@ stub that answers GetUsage.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-import tokenwire.server
 from tests.auth.conftest import auth_config, bearer
 from tests.conftest import REDIS_URL, redis_key_prefix
 from tokenwire.auth import IssuedKey, SQLiteKeyStore, make_principal
@@ -33,14 +31,12 @@ from tokenwire.proto.v1 import admin_pb2_grpc, chat_pb2
 from tokenwire.quotas import MemoryQuotaStore
 from tokenwire.quotas.redis import RedisQuotaStore
 from tokenwire.quotas.store import BudgetStore
-from tokenwire.services.admin import add_admin_service
 from tokenwire.stores import ConversationStore
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 from tokenwire.turns.policy import TurnPolicy
 from tokenwire.usage import UsageConfig
 from tokenwire.usage.budgets import TenantBudgets
 from tokenwire.usage.policy import UsagePolicy
-from tokenwire.usage.report import UsageReport
 
 BUDGET_STORES = ["memory", "redis"]
 
@@ -102,22 +98,6 @@ class UsageServer:
     admin: admin_pb2_grpc.AdminServiceStub
 
 
-@contextmanager
-def _admin_answers_usage(report: UsageReport) -> Iterator[None]:
-    """Have the server's AdminService answer GetUsage from ``report`` (a server that
-    passes its own report keeps it)."""
-    original = add_admin_service
-
-    def add(server: grpc.aio.Server, key_store: Any, **options: Any) -> Any:
-        return original(server, key_store, **({"usage": report} | options))
-
-    tokenwire.server.add_admin_service = add  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        tokenwire.server.add_admin_service = original
-
-
 @asynccontextmanager
 async def usage_server(
     key_store: SQLiteKeyStore,
@@ -144,17 +124,14 @@ async def usage_server(
         budgets = TenantBudgets(usage, budget_store or MemoryQuotaStore())
     extra = {"clock": clock} if clock is not None else {}
     policy = UsagePolicy(usage, store, budgets=budgets, keys=auth.key_store, **extra)
-    with _admin_answers_usage(UsageReport(store, usage)):
-        async with running_server(
-            backend or FakeBackend(reply="Hi!"),
-            config,
-            store=store,
-            interceptors=[ErrorsInterceptor(), auth],
-            policies=[CredentialPolicy(auth), *policies, policy, *later],
-        ) as running:
-            yield UsageServer(
-                running, store, policy, admin_pb2_grpc.AdminServiceStub(running.channel)
-            )
+    async with running_server(
+        backend or FakeBackend(reply="Hi!"),
+        config,
+        store=store,
+        interceptors=[ErrorsInterceptor(), auth],
+        policies=[CredentialPolicy(auth), *policies, policy, *later],
+    ) as running:
+        yield UsageServer(running, store, policy, admin_pb2_grpc.AdminServiceStub(running.channel))
 
 
 async def complete(

@@ -46,7 +46,6 @@ async def _outcome(stub: chat_pb2_grpc.ChatServiceStub, secret: str) -> grpc.Sta
     return grpc.StatusCode.OK
 
 
-@pytest.mark.skip(reason="needs the pipeline wiring")
 async def test_two_gateways_share_one_budget_and_one_usage_table(
     key_store: SQLiteKeyStore, keys: Keys, tmp_path: Path, schema: str
 ) -> None:
