@@ -15,6 +15,7 @@ the least time between two messages of an answer that the caller wants.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from smg_grpc_proto import vllm_engine_pb2 as pb
 
@@ -168,9 +169,10 @@ def complete_message(chunk: Chunk, output_ids: Sequence[int]) -> pb.GenerateResp
     )
 
 
-def scheduler_load(report: LoadReport, max_running: int) -> pb.SchedulerLoad:
-    """An engine's load report as the protocol's SchedulerLoad."""
-    return pb.SchedulerLoad(
+def scheduler_load(report: LoadReport, max_running: int, message: Any = None) -> Any:
+    """An engine's load report as the protocol's SchedulerLoad (or ``message``, the same
+    message of another protocol: SGLang's has the same fields)."""
+    return (message or pb.SchedulerLoad)(
         num_running_reqs=report.running,
         num_waiting_reqs=report.queued,
         num_total_reqs=report.running + report.queued,

@@ -48,6 +48,7 @@ from smg_grpc_proto.generated import common_pb2
 from tokenwire.backend import Engine, FinishReason, GenerateRequest, SamplingParams
 from tokenwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tokenwire.testing.standins.common import EngineRunner
+from tokenwire.worker.protocol import scheduler_load
 
 __all__ = ["SCHEDULER_SERVICE_NAME", "SglangHealthStandin", "SglangStandin"]
 
@@ -233,18 +234,8 @@ class SglangStandin(pb_grpc.SglangSchedulerServicer):  # type: ignore[misc]
             )
         engine = self.runner.engine
         report = engine.load()
-        max_running = engine.capabilities.max_batch
-        load = pb.SchedulerLoad(
-            dp_rank=0,
-            num_running_reqs=report.running,
-            num_waiting_reqs=report.queued,
-            num_total_reqs=report.running + report.queued,
-            token_usage=report.kv_cache_usage,
-            gen_throughput=report.tokens_per_second,
-            utilization=min(1.0, report.running / max(1, max_running)),
-            max_running_requests=max_running,
-            num_waiting_uncached_tokens=report.queued_tokens,
-        )
+        load = scheduler_load(report, engine.capabilities.max_batch, pb.SchedulerLoad)
+        load.dp_rank = 0
         loads = [] if request.HasField("dp_rank") and request.dp_rank != 0 else [load]
         return pb.GetLoadsResponse(
             timestamp=datetime.now(UTC).isoformat(),
