@@ -26,6 +26,7 @@ from typing import Any
 from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
 from tokenwire.config_fields import parse_pairs, require_positive, setting
+from tokenwire.edge.config import HttpConfig
 from tokenwire.errors import ConfigError
 from tokenwire.metrics.config import MetricsConfig
 from tokenwire.moderation.config import ModerationConfig
@@ -207,6 +208,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 def _sections() -> Iterator[tuple[str, type[Any]]]:

@@ -13,7 +13,9 @@ turn), then the backend and the store close.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -53,6 +55,7 @@ from tokenwire.turns.runner import TurnRunner
 from tokenwire.usage.report import UsageReport
 
 if TYPE_CHECKING:  # tritonclient is an optional extra: imported only when served
+    from tokenwire.edge.server import HttpEdge
     from tokenwire.services.inference import InferenceServicer
 
 __all__ = ["SERVICE_NAMES", "TokenwireServer"]
@@ -122,6 +125,8 @@ class TokenwireServer:
         self._server: grpc.aio.Server | None = None
         self._chat: ChatServicer | None = None
         self._inference: InferenceServicer | None = None  # server.open_inference
+        self._edge_dir: str | None = None  # http.enabled: the private socket's folder
+        self.http: HttpEdge | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -157,6 +162,7 @@ class TokenwireServer:
             *(i.close for i in reversed(self._interceptors)),
             *([self.metrics_endpoint.close] if self.metrics_endpoint else []),
             *([self._close_tracing] if self.tracing else []),
+            self._close_edge,
             self._live.close,
             self._store.close,
         ):
@@ -222,6 +228,11 @@ class TokenwireServer:
         if cfg.reflection:
             names.append(reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
+        if self.config.http.enabled:
+            # The web edge's own way in: a Unix socket only this user can reach, so its
+            # calls pass the same interceptors and policies as every other call.
+            self._edge_dir = tempfile.mkdtemp(prefix="tokenwire-edge-")
+            server.add_insecure_port(f"unix:{self._edge_dir}/grpc.sock")
         try:
             credentials = server_credentials(
                 "server", cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file
@@ -236,6 +247,15 @@ class TokenwireServer:
             raise ConfigError(f"cannot listen on {cfg.listen!r}")
         await server.start()
         self._server = server
+        if self._edge_dir is not None:
+            from tokenwire.edge.openai import openai_routes
+            from tokenwire.edge.server import HttpEdge
+            from tokenwire.edge.web import web_routes
+
+            self.http = HttpEdge(
+                self.config.http, f"unix:{self._edge_dir}/grpc.sock", [openai_routes, web_routes]
+            )
+            await self.http.start()
         for name in ("", *names):
             if name not in (health.SERVICE_NAME, reflection.SERVICE_NAME, ADMIN_SERVICE_NAME):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -246,6 +266,14 @@ class TokenwireServer:
                 "all of them share one set of conversations; set auth.enabled = true",
                 address=self.address,
             )
+
+    async def _close_edge(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
+        if self._edge_dir is not None:
+            shutil.rmtree(self._edge_dir, ignore_errors=True)
+            self._edge_dir = None
 
     async def _close_tracing(self) -> None:
         if self.tracing is not None:
@@ -286,6 +314,8 @@ class TokenwireServer:
         if self._server is not None:
             # NOT_SERVING first, so load balancers stop sending before the port closes.
             await asyncio.sleep(self.config.server.drain_delay_s)
+            if self.http is not None:
+                await self.http.close()  # its streams end with the gRPC calls behind them
             await self._server.stop(grace)
         if self._chat is not None:
             await self._chat.detached.finish(grace)  # keyed turns whose client left
