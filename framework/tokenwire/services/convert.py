@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from tokenwire.backend import FinishReason
+from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.errors import status_of
 from tokenwire.model.frontend import TurnParams
 from tokenwire.proto.v1 import chat_pb2
@@ -49,6 +49,7 @@ def turn_request(request: chat_pb2.CompleteRequest | chat_pb2.StartTurn) -> Turn
         ),
         model=request.model,
         idempotency_key=request.idempotency_key,
+        context=tuple(ChatMessage(m.role, m.content) for m in request.context),
     )
 
 

@@ -15,9 +15,10 @@ from tokenwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tokenwire.model.frontend import TurnParams
 from tokenwire.turns.events import TurnRequest
 
-__all__ = ["Capacity", "validate_params", "validate_request"]
+__all__ = ["Capacity", "validate_context", "validate_params", "validate_request"]
 
 _RETRY_AFTER_S = 1.0
+_CONTEXT_ROLES = frozenset(("system", "user", "assistant"))
 
 
 def validate_params(params: TurnParams, limits: LimitsConfig) -> None:
@@ -59,6 +60,32 @@ def validate_request(request: TurnRequest, limits: LimitsConfig) -> None:
             f"model name must be at most {limits.max_model_name_chars} characters"
         )
     validate_params(request.params, limits)
+    validate_context(request, limits)
+
+
+def validate_context(request: TurnRequest, limits: LimitsConfig) -> None:
+    """Check a turn's client-kept context: its roles, how many and how long."""
+    context = request.context
+    if not context:
+        return
+    if request.conversation_id:
+        raise InvalidArgumentError(
+            "context must be empty when conversation_id is set (the stored history is used)"
+        )
+    if len(context) > limits.max_history_messages:
+        raise InvalidArgumentError(
+            f"context has {len(context)} messages; the limit is {limits.max_history_messages}"
+        )
+    for i, message in enumerate(context):
+        if message.role not in _CONTEXT_ROLES:
+            raise InvalidArgumentError(
+                f"context[{i}].role must be 'system', 'user' or 'assistant', got {message.role!r}"
+            )
+        if len(message.content) > limits.max_message_chars:
+            raise InvalidArgumentError(
+                f"context[{i}].content is {len(message.content)} characters; "
+                f"the limit is {limits.max_message_chars}"
+            )
 
 
 class Capacity:

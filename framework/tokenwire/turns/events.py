@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from tokenwire.backend import FinishReason
+from tokenwire.backend import ChatMessage, FinishReason
 from tokenwire.model.frontend import TurnParams
 
 __all__ = [
@@ -49,6 +49,9 @@ class TurnRequest:
     params: TurnParams = field(default_factory=TurnParams)
     model: str = ""  # empty: the default model
     idempotency_key: str = ""
+    # Earlier messages the client keeps itself, sent to the model instead of a stored
+    # conversation's history (only without conversation_id); never stored.
+    context: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,6 +163,9 @@ class TurnRunner:
                 owner, request.conversation_id, limit=self._limits.max_history_messages
             )
             history = [ChatMessage(m.role, m.content) for m in stored if m.content]
+        elif request.context:  # kept by the client (validated): its system messages stay
+            system += [m for m in request.context if m.role == "system" and m.content]
+            history = [m for m in request.context if m.role != "system" and m.content]
         user = ChatMessage("user", request.message)
         reserve = request.params.max_tokens or self._limits.default_max_tokens
         messages = fit_history(model, system, history, user, reserve)

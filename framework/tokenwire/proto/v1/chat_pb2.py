@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tokenwire/v1/chat.proto\x12\x0ctokenwire.v1\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x91\x01\n\x0f\x43ompleteRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x9f\x01\n\x10\x43ompleteResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.tokenwire.v1.TurnStartedH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TurnFinishedH\x00\x42\x07\n\x05\x65vent\"\x8b\x01\n\tStartTurn\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x1d\n\nCancelTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"q\n\x0f\x43onverseRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.StartTurnH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.tokenwire.v1.CancelTurnH\x00\x42\x08\n\x06\x61\x63tion\"\xc9\x01\n\x10\x43onverseResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.tokenwire.v1.TurnStartedH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TurnFinishedH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.tokenwire.v1.TurnErrorH\x00\x42\x07\n\x05\x65vent\"Z\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"*\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\"Y\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\"\x8f\x01\n\x0cTurnFinished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\x17\n\x0f\x66ilter_category\x18\x04 \x01(\t\"\x7f\n\tTurnError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x15\n\rretry_after_s\x18\x05 \x01(\x02\x12\x17\n\x0f\x66ilter_category\x18\x06 \x01(\t*\xb7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xa9\x01\n\x0b\x43hatService\x12M\n\x08\x43onverse\x12\x1d.tokenwire.v1.ConverseRequest\x1a\x1e.tokenwire.v1.ConverseResponse(\x01\x30\x01\x12K\n\x08\x43omplete\x12\x1d.tokenwire.v1.CompleteRequest\x1a\x1e.tokenwire.v1.CompleteResponse0\x01\x42T\n\x10\x64\x65v.tokenwire.v1P\x01Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tokenwire/v1/chat.proto\x12\x0ctokenwire.v1\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xc0\x01\n\x0f\x43ompleteRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\x07\x63ontext\x18\x06 \x03(\x0b\x32\x1c.tokenwire.v1.ContextMessage\"/\n\x0e\x43ontextMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9f\x01\n\x10\x43ompleteResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.tokenwire.v1.TurnStartedH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TurnFinishedH\x00\x42\x07\n\x05\x65vent\"\xba\x01\n\tStartTurn\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12-\n\x07\x63ontext\x18\x06 \x03(\x0b\x32\x1c.tokenwire.v1.ContextMessage\"\x1d\n\nCancelTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"q\n\x0f\x43onverseRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.StartTurnH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.tokenwire.v1.CancelTurnH\x00\x42\x08\n\x06\x61\x63tion\"\xc9\x01\n\x10\x43onverseResponse\x12,\n\x07started\x18\x01 \x01(\x0b\x32\x19.tokenwire.v1.TurnStartedH\x00\x12$\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.DeltaH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.tokenwire.v1.TurnFinishedH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.tokenwire.v1.TurnErrorH\x00\x42\x07\n\x05\x65vent\"Z\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"*\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x05\"Y\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x02\"\x8f\x01\n\x0cTurnFinished\x12\x31\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\x17\n\x0f\x66ilter_category\x18\x04 \x01(\t\"\x7f\n\tTurnError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nerror_type\x18\x03 \x01(\t\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x15\n\rretry_after_s\x18\x05 \x01(\x02\x12\x17\n\x0f\x66ilter_category\x18\x06 \x01(\t*\xb7\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xa9\x01\n\x0b\x43hatService\x12M\n\x08\x43onverse\x12\x1d.tokenwire.v1.ConverseRequest\x1a\x1e.tokenwire.v1.ConverseResponse(\x01\x30\x01\x12K\n\x08\x43omplete\x12\x1d.tokenwire.v1.CompleteRequest\x1a\x1e.tokenwire.v1.CompleteResponse0\x01\x42T\n\x10\x64\x65v.tokenwire.v1P\x01Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.chat_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1P\001Z>github.com/tokenwire/tokenwire/gen/go/tokenwire/v1;tokenwirev1'
-  _globals['_FINISHREASON']._serialized_start=1478
-  _globals['_FINISHREASON']._serialized_end=1661
+  _globals['_FINISHREASON']._serialized_start=1621
+  _globals['_FINISHREASON']._serialized_end=1804
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=171
   _globals['_COMPLETEREQUEST']._serialized_start=174
-  _globals['_COMPLETEREQUEST']._serialized_end=319
-  _globals['_COMPLETERESPONSE']._serialized_start=322
-  _globals['_COMPLETERESPONSE']._serialized_end=481
-  _globals['_STARTTURN']._serialized_start=484
-  _globals['_STARTTURN']._serialized_end=623
-  _globals['_CANCELTURN']._serialized_start=625
-  _globals['_CANCELTURN']._serialized_end=654
-  _globals['_CONVERSEREQUEST']._serialized_start=656
-  _globals['_CONVERSEREQUEST']._serialized_end=769
-  _globals['_CONVERSERESPONSE']._serialized_start=772
-  _globals['_CONVERSERESPONSE']._serialized_end=973
-  _globals['_TURNSTARTED']._serialized_start=975
-  _globals['_TURNSTARTED']._serialized_end=1065
-  _globals['_DELTA']._serialized_start=1067
-  _globals['_DELTA']._serialized_end=1109
-  _globals['_USAGE']._serialized_start=1111
-  _globals['_USAGE']._serialized_end=1200
-  _globals['_TURNFINISHED']._serialized_start=1203
-  _globals['_TURNFINISHED']._serialized_end=1346
-  _globals['_TURNERROR']._serialized_start=1348
-  _globals['_TURNERROR']._serialized_end=1475
-  _globals['_CHATSERVICE']._serialized_start=1664
-  _globals['_CHATSERVICE']._serialized_end=1833
+  _globals['_COMPLETEREQUEST']._serialized_end=366
+  _globals['_CONTEXTMESSAGE']._serialized_start=368
+  _globals['_CONTEXTMESSAGE']._serialized_end=415
+  _globals['_COMPLETERESPONSE']._serialized_start=418
+  _globals['_COMPLETERESPONSE']._serialized_end=577
+  _globals['_STARTTURN']._serialized_start=580
+  _globals['_STARTTURN']._serialized_end=766
+  _globals['_CANCELTURN']._serialized_start=768
+  _globals['_CANCELTURN']._serialized_end=797
+  _globals['_CONVERSEREQUEST']._serialized_start=799
+  _globals['_CONVERSEREQUEST']._serialized_end=912
+  _globals['_CONVERSERESPONSE']._serialized_start=915
+  _globals['_CONVERSERESPONSE']._serialized_end=1116
+  _globals['_TURNSTARTED']._serialized_start=1118
+  _globals['_TURNSTARTED']._serialized_end=1208
+  _globals['_DELTA']._serialized_start=1210
+  _globals['_DELTA']._serialized_end=1252
+  _globals['_USAGE']._serialized_start=1254
+  _globals['_USAGE']._serialized_end=1343
+  _globals['_TURNFINISHED']._serialized_start=1346
+  _globals['_TURNFINISHED']._serialized_end=1489
+  _globals['_TURNERROR']._serialized_start=1491
+  _globals['_TURNERROR']._serialized_end=1618
+  _globals['_CHATSERVICE']._serialized_start=1807
+  _globals['_CHATSERVICE']._serialized_end=1976
 # @@protoc_insertion_point(module_scope)

@@ -122,6 +122,7 @@ class CompleteRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """The conversation to continue; empty starts a new conversation."""
     message: _builtins.str
@@ -136,6 +137,16 @@ class CompleteRequest(_message.Message):
     def params(self) -> Global___SamplingParams:
         """Sampling parameters; unset fields take the server's defaults."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextMessage]:
+        """Earlier messages of the conversation, oldest first, sent to the model
+        before `message` when conversation_id is empty (a client that keeps the
+        conversation itself, as OpenAI-style clients do). Not stored: only
+        `message` and the answer are. Must be empty when conversation_id is set.
+        At most the server's history limit of messages, each no longer than a
+        user message may be.
+        """
+
     def __init__(
         self,
         *,
@@ -144,14 +155,41 @@ class CompleteRequest(_message.Message):
         params: Global___SamplingParams | None = ...,
         model: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "model", b"model", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "model", b"model", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+
+@_typing.final
+class ContextMessage(_message.Message):
+    """An earlier message of a conversation the client keeps itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """Who wrote it: "system", "user" or "assistant"."""
+    content: _builtins.str
+    """Its text."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextMessage: _TypeAlias = ContextMessage  # noqa: Y015
 
 @_typing.final
 class CompleteResponse(_message.Message):
@@ -202,6 +240,7 @@ class StartTurn(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """The conversation to continue; empty starts a new conversation."""
     message: _builtins.str
@@ -214,6 +253,16 @@ class StartTurn(_message.Message):
     def params(self) -> Global___SamplingParams:
         """Sampling parameters; unset fields take the server's defaults."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextMessage]:
+        """Earlier messages of the conversation, oldest first, sent to the model
+        before `message` when conversation_id is empty (a client that keeps the
+        conversation itself, as OpenAI-style clients do). Not stored: only
+        `message` and the answer are. Must be empty when conversation_id is set.
+        At most the server's history limit of messages, each no longer than a
+        user message may be.
+        """
+
     def __init__(
         self,
         *,
@@ -222,10 +271,11 @@ class StartTurn(_message.Message):
         params: Global___SamplingParams | None = ...,
         model: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "model", b"model", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "message", b"message", "model", b"model", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
