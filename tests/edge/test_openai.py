@@ -21,6 +21,7 @@ from tokenwire.quotas import PlanLimits, QuotaConfig
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 
+FLAGGED_INPUT = "Listen: I w1ll K.I.L.L you tomorrow."
 FLAGGED_REPLY = "Sure. Here it is: I will kill you now, said the villain."
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -135,6 +136,7 @@ async def test_refused_over_quota_with_retry_after() -> None:
             await gw.client.chat.completions.create(model="fake", messages=HI)
     assert int(refused.value.response.headers["retry-after"]) >= 1
     assert "rate_limit_error" == refused.value.type
+    assert refused.value.code  # the gateway's error type, e.g. quota_exceeded
 
 
 async def test_a_flagged_answer_ends_with_content_filter() -> None:
@@ -147,6 +149,17 @@ async def test_a_flagged_answer_ends_with_content_filter() -> None:
     assert "content_filter" == answer.choices[0].finish_reason
     assert "kill" not in (answer.choices[0].message.content or "")
     assert "content_filter" == chunks[-1].choices[0].finish_reason
+
+
+async def test_a_flagged_message_is_refused_before_the_model() -> None:
+    """Input moderation: 400 with code content_filter; the engine never runs."""
+    async with gateway(moderation=ModerationConfig()) as gw:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await gw.client.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": FLAGGED_INPUT}]
+            )
+    assert "content_filter" == refused.value.code
+    assert [] == gw.backend.requests
 
 
 async def test_conversation_id_continues_a_stored_conversation() -> None:
@@ -209,6 +222,23 @@ async def test_a_disconnect_mid_stream_stops_the_engine() -> None:
     assert steps == backend.steps_executed  # no step after the close
     assert ["user", "assistant"] == [m.role for m in messages]
     assert not messages[-1].complete
+
+
+async def test_a_client_leaving_a_non_streamed_answer_stops_the_engine() -> None:
+    """stream=False too: a client that gives up cancels the call and the engine stops."""
+    backend = FakeBackend(reply="x", endless=True, token_delay_s=0.01)
+    async with gateway(backend) as gw, httpx.AsyncClient(timeout=0.3) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(
+                f"{gw.base_url}/chat/completions",
+                json={"model": "fake", "messages": HI},
+                headers={"authorization": f"Bearer {gw.key}"},
+            )
+        for _ in range(200):
+            if backend.requests and backend.requests[-1].closed:
+                break
+            await asyncio.sleep(0.01)
+        assert backend.requests[-1].closed
 
 
 @pytest.mark.parametrize(

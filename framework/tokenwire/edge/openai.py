@@ -58,10 +58,6 @@ _HTTP = {
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
-_OVERRIDE_CODES = {  # the gateway's error_type is the code when it says more than the status
-    "unauthenticated": "invalid_api_key",
-    "invalid_argument": None,
-}
 
 
 class _BadRequest(Exception):
@@ -449,8 +445,8 @@ def _status_error(exc: grpc.aio.AioRpcError) -> tuple[int, dict[str, Any], dict[
         message = exc.details() if safe else "the server failed to answer"
         return 500, _body(message or "internal error", "server_error", None, None), {}
     status, kind, code = known
-    if isinstance(error_type, str):
-        code = _OVERRIDE_CODES.get(error_type, error_type)
+    if isinstance(error_type, str) and error_type != exc.code().name.lower():
+        code = error_type  # the gateway says more than the status, e.g. "content_filter"
     headers = {}
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         retry_after = _retry_after_s(exc)
