@@ -8,6 +8,7 @@ import json
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
@@ -16,7 +17,7 @@ from google.protobuf import json_format
 
 from tokenwire.auth import AuthConfig
 from tokenwire.edge.config import HttpConfig
-from tokenwire.proto.v1 import chat_pb2, conversations_pb2, models_pb2
+from tokenwire.proto.v1 import admin_pb2, chat_pb2, conversations_pb2, models_pb2
 from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 
 CHAT = "/tokenwire.v1.ChatService"
@@ -186,6 +187,27 @@ async def test_auth_refused_in_both_protocols() -> None:
     assert "16" == _trailers(_frames(grpc_web.content)[-1][1])["grpc-status"]
 
 
+async def test_authorization_header_is_call_metadata() -> None:
+    """A browser's Authorization header authenticates the call: an admin key lists keys."""
+    auth = AuthConfig(enabled=True, key_cache_ttl_s=0.0)
+    async with _gateway(FakeBackend(), auth=auth) as (running, client):
+        data_dir = Path(running.server.config.store.data_dir)
+        secret = (data_dir / "admin.key").read_text().strip()
+        request = admin_pb2.ListApiKeysRequest()
+        response = await client.post(
+            "/tokenwire.v1.AdminService/ListApiKeys",
+            content=_frame(0, request.SerializeToString()),
+            headers={
+                "content-type": "application/grpc-web+proto",
+                "authorization": f"Bearer {secret}",
+            },
+        )
+    frames = _frames(response.content)
+    assert "0" == _trailers(frames[-1][1])["grpc-status"]
+    reply = admin_pb2.ListApiKeysResponse.FromString(frames[0][1])
+    assert 1 == len(reply.keys)
+
+
 async def test_abort_mid_stream_stops_the_engine() -> None:
     """A browser that aborts the fetch cancels the turn; the stored answer is incomplete."""
     backend = FakeBackend(reply="x", endless=True, token_delay_s=0.01)
@@ -242,6 +264,19 @@ async def test_connect_timeout_is_the_call_deadline() -> None:
     assert "deadline_exceeded" == json.loads(end[1])["error"]["code"]
 
 
+async def test_connect_error_carries_status_details() -> None:
+    """A refused turn's google.rpc details come through as Connect error details."""
+    async with _gateway(FakeBackend(max_running=0)) as (_, client):
+        response = await client.post(
+            f"{CHAT}/Complete",
+            content=_frame(0, chat_pb2.CompleteRequest(message="Hi").SerializeToString()),
+            headers={"content-type": "application/connect+proto"},
+        )
+    error = json.loads(_frames(response.content)[-1][1])["error"]
+    assert "resource_exhausted" == error["code"]
+    assert ["google.rpc.RetryInfo"] == [d["type"] for d in error["details"]]
+
+
 async def test_unsupported_connect_protocol_version_is_400() -> None:
     """A Connect-Protocol-Version other than 1 is refused as invalid_argument."""
     async with _gateway(FakeBackend()) as (_, client):
@@ -252,11 +287,18 @@ async def test_unsupported_connect_protocol_version_is_400() -> None:
 
 
 async def test_unknown_method_is_404() -> None:
-    """An unknown method: HTTP 404 with Connect's unimplemented error."""
+    """An unknown method: HTTP 404, Connect's unimplemented error or grpc-status 12."""
     async with _gateway(FakeBackend()) as (_, client):
-        response = await client.post(f"{MODELS}/NoSuchMethod", content=b"{}", headers=CONNECT_JSON)
-    assert 404 == response.status_code
-    assert "unimplemented" == response.json()["code"]
+        connect = await client.post(f"{MODELS}/NoSuchMethod", content=b"{}", headers=CONNECT_JSON)
+        grpc_web = await client.post(
+            f"{MODELS}/NoSuchMethod",
+            content=_frame(0, b""),
+            headers={"content-type": "application/grpc-web+proto"},
+        )
+    assert 404 == connect.status_code
+    assert "unimplemented" == connect.json()["code"]
+    assert 404 == grpc_web.status_code
+    assert "12" == grpc_web.headers["grpc-status"]
 
 
 async def test_converse_is_refused() -> None:
@@ -267,10 +309,16 @@ async def test_converse_is_refused() -> None:
             content=_frame(0, b""),
             headers={"content-type": "application/connect+proto"},
         )
+        grpc_web = await client.post(
+            f"{CHAT}/Converse",
+            content=_frame(0, b""),
+            headers={"content-type": "application/grpc-web+proto"},
+        )
     assert 501 == response.status_code
     error = response.json()
     assert "unimplemented" == error["code"]
     assert "Complete" in error["message"]
+    assert "12" == grpc_web.headers["grpc-status"]
 
 
 async def test_oversized_body_is_413() -> None:
@@ -299,9 +347,7 @@ async def test_oversized_body_is_413() -> None:
 async def test_malformed_requests_are_400(content_type: str, body: bytes) -> None:
     """Broken frames, JSON or protobuf: HTTP 400, invalid_argument."""
     async with _gateway(FakeBackend()) as (_, client):
-        path = f"{MODELS}/ListModels" if "json" in content_type else f"{CHAT}/Complete"
-        if content_type == "application/proto":
-            path = f"{MODELS}/ListModels"
+        path = f"{CHAT}/Complete" if "+" in content_type else f"{MODELS}/ListModels"
         response = await client.post(path, content=body, headers={"content-type": content_type})
     assert 400 == response.status_code
     if content_type.startswith("application/grpc-web"):

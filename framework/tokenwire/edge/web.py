@@ -199,11 +199,10 @@ def _percent_encode(text: str) -> str:
     )
 
 
-def _header_value(key: str, value: str | bytes, *, padded: bool = True) -> str:
+def _header_value(key: str, value: str | bytes) -> str:
+    """A metadata value as a header's: binary (``-bin``) values in base64."""
     if isinstance(value, bytes) or key.endswith("-bin"):
-        raw = value if isinstance(value, bytes) else value.encode()
-        encoded = base64.b64encode(raw).decode()
-        return encoded if padded else encoded.rstrip("=")
+        return base64.b64encode(value if isinstance(value, bytes) else value.encode()).decode()
     return value
 
 
@@ -363,7 +362,7 @@ def _end_stream(protocol: _Protocol, status: _Status) -> bytes:
     metadata: dict[str, list[str]] = {}
     for key, value in status.trailing:
         if key != _DETAILS_KEY:
-            metadata.setdefault(key, []).append(_header_value(key, value, padded=False))
+            metadata.setdefault(key, []).append(_header_value(key, value))
     if metadata:
         end["metadata"] = metadata
     return _frame(0x02, json.dumps(end, separators=(",", ":")).encode())
@@ -380,19 +379,20 @@ def _refusal(protocol: _Protocol | None, status: _Status) -> Response:
         )
         for key, value in status.trailing:
             if key != _DETAILS_KEY:
-                response.headers.append(key, _header_value(key, value, padded=False))
+                response.headers.append(key, _header_value(key, value))
         return response
-    # gRPC-Web: a trailers-only answer in the headers, with the HTTP status that fits.
-    http_status = status.http_status or _CONNECT_HTTP.get(status.code, 500)
+    # gRPC-Web: a trailers-only answer in the headers. Its clients read grpc-status from
+    # a 200; a request the bridge cannot read at all is a plain 400.
+    invalid = status.code is grpc.StatusCode.INVALID_ARGUMENT
+    http_status = status.http_status or (400 if invalid else 200)
     headers = {"grpc-status": str(status.code.value[0])}
     headers["grpc-message"] = _percent_encode(status.message)
     return Response(b"", http_status, headers=headers, media_type=protocol.content_type)
 
 
 def _with_headers(response: Response, metadata: Metadata, prefix: str = "") -> Response:
-    padded = not prefix
     for key, value in metadata:
-        response.headers.append(prefix + key, _header_value(key, value, padded=padded))
+        response.headers.append(prefix + key, _header_value(key, value))
     return response
 
 
@@ -432,6 +432,12 @@ class _Bridge:
                     "or application/connect+json",
                     http_status=415,
                 )
+            for header in ("content-encoding", "connect-content-encoding", "grpc-encoding"):
+                if request.headers.get(header, "identity") != "identity":
+                    raise _refuse(
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        f"{header} {request.headers[header]!r}: only identity is served",
+                    )
             version = request.headers.get("connect-protocol-version")
             if protocol.connect and version not in (None, "1"):
                 raise _refuse(
