@@ -301,6 +301,13 @@ async def test_unknown_method_is_404() -> None:
     assert "12" == grpc_web.headers["grpc-status"]
 
 
+async def test_other_paths_are_not_taken() -> None:
+    """Paths outside the bridged packages stay with their own routes (POST /v1/models: 405)."""
+    async with _gateway(FakeBackend()) as (_, client):
+        response = await client.post("/v1/models", content=b"{}", headers=CONNECT_JSON)
+    assert 405 == response.status_code
+
+
 async def test_converse_is_refused() -> None:
     """Converse (bidirectional) is refused as unimplemented, pointing at Complete."""
     async with _gateway(FakeBackend()) as (_, client):

@@ -536,4 +536,9 @@ def web_routes(
     >>> routes = web_routes(channel, max_body_bytes=1 << 20)  # doctest: +SKIP
     """
     bridge = _Bridge(channel, max_body_bytes)
-    return [Route("/{service}/{method}", bridge.handle, methods=["POST"])]
+    # Only the bridged packages' paths, so other routes' paths (POST /v1/models) stay theirs.
+    packages = sorted({name.rpartition(".")[0] for name in BRIDGED_SERVICES})
+    return [
+        Route(f"/{package}.{{service}}/{{method}}", bridge.handle, methods=["POST"])
+        for package in packages
+    ]
