@@ -13,6 +13,7 @@ turn), then the backend and the store close.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import sys
 import tempfile
@@ -252,8 +253,11 @@ class TokenwireServer:
             from tokenwire.edge.server import HttpEdge
             from tokenwire.edge.web import web_routes
 
+            limit = self.config.http.max_body_bytes
             self.http = HttpEdge(
-                self.config.http, f"unix:{self._edge_dir}/grpc.sock", [openai_routes, web_routes]
+                self.config.http,
+                f"unix:{self._edge_dir}/grpc.sock",
+                [openai_routes, functools.partial(web_routes, max_body_bytes=limit)],
             )
             await self.http.start()
         for name in ("", *names):
