@@ -378,7 +378,8 @@ class _EventStream:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-            await _until_disconnect(receive, send_all())
+            with contextlib.suppress(OSError):  # the client left while we wrote
+                await _until_disconnect(receive, send_all())
         finally:
             self._on_close()  # cancels the gRPC call: the engine stops within a step
             aclose = getattr(self._events, "aclose", None)
