@@ -257,7 +257,10 @@ class TokenwireServer:
             self.http = HttpEdge(
                 self.config.http,
                 f"unix:{self._edge_dir}/grpc.sock",
-                [openai_routes, functools.partial(web_routes, max_body_bytes=limit)],
+                [
+                    functools.partial(openai_routes, max_body_bytes=limit),
+                    functools.partial(web_routes, max_body_bytes=limit),
+                ],
             )
             await self.http.start()
         for name in ("", *names):
