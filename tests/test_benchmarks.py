@@ -280,3 +280,21 @@ async def test_observability_benchmark_measures_every_arm() -> None:
         assert 0 == arm.failed_turns
         assert 2 * row.turns * 8 == arm.runs[0].tokens
     assert "metrics+tracing" in format_report(rows, settings, seconds)
+
+
+async def test_http_edge_benchmark_streams_every_token_of_both_arms() -> None:
+    """A tiny run: gRPC and OpenAI-compatible HTTP each stream every token of every turn."""
+    from benchmarks.http_edge import ARMS, format_report, measure_edge
+    from benchmarks.measure import RunSettings
+
+    settings = RunSettings(
+        concurrency=(2,), max_tokens=8, tokens_per_run=32, min_turns=2, rounds=1,
+        client_process=False,
+    )  # fmt: skip
+    rows, seconds = await measure_edge(settings)
+    [(clients, arms)] = rows
+    assert set(ARMS) == set(arms)
+    for arm in arms.values():
+        assert 0 == arm.failed_turns
+        assert clients * settings.turns_for(clients) * 8 == arm.runs[0].tokens
+    assert "+TTFT" in format_report(rows, settings, seconds)
