@@ -21,379 +21,38 @@ with Complete and cancel one by aborting the fetch, which cancels the gRPC call.
 from __future__ import annotations
 
 import base64
-import binascii
-import json
-import re
-import struct
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool, json_format, message_factory
-from google.protobuf.message import DecodeError, Message
-from google.rpc import status_pb2
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tokenwire.edge.config import HttpConfig
-from tokenwire.proto.v1 import admin_pb2, chat_pb2, conversations_pb2, models_pb2
+from tokenwire.edge.wire import (
+    BRIDGED_SERVICES,
+    DEFAULT_MAX_BODY_BYTES,
+    Metadata,
+    Method,
+    Refused,
+    Status,
+    WireProtocol,
+    bridged_methods,
+    call_metadata,
+    end_stream,
+    frame,
+    pairs,
+    protocol_of,
+    read_body,
+    refusal,
+    refuse,
+    request_payload,
+    timeout_of,
+    to_json,
+    with_headers,
+)
 
 __all__ = ["BRIDGED_SERVICES", "web_routes"]
-
-# Importing the generated modules registers their files in the default pool.
-_REGISTERED = (admin_pb2, chat_pb2, conversations_pb2, models_pb2)
-BRIDGED_SERVICES = (
-    "tokenwire.v1.ChatService",
-    "tokenwire.v1.ConversationService",
-    "tokenwire.v1.ModelService",
-    "tokenwire.v1.AdminService",
-)
-_DETAILS_KEY = "grpc-status-details-bin"
-_DEFAULT_MAX_BODY_BYTES = HttpConfig().max_body_bytes
-# Never forwarded as call metadata: hop-by-hop and body headers, the protocols' own,
-# the browser's fetch bookkeeping, and cookies (a browser attaches those to any site's
-# request by itself; credentials must come in Authorization, which a page sets).
-_DROPPED_HEADERS = frozenset(
-    (
-        *("connection", "keep-alive", "proxy-authenticate", "proxy-authorization"),
-        *("proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"),
-        *("content-type", "content-length", "content-encoding", "accept", "accept-encoding"),
-        *("accept-language", "user-agent", "x-user-agent", "origin", "referer", "cookie"),
-        *("cache-control", "pragma", "priority", "dnt"),
-    )
-)
-_DROPPED_PREFIXES = ("connect-", "grpc-", "sec-", "access-control-", "x-grpc-web")
-_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
-_GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
-_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-_BASE64_SEGMENT = re.compile(rb"[A-Za-z0-9+/]+=*")
-# Connect's HTTP status for each code (connectrpc.com/docs/protocol#error-codes).
-_CONNECT_HTTP = {
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
-Metadata = Sequence[tuple[str, str | bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Method:
-    """One bridged RPC, as the descriptor pool describes it."""
-
-    path: str
-    request: type[Message]
-    response: type[Message]
-    client_streaming: bool
-    server_streaming: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Status:
-    """How a call ended: its code, message, and trailing metadata (details included)."""
-
-    code: grpc.StatusCode
-    message: str = ""
-    trailing: Metadata = ()
-    http_status: int | None = None  # the bridge's own refusals (404, 413) say theirs
-
-    @classmethod
-    def of(cls, error: grpc.aio.AioRpcError) -> _Status:
-        return cls(error.code(), error.details() or "", _pairs(error.trailing_metadata()))
-
-
-class _Refused(Exception):
-    """The bridge refuses a request before any call is made."""
-
-    def __init__(self, status: _Status) -> None:
-        super().__init__(status.message)
-        self.status = status
-
-
-def _pairs(metadata: Any) -> Metadata:
-    return tuple((key, value) for key, value in metadata or ())
-
-
-def _refuse(code: grpc.StatusCode, message: str, http_status: int | None = None) -> _Refused:
-    return _Refused(_Status(code, message, http_status=http_status))
-
-
-def _bridged_methods() -> dict[str, _Method]:
-    pool = descriptor_pool.Default()
-    methods = {}
-    for name in BRIDGED_SERVICES:
-        for method in pool.FindServiceByName(name).methods:
-            path = f"/{name}/{method.name}"
-            methods[path] = _Method(
-                path,
-                message_factory.GetMessageClass(method.input_type),
-                message_factory.GetMessageClass(method.output_type),
-                method.client_streaming,
-                method.server_streaming,
-            )
-    return methods
-
-
-# --- the wire: frames, base64, JSON -------------------------------------------------
-
-
-def _frame(flags: int, payload: bytes) -> bytes:
-    return struct.pack(">BI", flags, len(payload)) + payload
-
-
-def _single_frame(body: bytes, what: str) -> bytes:
-    """The one message of a unary request body framed as gRPC-Web or Connect envelopes."""
-    if len(body) < 5:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: a 5-byte frame header")
-    flags, length = struct.unpack(">BI", body[:5])
-    if flags & 0x01:
-        raise _refuse(grpc.StatusCode.UNIMPLEMENTED, f"{what}: compressed messages")
-    if flags != 0 or len(body) != 5 + length:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: exactly one message frame")
-    return body[5:]
-
-
-def _b64decode(text: bytes) -> bytes:
-    """Base64 that may be a concatenation of padded chunks (gRPC-Web text)."""
-    text = b"".join(text.split())
-    if _BASE64_SEGMENT.sub(b"", text):
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, "grpc-web-text: the body is not base64")
-    try:
-        return b"".join(base64.b64decode(m.group()) for m in _BASE64_SEGMENT.finditer(text))
-    except binascii.Error as exc:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"grpc-web-text: {exc}") from None
-
-
-def _from_json(method: _Method, body: bytes) -> bytes:
-    try:
-        message = json_format.Parse(body, method.request(), ignore_unknown_fields=True)
-    except (json_format.ParseError, UnicodeDecodeError) as exc:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"request JSON: {exc}") from None
-    return message.SerializeToString()
-
-
-def _to_json(method: _Method, payload: bytes) -> bytes:
-    message = method.response.FromString(payload)
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
-
-
-def _percent_encode(text: str) -> str:
-    """grpc-message's encoding: printable ASCII but '%' as is, everything else %XX."""
-    return "".join(
-        chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in text.encode()
-    )
-
-
-def _header_value(key: str, value: str | bytes) -> str:
-    """A metadata value as a header's: binary (``-bin``) values in base64."""
-    if isinstance(value, bytes) or key.endswith("-bin"):
-        return base64.b64encode(value if isinstance(value, bytes) else value.encode()).decode()
-    return value
-
-
-# --- headers in, metadata and deadlines ---------------------------------------------
-
-
-def _call_metadata(request: Request) -> Metadata:
-    """The browser's own headers, as gRPC call metadata."""
-    metadata: list[tuple[str, str | bytes]] = []
-    for key, value in request.headers.items():  # lower-cased by the ASGI server
-        if key in _DROPPED_HEADERS or key.startswith(_DROPPED_PREFIXES):
-            continue
-        if not _METADATA_KEY.match(key):
-            continue
-        if key.endswith("-bin"):
-            try:
-                metadata.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
-            except binascii.Error:
-                raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{key}: not base64") from None
-        elif _PRINTABLE.match(value):
-            metadata.append((key, value))
-    return metadata
-
-
-def _timeout(request: Request, connect: bool) -> float | None:
-    """The call's deadline in seconds: Connect-Timeout-Ms or gRPC-Web's grpc-timeout."""
-    if connect:
-        value = request.headers.get("connect-timeout-ms")
-        if value is None:
-            return None
-        if not (value.isdigit() and len(value) <= 10):
-            raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"connect-timeout-ms: {value!r}")
-        return int(value) / 1000
-    value = request.headers.get("grpc-timeout")
-    if value is None:
-        return None
-    match = _GRPC_TIMEOUT.match(value)
-    if match is None:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"grpc-timeout: {value!r}")
-    return int(match.group(1)) * _GRPC_TIMEOUT_UNITS[match.group(2)]
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = _refuse(
-        grpc.StatusCode.RESOURCE_EXHAUSTED, f"request body over {limit} bytes", http_status=413
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-# --- the protocols ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Protocol:
-    """How one Content-Type frames messages and reports the call's end."""
-
-    name: str  # "grpc-web", "connect", "connect-stream"
-    content_type: str  # what the responses say
-    json: bool = False
-    text: bool = False
-
-    @property
-    def connect(self) -> bool:
-        return self.name != "grpc-web"
-
-
-_PROTOCOLS = {
-    "application/grpc-web": _Protocol("grpc-web", "application/grpc-web+proto"),
-    "application/grpc-web+proto": _Protocol("grpc-web", "application/grpc-web+proto"),
-    "application/grpc-web-text": _Protocol(
-        "grpc-web", "application/grpc-web-text+proto", text=True
-    ),
-    "application/grpc-web-text+proto": _Protocol(
-        "grpc-web", "application/grpc-web-text+proto", text=True
-    ),
-    "application/proto": _Protocol("connect", "application/proto"),
-    "application/json": _Protocol("connect", "application/json", json=True),
-    "application/connect+proto": _Protocol("connect-stream", "application/connect+proto"),
-    "application/connect+json": _Protocol("connect-stream", "application/connect+json", json=True),
-}
-
-
-def _protocol(request: Request) -> _Protocol | None:
-    content_type = request.headers.get("content-type", "")
-    media, _, params = content_type.partition(";")
-    charset = params.strip().lower()
-    if charset and charset not in ("charset=utf-8", 'charset="utf-8"'):
-        return None
-    return _PROTOCOLS.get(media.strip().lower())
-
-
-def _request_payload(protocol: _Protocol, method: _Method, body: bytes) -> bytes:
-    """The request message's protobuf bytes, out of the protocol's framing."""
-    if protocol.name == "grpc-web":
-        framed = _b64decode(body) if protocol.text else body
-        return _checked(method, _single_frame(framed, "grpc-web"))
-    payload = body if protocol.name == "connect" else _single_frame(body, "connect envelope")
-    if protocol.json:
-        return _from_json(method, payload)
-    return _checked(method, payload)
-
-
-def _checked(method: _Method, payload: bytes) -> bytes:
-    """``payload``, once it parses as the request message (the bridge answers why not)."""
-    try:
-        method.request.FromString(payload)
-    except DecodeError as exc:
-        raise _refuse(grpc.StatusCode.INVALID_ARGUMENT, f"request message: {exc}") from None
-    return payload
-
-
-def _connect_error(status: _Status) -> dict[str, Any]:
-    code = "canceled" if status.code is grpc.StatusCode.CANCELLED else status.code.name.lower()
-    error: dict[str, Any] = {"code": code}
-    if status.message:
-        error["message"] = status.message
-    details = []
-    for key, value in status.trailing:
-        if key == _DETAILS_KEY and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                details.append(
-                    {
-                        "type": detail.type_url.rpartition("/")[2],
-                        "value": base64.b64encode(detail.value).decode().rstrip("="),
-                    }
-                )
-    if details:
-        error["details"] = details
-    return error
-
-
-def _grpc_web_trailers(status: _Status) -> bytes:
-    lines = [
-        f"grpc-status:{status.code.value[0]}",
-        f"grpc-message:{_percent_encode(status.message)}",
-    ]
-    lines += [f"{key}:{_header_value(key, value)}" for key, value in status.trailing]
-    return _frame(0x80, "".join(f"{line}\r\n" for line in lines).encode())
-
-
-def _end_stream(protocol: _Protocol, status: _Status) -> bytes:
-    """The last bytes of a streamed response: gRPC-Web trailers or Connect's end-stream."""
-    if protocol.name == "grpc-web":
-        return _grpc_web_trailers(status)
-    end: dict[str, Any] = {}
-    if status.code is not grpc.StatusCode.OK:
-        end["error"] = _connect_error(status)
-    metadata: dict[str, list[str]] = {}
-    for key, value in status.trailing:
-        if key != _DETAILS_KEY:
-            metadata.setdefault(key, []).append(_header_value(key, value))
-    if metadata:
-        end["metadata"] = metadata
-    return _frame(0x02, json.dumps(end, separators=(",", ":")).encode())
-
-
-def _refusal(protocol: _Protocol | None, status: _Status) -> Response:
-    """A response for a call that never reached the gateway (or a Connect unary error)."""
-    if protocol is None:
-        return Response(f"{status.message}\n", status.http_status or 415, media_type="text/plain")
-    if protocol.connect:
-        http_status = status.http_status or _CONNECT_HTTP.get(status.code, 500)
-        response = Response(
-            json.dumps(_connect_error(status)), http_status, media_type="application/json"
-        )
-        for key, value in status.trailing:
-            if key != _DETAILS_KEY:
-                response.headers.append(key, _header_value(key, value))
-        return response
-    # gRPC-Web: a trailers-only answer in the headers. Its clients read grpc-status from
-    # a 200; a request the bridge cannot read at all is a plain 400.
-    invalid = status.code is grpc.StatusCode.INVALID_ARGUMENT
-    http_status = status.http_status or (400 if invalid else 200)
-    headers = {"grpc-status": str(status.code.value[0])}
-    headers["grpc-message"] = _percent_encode(status.message)
-    return Response(b"", http_status, headers=headers, media_type=protocol.content_type)
-
-
-def _with_headers(response: Response, metadata: Metadata, prefix: str = "") -> Response:
-    for key, value in metadata:
-        response.headers.append(prefix + key, _header_value(key, value))
-    return response
 
 
 class _Bridge:
@@ -402,14 +61,14 @@ class _Bridge:
     def __init__(self, channel: grpc.aio.Channel, max_body_bytes: int) -> None:
         self._channel = channel
         self._max_body_bytes = max_body_bytes
-        self._methods = _bridged_methods()
+        self._methods = bridged_methods()
 
     async def handle(self, request: Request) -> Response:
-        protocol = _protocol(request)
+        protocol = protocol_of(request)
         try:
             if protocol is None:
                 content_type = request.headers.get("content-type", "")
-                raise _refuse(
+                raise refuse(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"unsupported content-type {content_type!r}: use application/grpc-web, "
                     "application/json, application/proto or application/connect+proto",
@@ -417,16 +76,16 @@ class _Bridge:
                 )
             method = self._methods.get(request.url.path)
             if method is None:
-                raise _refuse(grpc.StatusCode.UNIMPLEMENTED, f"no method {request.url.path}", 404)
+                raise refuse(grpc.StatusCode.UNIMPLEMENTED, f"no method {request.url.path}", 404)
             if method.client_streaming:
-                raise _refuse(
+                raise refuse(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"{method.path} streams requests, which needs full-duplex HTTP/2 that "
                     "browsers cannot open; use /tokenwire.v1.ChatService/Complete for a "
                     "turn and abort the fetch to cancel it",
                 )
             if method.server_streaming and protocol.name == "connect":
-                raise _refuse(
+                raise refuse(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"{method.path} streams its replies: send application/connect+proto "
                     "or application/connect+json",
@@ -434,29 +93,29 @@ class _Bridge:
                 )
             for header in ("content-encoding", "connect-content-encoding", "grpc-encoding"):
                 if request.headers.get(header, "identity") != "identity":
-                    raise _refuse(
+                    raise refuse(
                         grpc.StatusCode.UNIMPLEMENTED,
                         f"{header} {request.headers[header]!r}: only identity is served",
                     )
             version = request.headers.get("connect-protocol-version")
             if protocol.connect and version not in (None, "1"):
-                raise _refuse(
+                raise refuse(
                     grpc.StatusCode.INVALID_ARGUMENT, f"connect-protocol-version {version!r}"
                 )
-            timeout = _timeout(request, protocol.connect)
-            metadata = _call_metadata(request)
-            body = await _read_body(request, self._max_body_bytes)
-            payload = _request_payload(protocol, method, body)
-        except _Refused as refused:
-            return _refusal(protocol, refused.status)
+            timeout = timeout_of(request, protocol.connect)
+            metadata = call_metadata(request)
+            body = await read_body(request, self._max_body_bytes)
+            payload = request_payload(protocol, method, body)
+        except Refused as refused:
+            return refusal(protocol, refused.status)
         if protocol.name == "connect":
             return await self._unary(protocol, method, payload, metadata, timeout)
         return await self._stream(protocol, method, payload, metadata, timeout)
 
     async def _unary(
         self,
-        protocol: _Protocol,
-        method: _Method,
+        protocol: WireProtocol,
+        method: Method,
         payload: bytes,
         metadata: Metadata,
         deadline_s: float | None,
@@ -468,22 +127,22 @@ class _Bridge:
         try:
             reply: bytes = await call
         except grpc.aio.AioRpcError as error:
-            status = _Status.of(error)
-            initial = _pairs(await call.initial_metadata())
-            merged = _Status(status.code, status.message, (*initial, *status.trailing))
-            return _refusal(protocol, merged)
+            status = Status.of(error)
+            initial = pairs(await call.initial_metadata())
+            merged = Status(status.code, status.message, (*initial, *status.trailing))
+            return refusal(protocol, merged)
         except BaseException:
             call.cancel()
             raise
-        content = _to_json(method, reply) if protocol.json else reply
+        content = to_json(method, reply) if protocol.json else reply
         response = Response(content, media_type=protocol.content_type)
-        _with_headers(response, _pairs(await call.initial_metadata()))
-        return _with_headers(response, _pairs(await call.trailing_metadata()), "trailer-")
+        with_headers(response, pairs(await call.initial_metadata()))
+        return with_headers(response, pairs(await call.trailing_metadata()), "trailer-")
 
     async def _stream(
         self,
-        protocol: _Protocol,
-        method: _Method,
+        protocol: WireProtocol,
+        method: Method,
         payload: bytes,
         metadata: Metadata,
         deadline_s: float | None,
@@ -493,21 +152,21 @@ class _Bridge:
             payload, metadata=metadata, timeout=deadline_s
         )
         try:
-            initial = _pairs(await call.initial_metadata())
+            initial = pairs(await call.initial_metadata())
         except BaseException:
             call.cancel()
             raise
         encode: Callable[[bytes], bytes] = (
-            (lambda reply: _to_json(method, reply)) if protocol.json else (lambda reply: reply)
+            (lambda reply: to_json(method, reply)) if protocol.json else (lambda reply: reply)
         )
         response = StreamingResponse(
             _relay(protocol, call, encode), media_type=protocol.content_type
         )
-        return _with_headers(response, initial)
+        return with_headers(response, initial)
 
 
 async def _relay(
-    protocol: _Protocol,
+    protocol: WireProtocol,
     call: grpc.aio.UnaryStreamCall[bytes, bytes],
     encode: Callable[[bytes], bytes],
 ) -> AsyncIterator[bytes]:
@@ -517,19 +176,19 @@ async def _relay(
     )
     try:
         async for reply in call:
-            yield wrap(_frame(0x00, encode(reply)))
-        status = _Status(grpc.StatusCode.OK, "", _pairs(await call.trailing_metadata()))
+            yield wrap(frame(0x00, encode(reply)))
+        status = Status(grpc.StatusCode.OK, "", pairs(await call.trailing_metadata()))
     except grpc.aio.AioRpcError as error:
-        status = _Status.of(error)
+        status = Status.of(error)
     finally:
         # Reached by a disconnect too (Starlette cancels the response): the call, and
         # with it the turn and the engine's work, stops here.
         call.cancel()
-    yield wrap(_end_stream(protocol, status))
+    yield wrap(end_stream(protocol, status))
 
 
 def web_routes(
-    channel: grpc.aio.Channel, *, max_body_bytes: int = _DEFAULT_MAX_BODY_BYTES
+    channel: grpc.aio.Channel, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> Sequence[Any]:
     """Connect and gRPC-Web for every method of the public services, over ``channel``.
 
