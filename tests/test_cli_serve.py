@@ -71,13 +71,14 @@ def _children(pid: int) -> list[int]:
 async def test_processes_share_one_port_and_drain_together(tmp_path: Path) -> None:
     """`serve --processes 2`: two processes answer on one port, their metrics add up on
     the first one's endpoint; SIGTERM stops both, exit 0."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokenwire", "serve", "--backend", "fake", "--processes", "2",
         "--listen", address, "--set", "auth.enabled=false",
         "--set", f"store.data_dir={tmp_path}", "--set", "logging.level=warning",
         "--set", "metrics.enabled=true", "--set", f"metrics.listen=127.0.0.1:{metrics_port}",
+        "--set", "http.enabled=true", "--set", f"http.listen=127.0.0.1:{http_port}",
     )  # fmt: skip
     try:
         children: list[int] = []
@@ -101,6 +102,8 @@ async def test_processes_share_one_port_and_drain_together(tmp_path: Path) -> No
                     await asyncio.sleep(0.1)
             texts.append("".join(e.delta.text for e in events if e.HasField("delta")))
         scraped = await asyncio.to_thread(_scrape, metrics_port)
+        models = await asyncio.to_thread(_get, f"http://127.0.0.1:{http_port}/v1/models")
+        assert not _is_gone(children[0])  # the second process still serves (gRPC only)
         process.send_signal(signal.SIGTERM)
         assert 0 == await asyncio.wait_for(process.wait(), 60)
         assert _is_gone(children[0])
@@ -109,6 +112,7 @@ async def test_processes_share_one_port_and_drain_together(tmp_path: Path) -> No
             process.kill()
             await process.wait()
     assert ["Hello from the fake backend."] * 6 == texts
+    assert '"id":"fake"' in models.replace(" ", "")  # one HTTP edge, the first process's
     turns = 'tokenwire_turns_total{ending="stop",model="fake",tenant="default"}'
     assert f"{turns} 6.0" in scraped.splitlines()
 
@@ -117,6 +121,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return str(reply.read().decode())
 
 
 def _scrape(port: int) -> str:

@@ -68,8 +68,12 @@ async def serve_processes(
     server = TokenwireServer(config)
     await server.start()
     context = multiprocessing.get_context("spawn")  # no inherited event loop or gRPC state
+    # The HTTP edge binds its own port without SO_REUSEPORT: the first process serves it
+    # (its calls reach that process's gRPC server), the others serve gRPC only.
+    child_settings = {**settings, "http.enabled": "false"}
     children = [
-        context.Process(target=_child, args=(config_file, settings)) for _ in range(processes - 1)
+        context.Process(target=_child, args=(config_file, child_settings))
+        for _ in range(processes - 1)
     ]
     try:
         for child in children:
