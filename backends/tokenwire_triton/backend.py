@@ -356,6 +356,12 @@ def _first_int(result: Any, name: str) -> int | None:
 
 
 _INPUT_ERRORS = ("unexpected inference input", "invalid argument", "exceeds", "must be")
+# Status code names a Tokenwire frontend puts before an in-stream error that say more
+# than "retry": the others are read as a failure of the request.
+_IN_STREAM_CODES = frozenset(
+    {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"}
+)
+_GATEWAY_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "UNIMPLEMENTED"})
 
 
 def _error_of(message: str, url: str) -> TokenwireError:
@@ -363,37 +369,28 @@ def _error_of(message: str, url: str) -> TokenwireError:
 
     A Tokenwire frontend prefixes its status code's name; Triton's own messages
     carry none, so the words of its input checks mark a refused request."""
-    head, _, _ = message.partition(":")
-    code = head.strip().upper()
-    if code == "RESOURCE_EXHAUSTED":
-        return ResourceExhaustedError(
-            "the Triton server is at capacity; retry shortly", retry_after_s=1.0
-        )
-    if code == "INVALID_ARGUMENT" or any(w in message.lower() for w in _INPUT_ERRORS):
-        return InvalidArgumentError(f"the Triton server refused the request: {message}")
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND"):
-        return FailedPreconditionError(
-            f"the Triton server at {url} refused this gateway ({code}): check backend.options"
-        )
-    return UnavailableError(f"the Triton server at {url} failed the request; retry")
+    code = message.partition(":")[0].strip().upper()
+    if code != "RESOURCE_EXHAUSTED" and any(w in message.lower() for w in _INPUT_ERRORS):
+        code = "INVALID_ARGUMENT"
+    return _error_for(code if code in _IN_STREAM_CODES else "", message, url)
 
 
 def _call_error(exc: grpc.aio.AioRpcError, url: str) -> TokenwireError:
     """The stream's status as ours: its code, not its words, says what it was."""
-    code = exc.code()
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    return _error_for(exc.code().name, exc.details() or "", url)
+
+
+def _error_for(code: str, detail: str, url: str) -> TokenwireError:
+    """The error for a status code name (empty: none known) and the server's words."""
+    if code == "RESOURCE_EXHAUSTED":
         return ResourceExhaustedError(
             "the Triton server is at capacity; retry shortly", retry_after_s=1.0
         )
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return InvalidArgumentError(f"the Triton server refused the request: {exc.details()}")
-    if code in (
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.UNIMPLEMENTED,
-    ):
+    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
+        return InvalidArgumentError(f"the Triton server refused the request: {detail}")
+    if code in _GATEWAY_REFUSED:
         return FailedPreconditionError(
-            f"the Triton server at {url} refused this gateway ({code.name}): check backend.options"
+            f"the Triton server at {url} refused this gateway ({code}): check backend.options"
         )
-    return UnavailableError(f"the Triton server at {url} failed ({code.name}); retry")
+    failed = f"failed ({code})" if code else "failed the request"
+    return UnavailableError(f"the Triton server at {url} {failed}; retry")
