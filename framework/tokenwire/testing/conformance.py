@@ -35,12 +35,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Hashable, Sequence
+from typing import Any, TypeVar
 
 import pytest
 
-from tokenwire.backend import Chunk, Engine, FinishReason, GenerateRequest, SamplingParams
+from tokenwire.backend import (
+    Chunk,
+    Engine,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    TextBackend,
+)
 
 __all__ = ["LONG_ANSWER", "EngineConformance", "collect"]
 
@@ -48,6 +55,7 @@ LONG_ANSWER = 8  # tokens the conformance prompt must be answered with, at least
 _QUIET_S = 0.2  # how long an engine with a step counter is watched for stray steps
 _SEEDED: dict[str, Any] = {"temperature": 1.0, "top_p": 0.9, "seed": 1234}
 _request_ids = itertools.count()
+T = TypeVar("T", bound=Hashable)
 
 
 async def collect(engine: Engine, request: GenerateRequest) -> list[Chunk]:
@@ -231,13 +239,13 @@ def _tokens(chunks: list[Chunk]) -> list[int]:
     return [t for chunk in chunks for t in chunk.token_ids]
 
 
-def _latest_first_occurrence(tokens: list[int]) -> int:
-    """The token that appears for the first time latest in ``tokens``.
+def _latest_first_occurrence(tokens: Sequence[T]) -> T:
+    """The token (or character) that appears for the first time latest in ``tokens``.
 
     Stopping on it leaves the longest answer before the stop, so an engine that
     stops too early is caught too.
     """
-    seen: set[int] = set()
+    seen: set[T] = set()
     latest = tokens[0]
     for token in tokens:
         if token not in seen:
@@ -246,7 +254,7 @@ def _latest_first_occurrence(tokens: list[int]) -> int:
     return latest
 
 
-def _in_flight(engine: Engine) -> int:
+def _in_flight(engine: Engine | TextBackend) -> int:
     report = engine.load()
     return report.running + report.queued
 
@@ -259,7 +267,7 @@ async def _until_idle(engine: Engine, limit_s: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _aclose(stream: AsyncIterator[Chunk]) -> None:
+async def _aclose(stream: AsyncIterator[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()

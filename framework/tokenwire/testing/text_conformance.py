@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -34,6 +34,7 @@ from tokenwire.backend import (
     TextChunk,
     TextRequest,
 )
+from tokenwire.testing.conformance import _aclose, _in_flight, _latest_first_occurrence
 
 __all__ = ["LONG_ANSWER", "TextBackendConformance", "collect_text"]
 
@@ -114,7 +115,7 @@ class TextBackendConformance:
     ) -> None:
         """A stop string cuts the answer where it first appears, with STOP."""
         full = _text(await collect_text(backend, self.request(messages, 2 * LONG_ANSWER)))
-        stop = _latest_new_character(full)
+        stop = _latest_first_occurrence(full)
         cut = full[: full.index(stop)]
         chunks = await collect_text(backend, self.request(messages, 2 * LONG_ANSWER, stop=(stop,)))
         assert (cut, FinishReason.STOP) == (_text(chunks), chunks[-1].finish_reason)
@@ -196,25 +197,3 @@ class TextBackendConformance:
                     f"still busy after its requests ended: {backend.load()}, upstream {upstream}"
                 )
             await asyncio.sleep(0.01)
-
-
-def _latest_new_character(text: str) -> str:
-    """The character whose first appearance in ``text`` comes latest (not at the start)."""
-    seen: set[str] = set()
-    latest = text[-1]
-    for char in text:
-        if char not in seen:
-            seen.add(char)
-            latest = char
-    return latest
-
-
-def _in_flight(backend: TextBackend) -> int:
-    report = backend.load()
-    return report.running + report.queued
-
-
-async def _aclose(stream: AsyncIterator[TextChunk]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
