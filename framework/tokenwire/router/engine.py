@@ -193,19 +193,21 @@ class RoutedEngine:
         if not self.fleet.usable():
             raise UnavailableError("no model worker is available; retry shortly")
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        # Untraced, the routing generator itself: no layer re-yielding every chunk.
         if self._tracing is None or not request.trace_metadata:
-            async for chunk in self._generate(request, None):
-                yield chunk
-            return
-        span = self._tracing.start(
+            return self._generate(request, None)
+        return self._traced(request, self._tracing)
+
+    async def _traced(self, request: GenerateRequest, tracing: Tracing) -> AsyncIterator[Chunk]:
+        span = tracing.start(
             "tokenwire.route",
             request.trace_metadata,
             {"router.policy": str(self.config.policy)},
         )
         try:
             # The worker's span is the router's child.
-            routed = dataclasses.replace(request, trace_metadata=self._tracing.inject(span))
+            routed = dataclasses.replace(request, trace_metadata=tracing.inject(span))
             async for chunk in self._generate(routed, span):
                 yield chunk
         finally:
