@@ -24,8 +24,8 @@ class holds everything else once:
   (UNIMPLEMENTED, or a protocol that has none) is asked for its health instead,
   and its load is what the router itself sent it.
 
-A protocol's client subclasses it with its stub, its request message, how one
-response reads, and its model-info, health, load and abort calls.
+A protocol's client subclasses it with its stub, its Generate request message, how
+one response reads, and its model-info, health, load and abort calls.
 """
 
 from __future__ import annotations
@@ -185,10 +185,8 @@ class EngineClient:
     async def _loads(self) -> tuple[LoadReport, int]:
         raise NotImplementedError
 
-    def _call(
-        self, request: GenerateRequest, metadata: Sequence[tuple[str, str]]
-    ) -> AsyncIterator[Any]:
-        """The Generate call for ``request`` (streamed, token ids in)."""
+    def _message(self, request: GenerateRequest) -> Any:
+        """The protocol's GenerateRequest for ``request`` (streamed, token ids in)."""
         raise NotImplementedError
 
     def _read(self, response: Any) -> tuple[Sequence[int], Ending | None]:
@@ -316,7 +314,8 @@ class EngineClient:
                 (CACHE_SCOPE_KEY, request.cache_scope),
                 (SHARED_PREFIX_KEY, str(request.shared_prefix_tokens)),
             )
-        call = self._call(request, metadata)
+        # Every protocol names its streaming call Generate.
+        call = self.stub.Generate(self._message(request), metadata=metadata)
         stops = request.stop_token_ids
         seen = 0  # output tokens the server sent, a stop token included
         sent = 0  # of them, passed on

@@ -37,7 +37,7 @@ sgl-project/sglang, ``python/sglang/srt/managers/scheduler.py``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -131,11 +131,8 @@ class SglangClient(EngineClient):
         )
         return load_of_ranks(reply.loads)
 
-    def _call(
-        self, request: GenerateRequest, metadata: Sequence[tuple[str, str]]
-    ) -> AsyncIterator[Any]:
-        call: AsyncIterator[Any] = self.stub.Generate(request_message(request), metadata=metadata)
-        return call
+    def _message(self, request: GenerateRequest) -> Any:
+        return request_message(request)
 
     def _read(self, response: Any) -> tuple[Sequence[int], Ending | None]:
         if response.HasField("chunk"):

@@ -28,7 +28,7 @@ comments in ``smg_grpc_proto/proto/trtllm_service.proto``):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -103,11 +103,8 @@ class TrtllmClient(EngineClient):
     async def _loads(self) -> tuple[LoadReport, int]:
         raise NotImplementedError("TrtllmService has no load call")
 
-    def _call(
-        self, request: GenerateRequest, metadata: Sequence[tuple[str, str]]
-    ) -> AsyncIterator[Any]:
-        call: AsyncIterator[Any] = self.stub.Generate(request_message(request), metadata=metadata)
-        return call
+    def _message(self, request: GenerateRequest) -> Any:
+        return request_message(request)
 
     def _read(self, response: Any) -> tuple[Sequence[int], Ending | None]:
         if response.HasField("chunk"):

@@ -12,7 +12,7 @@ data-parallel rank's load.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -55,11 +55,8 @@ class VllmClient(EngineClient):
         )
         return load_of_ranks(reply.loads)
 
-    def _call(
-        self, request: GenerateRequest, metadata: Sequence[tuple[str, str]]
-    ) -> AsyncIterator[Any]:
-        call: AsyncIterator[Any] = self.stub.Generate(request_message(request), metadata=metadata)
-        return call
+    def _message(self, request: GenerateRequest) -> Any:
+        return request_message(request)
 
     def _read(self, response: Any) -> tuple[Sequence[int], Ending | None]:
         if response.HasField("chunk"):
