@@ -6,9 +6,10 @@ else the CPU), conversations in SQLite, and the interceptor chain and turn
 policies that `tokenwire.pipeline` declares from the configuration (pass your own
 lists to add or replace parts).
 
-    python examples/chat_server/server.py                    # 127.0.0.1:50051
+    python examples/chat_server/server.py                    # 127.0.0.1:50051, chat page on :8080
     python examples/chat_server/server.py --listen 0.0.0.0:50051 --device cuda
     tokenwire chat "What is the capital of France?"          # in another terminal
+    # or open http://127.0.0.1:8080/ and sign in with the key in .tokenwire/admin.key
 
 Every setting can also come from a TOML file (--config) or TOKENWIRE_* variables;
 `tokenwire serve --help-config` lists them.
@@ -34,6 +35,12 @@ def main() -> int:
     parser.add_argument("--config", help="TOML config file")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--model-path", help="a .gguf file or a transformers checkpoint directory")
+    parser.add_argument(
+        "--http",
+        default="127.0.0.1:8080",
+        help="HOST:PORT of the chat page and the OpenAI-compatible API, or 'off' "
+        "(default 127.0.0.1:8080)",
+    )
     args = parser.parse_args()
     overrides = {
         key: value
@@ -44,6 +51,8 @@ def main() -> int:
         )
         if value
     }
+    if args.http != "off":
+        overrides |= {"http.enabled": "true", "http.listen": args.http}
     try:
         config = load_config(args.config, overrides=overrides)
         configure_logging(config.logging)
@@ -55,7 +64,8 @@ def main() -> int:
             interceptors=pipeline.interceptors,
             policies=pipeline.policies,
         )
-        print(f"loading the model, then serving on {config.server.listen} ...", file=sys.stderr)
+        page = f", the chat page on http://{config.http.listen}/" if config.http.enabled else ""
+        print(f"loading the model, then serving on {config.server.listen}{page}", file=sys.stderr)
         asyncio.run(server.serve())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

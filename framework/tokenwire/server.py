@@ -250,6 +250,7 @@ class TokenwireServer:
         self._server = server
         if self._edge_dir is not None:
             from tokenwire.edge.openai import openai_routes
+            from tokenwire.edge.page import chat_page_routes
             from tokenwire.edge.server import HttpEdge
             from tokenwire.edge.web import web_routes
 
@@ -260,6 +261,7 @@ class TokenwireServer:
                 [
                     functools.partial(openai_routes, max_body_bytes=limit),
                     functools.partial(web_routes, max_body_bytes=limit),
+                    *([chat_page_routes] if self.config.http.chat_page else []),
                 ],
             )
             await self.http.start()

@@ -21,6 +21,7 @@ class HttpConfig:
     cors_origins: str = setting(
         "", "comma-separated origins browsers may call from (another site's page); empty: none"
     )
+    chat_page: bool = setting(True, "serve the chat page at / (sign in with an API key)")
     max_body_bytes: int = setting(1 << 20, "largest request body accepted (bigger: 413)")
 
     def __post_init__(self) -> None:
