@@ -100,8 +100,8 @@ async def test_flush_passes_rule_held_text_through_later_moderators() -> None:
 
 
 async def test_every_check_is_reported() -> None:
-    """The report callback hears each check: moderator name, verdict and the text checked."""
-    reports: list[tuple[str, Verdict, str]] = []
+    """The report callback hears each check: moderator, verdict, text checked, action."""
+    reports: list[tuple[str, Verdict, str, str]] = []
     screen = output_filter(
         [RuleModerator({"v": {"terms": ["kill"]}}), WordModerator()],
         report=lambda *args: reports.append(args),
@@ -109,7 +109,7 @@ async def test_every_check_is_reported() -> None:
     await screen.feed("Hi. ")
     await screen.feed("kill ")
     assert [
-        ("rules", CLEAN, "Hi. "),
-        ("word", CLEAN, "Hi. "),
-        ("rules", Verdict(True, "v", 1.0), "kill "),
+        ("rules", CLEAN, "Hi. ", ""),
+        ("word", CLEAN, "Hi. ", ""),
+        ("rules", Verdict(True, "v", 1.0), "kill ", "block"),
     ] == reports

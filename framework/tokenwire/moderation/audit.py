@@ -114,8 +114,12 @@ class ModerationAudit:
         text: str,
         principal: Principal = ANONYMOUS,
         turn_id: str = "",
+        action: str = "",
     ) -> None:
-        """Log one decision about ``text`` (hashed); ``direction`` is "input" or "output"."""
+        """Log one decision about ``text`` (hashed); ``direction`` is "input" or "output".
+
+        ``action`` is what the flag did for this tenant (block, log or allow).
+        """
         if not (self.all_checks or (self.enabled and verdict.flagged)):
             return
         # Looked up per record, so a pipeline configured after import (log shipping,
@@ -127,6 +131,7 @@ class ModerationAudit:
             "category": verdict.category,
             "score": round(verdict.score, 4),
             "moderator": moderator,
+            **({"action": action} if action else {}),
             "tenant": principal.tenant,
             "user": principal.user,
             "turn_id": turn_id,

@@ -8,10 +8,13 @@ embedding_threshold = 0.5
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tokenwire.config_fields import setting
 from tokenwire.errors import ConfigError
+from tokenwire.moderation.actions import parse_actions, parse_tenant_actions
 
 __all__ = ["MODERATORS", "ModerationConfig"]
 
@@ -51,12 +54,42 @@ class ModerationConfig:
         "the embedding moderator checks held-back output at each sentence end "
         "or after this many characters",
     )
+    categories: Mapping[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "category -> block | log | allow for every tenant, as a "
+            "[moderation.categories] table or 'hate=log,violence=allow'; absent: block"
+        },
+    )
+    tenant_categories: Mapping[str, Mapping[str, str]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "tenant (or 'plan:NAME') -> its category actions, e.g. "
+            "acme = 'violence:allow drugs:log'; env 'acme=violence:allow,plan:pro=hate:log'"
+        },
+    )
+    keep_text_tenants: str = setting(
+        "",
+        "comma-separated tenants whose flagged events keep the flagged text "
+        "(others: category, score and an HMAC only)",
+    )
     audit: bool = setting(
         True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
     )
     audit_all_checks: bool = setting(
         False, "also log every check that passed (verbose: one line per checked output window)"
     )
+
+    def __post_init__(self) -> None:
+        categories = parse_actions(self.categories, "moderation.categories")
+        object.__setattr__(self, "categories", types.MappingProxyType(categories))
+        tenants = parse_tenant_actions(self.tenant_categories, "moderation.tenant_categories")
+        object.__setattr__(self, "tenant_categories", types.MappingProxyType(tenants))
+
+    @property
+    def keep_text_for(self) -> frozenset[str]:
+        """The tenants of ``keep_text_tenants``."""
+        return frozenset(t.strip() for t in self.keep_text_tenants.split(",") if t.strip())
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting."""

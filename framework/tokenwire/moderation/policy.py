@@ -26,6 +26,13 @@ from tokenwire.moderation import (
     moderator_name,
     output_filter,
 )
+from tokenwire.moderation.actions import (
+    BLOCK,
+    CategoryActions,
+    FlagEvent,
+    FlagSink,
+    TenantOverrides,
+)
 from tokenwire.moderation.audit import audit_key_path
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
@@ -62,10 +69,16 @@ class ModerationPolicy:
         *,
         moderator: Moderator | None = None,
         data_dir: str | None = None,
+        flags: FlagSink | None = None,
+        overrides: TenantOverrides | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._given = moderator
+        self._flags = flags  # hears every flag: the abuse monitor counts them
+        self.actions = CategoryActions(
+            config.categories, config.tenant_categories, config.keep_text_for, overrides
+        )
         self._data_dir = data_dir  # where the audit log's key lives; None: a key per process
         self._moderators: tuple[Moderator, ...] = ()
         self._ready = False
@@ -113,8 +126,11 @@ class ModerationPolicy:
             return
         for moderator in self._moderators:
             verdict = await moderator.check(turn.message)
-            self._record(turn, "input", moderator_name(moderator), verdict, turn.message)
+            action = ""
             if verdict.flagged:
+                action = self.actions.action(turn.principal, verdict.category)
+            self._record(turn, "input", moderator_name(moderator), verdict, turn.message, action)
+            if action == BLOCK:
                 raise ContentFilteredError(verdict.category)
 
     def output_filter(self, turn: TurnInfo) -> OutputFilter | None:
@@ -122,8 +138,11 @@ class ModerationPolicy:
         if not self.config.enabled or not self.config.output or not self._moderators:
             return None
 
-        def report(name: str, verdict: Verdict, text: str) -> None:
-            self._record(turn, "output", name, verdict, text)
+        def report(name: str, verdict: Verdict, text: str, action: str) -> None:
+            self._record(turn, "output", name, verdict, text, action)
+
+        def decide(verdict: Verdict) -> str:
+            return self.actions.action(turn.principal, verdict.category)
 
         # Passed checks are recorded only when the audit wants them: a check per token.
         return output_filter(
@@ -131,6 +150,7 @@ class ModerationPolicy:
             check_chars=self.config.embedding_check_chars,
             report=report,
             report_passed=self._audit.all_checks,
+            decide=decide,
         )
 
     async def after_turn(self, turn: TurnInfo, outcome: TurnOutcome) -> None:
@@ -138,7 +158,7 @@ class ModerationPolicy:
         return None
 
     def _record(
-        self, turn: TurnInfo, direction: str, name: str, verdict: Verdict, text: str
+        self, turn: TurnInfo, direction: str, name: str, verdict: Verdict, text: str, action: str
     ) -> None:
         self._audit.record(
             direction=direction,
@@ -147,7 +167,15 @@ class ModerationPolicy:
             text=text,
             principal=turn.principal,
             turn_id=turn.turn_id,
+            action=action,
         )
+        if verdict.flagged and self._flags is not None:
+            keep = self.actions.keeps_text(turn.principal)
+            event = FlagEvent(
+                turn.principal, turn.turn_id, direction, verdict.category, name,
+                verdict.score, action or BLOCK, text if keep else "", keep,
+            )  # fmt: skip
+            self._flags.flagged(event)
 
 
 async def _close(moderators: list[Moderator]) -> None:

@@ -23,14 +23,18 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from tokenwire.moderation.actions import BLOCK
 from tokenwire.moderation.base import CLEAN, Moderator, Verdict, moderator_name
 from tokenwire.moderation.rules import RuleModerator, RuleStream
 from tokenwire.turns.policy import FilterResult
 
-__all__ = ["ModerationFilter", "Report", "output_filter"]
+__all__ = ["Decide", "ModerationFilter", "Report", "output_filter"]
 
-Report = Callable[[str, Verdict, str], None]
-"""Told of each check: ``(moderator name, verdict, the text checked)``."""
+Report = Callable[[str, Verdict, str, str], None]
+"""Told of each check: ``(moderator name, verdict, the text checked, action)``; the
+action (block, log or allow) is ``""`` for a check that passed."""
+Decide = Callable[[Verdict], str]
+"""A flagged verdict's action for this turn's principal: block, log or allow."""
 
 # A sentence ends at terminal punctuation (and closing quotes) followed by
 # whitespace, or at a line break. "3.14" and "e.g." mid-sentence do not end one.
@@ -46,17 +50,25 @@ class _Screen(Protocol):
 _HELD = FilterResult("")  # nothing to send yet; shared, as most feeds of a held word return it
 
 
-def _ignore(name: str, verdict: Verdict, text: str) -> None:
+def _ignore(name: str, verdict: Verdict, text: str, action: str) -> None:
     return None
+
+
+def _block(verdict: Verdict) -> str:
+    return BLOCK
 
 
 class _RuleScreen:
     """Incremental term matching; see :class:`~tokenwire.moderation.rules.RuleStream`."""
 
-    def __init__(self, rules: RuleModerator, report: Report, *, report_passed: bool) -> None:
+    def __init__(
+        self, rules: RuleModerator, report: Report, decide: Decide, *, report_passed: bool
+    ) -> None:
+        self._rules = rules
         self._stream: RuleStream = rules.stream()
         self._name = moderator_name(rules)
         self._report = report
+        self._decide = decide
         self._report_passed = report_passed
 
     async def feed(self, text: str) -> tuple[str, Verdict]:
@@ -65,34 +77,50 @@ class _RuleScreen:
     def feed_now(self, text: str) -> tuple[str, Verdict]:
         """:meth:`feed`, synchronously (the rules never wait)."""
         stream = self._stream
-        if self._report_passed:
-            checked = stream.held + text
-            released, verdict = stream.feed(text)
-            self._report(self._name, verdict, checked)
-            return released, verdict
+        checked = stream.held + text if self._report_passed else ""
         released, verdict = stream.feed(text)
         if verdict.flagged:  # a flagged feed releases nothing, so it holds all it checked
-            self._report(self._name, verdict, stream.held)
+            return self._flagged(verdict, stream.held)
+        if self._report_passed:
+            self._report(self._name, verdict, checked, "")
         return released, verdict
 
     async def finish(self) -> tuple[str, Verdict]:
         checked = self._stream.held
         released, verdict = self._stream.finish()
-        if checked and (self._report_passed or verdict.flagged):
-            self._report(self._name, verdict, checked)
+        if verdict.flagged:
+            return self._flagged(verdict, checked)
+        if checked and self._report_passed:
+            self._report(self._name, verdict, checked, "")
         return released, verdict
+
+    def _flagged(self, verdict: Verdict, held: str) -> tuple[str, Verdict]:
+        action = self._decide(verdict)
+        self._report(self._name, verdict, held, action)
+        if action == BLOCK:
+            return "", verdict
+        # Logged or allowed for this tenant: release what was held and match afresh.
+        self._stream = self._rules.stream()
+        return held, CLEAN
 
 
 class _PieceScreen:
     """Holds text until a sentence ends (or ``check_chars`` are held), then checks it whole."""
 
     def __init__(
-        self, moderator: Moderator, check_chars: int, report: Report, *, report_passed: bool
+        self,
+        moderator: Moderator,
+        check_chars: int,
+        report: Report,
+        decide: Decide,
+        *,
+        report_passed: bool,
     ) -> None:
         self._moderator = moderator
         self._name = moderator_name(moderator)
         self._check_chars = check_chars
         self._report = report
+        self._decide = decide
         self._report_passed = report_passed
         self._held = ""
 
@@ -112,9 +140,13 @@ class _PieceScreen:
         if not piece.strip():
             return piece, CLEAN
         verdict = await self._moderator.check(piece)
-        if self._report_passed or verdict.flagged:
-            self._report(self._name, verdict, piece)
-        return ("", verdict) if verdict.flagged else (piece, verdict)
+        if not verdict.flagged:
+            if self._report_passed:
+                self._report(self._name, verdict, piece, "")
+            return piece, verdict
+        action = self._decide(verdict)
+        self._report(self._name, verdict, piece, action)
+        return ("", verdict) if action == BLOCK else (piece, CLEAN)
 
     def _cut(self) -> int:
         """How much of the held text is ready to check: through the last sentence end."""
@@ -193,19 +225,23 @@ def output_filter(
     check_chars: int = 400,
     report: Report | None = None,
     report_passed: bool = True,
+    decide: Decide | None = None,
 ) -> ModerationFilter:
     """A fresh filter for one answer, screening with ``moderators`` in order.
 
     ``report`` hears every check, or only flagged ones without ``report_passed``.
+    ``decide`` gives a flag's action (default: block); a logged or allowed flag is
+    reported and its text released.
 
     screen = output_filter([RuleModerator()])
     shown = (await screen.feed("Hello, wor")).text + (await screen.flush()).text
     """
     report = report or _ignore
+    decide = decide or _block
     screens: list[_Screen] = [
-        _RuleScreen(m, report, report_passed=report_passed)
+        _RuleScreen(m, report, decide, report_passed=report_passed)
         if isinstance(m, RuleModerator)
-        else _PieceScreen(m, check_chars, report, report_passed=report_passed)
+        else _PieceScreen(m, check_chars, report, decide, report_passed=report_passed)
         for m in moderators
     ]
     return ModerationFilter(screens)
