@@ -22,12 +22,15 @@ from tokenwire.errors import ConfigError
 from tokenwire.interceptors import ErrorsInterceptor, Interceptor
 from tokenwire.interceptors.base import CallInfo, Proceed
 from tokenwire.moderation import EmbeddingModerator, ModerationConfig, RuleModerator
+from tokenwire.moderation.classifier import ClassifierModerator
+from tokenwire.moderation.combine import AllModerator, EscalatingModerator
 from tokenwire.moderation.policy import ModerationPolicy, build_moderators
 from tokenwire.proto.v1 import chat_pb2, models_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
 from tokenwire.testing import FakeBackend, RunningServer, running_server
 
 OWNER = "acme/alice"
+RULES = ModerationConfig(moderator="rules")  # no model to load
 FLAGGED_INPUT = "Listen: I w1ll K.I.L.L you tomorrow."
 FLAGGED_REPLY = "Sure. Here it is: I will kill you now, said the villain."
 TERM_START = FLAGGED_REPLY.index("I will")
@@ -53,7 +56,7 @@ def chain(config: ModerationConfig | None = None, **kwargs: Any) -> dict[str, An
     """``running_server`` arguments: alice's calls, moderated by the policy under test."""
     return {
         "interceptors": [ErrorsInterceptor(), AsAlice()],
-        "policies": [ModerationPolicy(config or ModerationConfig(), **kwargs)],
+        "policies": [ModerationPolicy(config or RULES, **kwargs)],
     }
 
 
@@ -209,7 +212,7 @@ async def test_rules_file_from_config_is_used(tmp_path: Path) -> None:
     """ModerationConfig.rules_file replaces the built-in rules."""
     path = tmp_path / "rules.toml"
     path.write_text('[categories.spoilers]\nterms = ["rosebud is a sled"]\n')
-    config = ModerationConfig(rules_file=str(path))
+    config = ModerationConfig(moderator="rules", rules_file=str(path))
     fake = FakeBackend(reply="Fine: Rosebud is a SLED.")
     async with running_server(fake, **chain(config)) as running:
         events = await complete(running, "I will kill you")  # not in this rule set
@@ -219,7 +222,7 @@ async def test_rules_file_from_config_is_used(tmp_path: Path) -> None:
 
 async def test_input_and_output_switch_separately() -> None:
     """input=False lets a flagged message through; output is still screened."""
-    config = ModerationConfig(input=False)
+    config = ModerationConfig(moderator="rules", input=False)
     async with running_server(FakeBackend(reply=FLAGGED_REPLY), **chain(config)) as running:
         events = await complete(running, FLAGGED_INPUT)
     assert chat_pb2.FINISH_REASON_CONTENT_FILTER == events[-1].finished.finish_reason
@@ -268,16 +271,36 @@ async def test_given_moderator_replaces_the_configured_ones() -> None:
 
 
 def test_build_moderators_follows_the_config() -> None:
-    """rules, embedding, both: the moderators in checking order, rules first."""
-    assert [RuleModerator] == [type(m) for m in build_moderators(ModerationConfig())]
+    """The listed moderators in checking order; 'both' is still rules and embedding."""
+    default = build_moderators(ModerationConfig())
+    assert [RuleModerator, ClassifierModerator] == [type(m) for m in default]
     both = build_moderators(ModerationConfig(moderator="both"))
     assert [RuleModerator, EmbeddingModerator] == [type(m) for m in both]
+
+
+def test_build_moderators_combines_by_policy() -> None:
+    """all: one moderator of every one; escalate: rules apart, the models in a chain."""
+    every = build_moderators(ModerationConfig(moderator="rules,classifier", combine="all"))
+    assert [AllModerator] == [type(m) for m in every]
+    chain = build_moderators(
+        ModerationConfig(moderator="rules,classifier,embedding", combine="escalate")
+    )
+    assert [RuleModerator, EscalatingModerator] == [type(m) for m in chain]
+
+
+def test_a_guard_moderator_must_be_given() -> None:
+    """Naming 'guard' without a guard model is a ConfigError that says so."""
+    with pytest.raises(ConfigError, match="guard"):
+        build_moderators(ModerationConfig(moderator="rules,guard"))
 
 
 @pytest.mark.parametrize(
     "changes",
     [
         {"moderator": "regex"},
+        {"moderator": "rules,rules"},
+        {"combine": "most"},
+        {"classifier_threshold": 1.5},
         {"output_window_chars": 0},
         {"embedding_threshold": 2.0},
         {"embedding_check_chars": 0},
@@ -286,7 +309,7 @@ def test_build_moderators_follows_the_config() -> None:
 def test_bad_config_is_refused_up_front(changes: dict[str, Any]) -> None:
     """An invalid setting is a ConfigError when the policy is built."""
     with pytest.raises(ConfigError):
-        ModerationPolicy(dataclasses.replace(ModerationConfig(), **changes))
+        ModerationPolicy(dataclasses.replace(RULES, **changes))
 
 
 # --- audit ------------------------------------------------------------------------------
@@ -321,7 +344,7 @@ async def test_flagged_decisions_are_audited_without_the_text() -> None:
 
 async def test_audit_off_logs_nothing() -> None:
     """audit=False: no audit records, the refusal still happens."""
-    config = ModerationConfig(audit=False)
+    config = ModerationConfig(moderator="rules", audit=False)
     async with running_server(FakeBackend(), **chain(config)) as running:
         with capture_logs() as logs, pytest.raises(grpc.aio.AioRpcError):
             await complete(running, FLAGGED_INPUT)
@@ -330,7 +353,7 @@ async def test_audit_off_logs_nothing() -> None:
 
 async def test_audit_all_checks_logs_passes_too() -> None:
     """audit_all_checks=True also records checks that passed, at info level."""
-    config = ModerationConfig(audit_all_checks=True)
+    config = ModerationConfig(moderator="rules", audit_all_checks=True)
     async with running_server(FakeBackend(reply="Hello."), **chain(config)) as running:
         with log_level(logging.INFO), capture_logs() as logs:
             await complete(running, "Hi there")

@@ -7,7 +7,7 @@ from tokenwire.turns.policy import FilterResult, OutputFilter
 
 
 class WordModerator:
-    """Flags any text containing ``word``; records every text it checked."""
+    """Flags any text containing ``word``; records every text it checked (a fast model)."""
 
     name = "word"
 
@@ -18,6 +18,12 @@ class WordModerator:
     async def check(self, text: str) -> Verdict:
         self.checked.append(text)
         return Verdict(True, "bad", 0.9) if self.word in text else CLEAN
+
+
+class SentenceWordModerator(WordModerator):
+    """A slow model (a guard): it wants whole sentences."""
+
+    granularity = "sentence"
 
 
 async def run(screen: OutputFilter, pieces: list[str]) -> tuple[list[str], str | None]:
@@ -63,8 +69,8 @@ async def test_after_a_flag_nothing_more_is_released() -> None:
 
 
 async def test_piece_filter_holds_text_until_a_sentence_ends() -> None:
-    """A model moderator sees whole sentences; text is released only after its check."""
-    moderator = WordModerator()
+    """A slow moderator sees whole sentences; text is released only after its check."""
+    moderator = SentenceWordModerator()
     screen = output_filter([moderator])
     assert FilterResult("") == await screen.feed("First sentence")
     assert FilterResult("First sentence. ") == await screen.feed(". Sec")
@@ -76,14 +82,40 @@ async def test_piece_filter_holds_text_until_a_sentence_ends() -> None:
 async def test_piece_filter_flags_a_sentence_without_releasing_it() -> None:
     """A flagged sentence is withheld; what came before it was released."""
     released, flagged = await run(
-        output_filter([WordModerator()]), list("All good here. This is BAD news. More.")
+        output_filter([SentenceWordModerator()]), list("All good here. This is BAD news. More.")
     )
     assert ("All good here. ", "bad") == ("".join(released), flagged)
 
 
+async def test_window_filter_releases_a_few_characters_at_a_time() -> None:
+    """A fast moderator checks the sentence so far every window; text goes out once checked."""
+    moderator = WordModerator()
+    screen = output_filter([moderator], window_chars=8)
+    assert FilterResult("") == await screen.feed("One two")
+    assert FilterResult("One two three") == await screen.feed(" three")
+    assert FilterResult("") == await screen.feed(" fo")
+    assert FilterResult(" four. ") == await screen.feed("ur. ")
+    assert FilterResult("") == await screen.feed("Five")
+    assert FilterResult("Five") == await screen.flush()
+    # Each check sees its sentence so far, never the sentences before it.
+    assert ["One two three", "One two three four. ", "Five"] == moderator.checked
+
+
+async def test_window_filter_withholds_the_window_that_flags() -> None:
+    """The window that completes a flagged phrase is withheld; earlier windows were shown."""
+    released, flagged = await run(
+        output_filter([WordModerator()], window_chars=6), list("All good here. This is BAD news.")
+    )
+    shown = "".join(released)
+    assert "bad" == flagged
+    assert "All good here. This is BAD news.".startswith(shown)
+    assert "BAD" not in shown
+    assert shown.startswith("All good here. ")
+
+
 async def test_piece_filter_checks_long_text_without_sentence_ends() -> None:
     """Without a sentence end, text is checked every ``check_chars`` characters, between words."""
-    moderator = WordModerator()
+    moderator = SentenceWordModerator()
     screen = output_filter([moderator], check_chars=12)
     assert FilterResult("") == await screen.feed("one two")
     assert FilterResult("one two ") == await screen.feed(" three four")

@@ -1,7 +1,8 @@
 """Moderation settings: which moderators run, on which direction, and how they are tuned.
 
 [moderation]
-moderator = "both"            # rules, embedding or both
+moderator = "rules,classifier"   # any of rules, classifier, embedding, guard
+combine = "any"                  # any, all or escalate
 rules_file = "rules.toml"     # [categories.<name>] terms = [...], patterns = [...]
 embedding_threshold = 0.5
 """
@@ -18,7 +19,9 @@ from tokenwire.moderation.actions import parse_actions, parse_tenant_actions
 
 __all__ = ["MODERATORS", "ModerationConfig"]
 
-MODERATORS = ("rules", "embedding", "both")
+MODERATORS = ("rules", "classifier", "embedding", "guard")
+_ALIASES = {"both": "rules,embedding"}  # the older name of a pair
+COMBINE = ("any", "all", "escalate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +30,27 @@ class ModerationConfig:
 
     enabled: bool = setting(True, "moderate chat turns at all")
     moderator: str = setting(
-        "rules", "'rules' (terms and patterns), 'embedding' (a sentence-embedding model) or 'both'"
+        "rules,classifier",
+        "comma-separated moderators, cheapest first: rules (terms and patterns), classifier "
+        "(trained on sentence embeddings), embedding (nearest exemplars), guard (a chat "
+        "model asked to classify)",
+    )
+    combine: str = setting(
+        "any",
+        "how moderators decide together: any (the first flag wins), all (flag only what "
+        "every one flags), escalate (rules apart; each model-based one passes text it is "
+        "unsure of to the next, e.g. classifier then guard)",
+    )
+    classifier_file: str = setting(
+        "", "classifier weights (scripts/train_moderation_classifier.py); empty: the shipped file"
+    )
+    classifier_threshold: float = setting(
+        0.0, "probability of not-safe at which the classifier flags; 0: the file's own"
+    )
+    escalate_unsure_from: float = setting(
+        0.15,
+        "escalate: a clean verdict scoring at least this (and below the flag threshold) "
+        "is unsure and goes on to the next moderator",
     )
     input: bool = setting(True, "check the user's message before the model runs")
     output: bool = setting(
@@ -91,12 +114,34 @@ class ModerationConfig:
         """The tenants of ``keep_text_tenants``."""
         return frozenset(t.strip() for t in self.keep_text_tenants.split(",") if t.strip())
 
+    @property
+    def moderator_names(self) -> tuple[str, ...]:
+        """The moderators of ``moderator``, in order."""
+        names = _ALIASES.get(self.moderator.strip(), self.moderator)
+        return tuple(name.strip() for name in names.split(",") if name.strip())
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting."""
-        if self.moderator not in MODERATORS:
+        names = self.moderator_names
+        unknown = [name for name in names if name not in MODERATORS]
+        if not names or unknown or len(set(names)) != len(names):
             raise ConfigError(
-                f"moderation.moderator must be one of {', '.join(MODERATORS)}, "
-                f"got {self.moderator!r}"
+                "moderation.moderator is a comma-separated list of distinct moderators from "
+                f"{', '.join(MODERATORS)}, got {self.moderator!r}"
+            )
+        if self.combine not in COMBINE:
+            raise ConfigError(
+                f"moderation.combine must be one of {', '.join(COMBINE)}, got {self.combine!r}"
+            )
+        if not 0.0 <= self.classifier_threshold < 1.0:
+            raise ConfigError(
+                "moderation.classifier_threshold is a probability in [0, 1), "
+                f"got {self.classifier_threshold}"
+            )
+        if not 0.0 <= self.escalate_unsure_from <= 1.0:
+            raise ConfigError(
+                "moderation.escalate_unsure_from must be in [0, 1], "
+                f"got {self.escalate_unsure_from}"
             )
         if self.output_window_chars < 1:
             raise ConfigError(

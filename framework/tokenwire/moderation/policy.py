@@ -15,7 +15,7 @@ the client saw. Flagged decisions go to the audit log (every check with
 
 from __future__ import annotations
 
-from tokenwire.errors import ContentFilteredError, UnavailableError
+from tokenwire.errors import ConfigError, ContentFilteredError, UnavailableError
 from tokenwire.moderation import (
     EmbeddingModerator,
     ModerationAudit,
@@ -34,30 +34,61 @@ from tokenwire.moderation.actions import (
     TenantOverrides,
 )
 from tokenwire.moderation.audit import audit_key_path
+from tokenwire.moderation.classifier import ClassifierModerator
+from tokenwire.moderation.combine import AllModerator, EscalatingModerator
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
 
 __all__ = ["ModerationPolicy", "build_moderators"]
 
 
-def build_moderators(config: ModerationConfig) -> list[Moderator]:
-    """The moderators ``config`` asks for, rules before the model; not yet started."""
+def build_moderators(
+    config: ModerationConfig, *, guard: Moderator | None = None
+) -> list[Moderator]:
+    """The moderators ``config`` asks for, combined as it says; not yet started.
+
+    ``guard`` is the guard-model moderator, built where the model it asks lives.
+    """
     config.validate()
-    moderators: list[Moderator] = []
-    if config.moderator in ("rules", "both"):
-        window = config.output_window_chars
-        moderators.append(
-            RuleModerator.from_file(config.rules_file, pattern_window=window)
-            if config.rules_file
-            else RuleModerator(pattern_window=window)
-        )
-    if config.moderator in ("embedding", "both"):
-        threshold = config.embedding_threshold
-        moderators.append(
-            EmbeddingModerator.from_file(config.embedding_exemplars_file, threshold=threshold)
-            if config.embedding_exemplars_file
-            else EmbeddingModerator(threshold=threshold)
-        )
-    return moderators
+    built: list[Moderator] = []
+    for name in config.moderator_names:
+        if name == "rules":
+            window = config.output_window_chars
+            built.append(
+                RuleModerator.from_file(config.rules_file, pattern_window=window)
+                if config.rules_file
+                else RuleModerator(pattern_window=window)
+            )
+        elif name == "classifier":
+            built.append(
+                ClassifierModerator(
+                    config.classifier_file or None,
+                    threshold=config.classifier_threshold or None,
+                )
+            )
+        elif name == "embedding":
+            threshold = config.embedding_threshold
+            built.append(
+                EmbeddingModerator.from_file(config.embedding_exemplars_file, threshold=threshold)
+                if config.embedding_exemplars_file
+                else EmbeddingModerator(threshold=threshold)
+            )
+        elif name == "guard":
+            if guard is None:
+                raise ConfigError(
+                    "moderation.moderator names 'guard', but no guard model was given "
+                    "(see moderation.guard_* settings)"
+                )
+            built.append(guard)
+    if config.combine == "all" and len(built) > 1:
+        return [AllModerator(built)]
+    if config.combine == "escalate":
+        # Rules are sure when they flag and say nothing when they do not: they stay a
+        # screen of their own; the model-based ones escalate, cheapest first.
+        rules = [m for m in built if isinstance(m, RuleModerator)]
+        models = [m for m in built if not isinstance(m, RuleModerator)]
+        if len(models) > 1:
+            return [*rules, EscalatingModerator(models, unsure_from=config.escalate_unsure_from)]
+    return built
 
 
 class ModerationPolicy:

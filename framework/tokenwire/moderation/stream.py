@@ -10,11 +10,16 @@ screen flags, nothing more is released and the client's text equals the stored o
   holds back only a tail that could still grow into a term (usually part of the
   last word), or its ``pattern_window`` when it has regex patterns. Cost: a few
   microseconds per delta, and almost no added latency.
-- Any other moderator (the embedding one) sees whole pieces: text is held until
-  a sentence ends (or ``check_chars`` characters are held), then checked as one
-  piece. Cost: the client sees each sentence only once it is complete and checked
-  - a sentence's generation time plus one check (about 10-40 ms on a CPU for the
-  embedding model) of extra latency per sentence.
+- A fast model-based moderator (the classifier, the embedding one) screens a
+  sliding window: text is held until ``window_chars`` characters (a few tokens)
+  or a sentence end arrive, then the sentence so far, new text included, is
+  checked and the new text released if it passes. Text is never sent before a
+  check that covered it passed; the hold-back is a few tokens plus one check
+  (about 5-20 ms on a CPU), and under load it widens by itself (text that
+  arrives during a check joins the next one).
+- A slow moderator (``granularity = "sentence"``: a guard model) sees whole
+  pieces: text is held until a sentence ends (or ``check_chars`` characters are
+  held), then checked as one piece: a sentence's generation time plus one check.
 """
 
 from __future__ import annotations
@@ -160,6 +165,62 @@ class _PieceScreen:
         return space + 1 if space > 0 else self._check_chars
 
 
+class _WindowScreen:
+    """Checks the sentence so far every ``window_chars`` characters; releases what passed."""
+
+    def __init__(
+        self,
+        moderator: Moderator,
+        window_chars: int,
+        context_chars: int,
+        report: Report,
+        decide: Decide,
+        *,
+        report_passed: bool,
+    ) -> None:
+        self._moderator = moderator
+        self._name = moderator_name(moderator)
+        self._window = window_chars
+        self._context_chars = context_chars
+        self._report = report
+        self._decide = decide
+        self._report_passed = report_passed
+        self._sentence = ""  # the current sentence's text already released
+        self._held = ""
+
+    async def feed(self, text: str) -> tuple[str, Verdict]:
+        self._held += text
+        if len(self._held) < self._window and not _SENTENCE_END.search(self._held):
+            return "", CLEAN
+        return await self._check()
+
+    async def finish(self) -> tuple[str, Verdict]:
+        return await self._check()
+
+    async def _check(self) -> tuple[str, Verdict]:
+        held, self._held = self._held, ""
+        if not held.strip():
+            self._sentence += held
+            return held, CLEAN
+        piece = (self._sentence + held)[-self._context_chars :]
+        verdict = await self._moderator.check(piece)
+        if verdict.flagged:
+            action = self._decide(verdict)
+            self._report(self._name, verdict, piece, action)
+            if action == BLOCK:
+                return "", verdict
+            verdict = CLEAN
+        elif self._report_passed:
+            self._report(self._name, verdict, piece, "")
+        # The next check starts at the last sentence end, so its context stays one sentence.
+        sentence = self._sentence + held
+        end = 0
+        for match in _SENTENCE_END.finditer(sentence):
+            end = match.end()
+        self._sentence = sentence[end:]
+        return held, verdict
+
+
 class ModerationFilter:
     """The ``OutputFilter`` of one answer: text passes every screen in order."""
 
@@ -226,22 +287,32 @@ def output_filter(
     report: Report | None = None,
     report_passed: bool = True,
     decide: Decide | None = None,
+    window_chars: int = 24,
 ) -> ModerationFilter:
     """A fresh filter for one answer, screening with ``moderators`` in order.
 
     ``report`` hears every check, or only flagged ones without ``report_passed``.
     ``decide`` gives a flag's action (default: block); a logged or allowed flag is
-    reported and its text released.
+    reported and its text released. ``window_chars``: how much text a window screen
+    holds before it checks (a few tokens).
 
     screen = output_filter([RuleModerator()])
     shown = (await screen.feed("Hello, wor")).text + (await screen.flush()).text
     """
     report = report or _ignore
     decide = decide or _block
-    screens: list[_Screen] = [
-        _RuleScreen(m, report, decide, report_passed=report_passed)
-        if isinstance(m, RuleModerator)
-        else _PieceScreen(m, check_chars, report, decide, report_passed=report_passed)
-        for m in moderators
-    ]
+    screens: list[_Screen] = []
+    for m in moderators:
+        if isinstance(m, RuleModerator):
+            screens.append(_RuleScreen(m, report, decide, report_passed=report_passed))
+        elif getattr(m, "granularity", "window") == "sentence":
+            screens.append(
+                _PieceScreen(m, check_chars, report, decide, report_passed=report_passed)
+            )
+        else:
+            screens.append(
+                _WindowScreen(
+                    m, window_chars, check_chars, report, decide, report_passed=report_passed
+                )
+            )
     return ModerationFilter(screens)

@@ -46,7 +46,9 @@ __all__ = [
 def config_for_tests(**sections: Any) -> Config:
     """A config on 127.0.0.1:0 with an in-memory store, a fresh data folder and auth off.
 
-    Pass sections to replace, e.g. ``limits=LimitsConfig(...)``.
+    Moderation runs the rules alone (no model to load per server); pass
+    ``moderation=ModerationConfig(...)`` for the model-based moderators. Pass
+    sections to replace, e.g. ``limits=LimitsConfig(...)``.
     """
     config = Config()
     config = dataclasses.replace(
@@ -58,6 +60,7 @@ def config_for_tests(**sections: Any) -> Config:
             sqlite_path=":memory:",
             data_dir=tempfile.mkdtemp(prefix="tokenwire-test-"),
         ),
+        moderation=dataclasses.replace(config.moderation, moderator="rules"),
     )
     return dataclasses.replace(config, **sections)
 

@@ -1,0 +1,237 @@
+"""Moderation, measured: what each moderator catches and misses, and what it costs a stream.
+
+    python -m benchmarks.moderation                  # accuracy (dev and held-out) + latency
+    python -m benchmarks.moderation --guard          # also the guard model (SmolLM2 stand-in)
+    python -m benchmarks.moderation --quick          # fewer latency turns
+
+**Accuracy.** The labelled set in ``benchmarks/moderation_data``: abusive requests
+and answers in nine categories (plain, paraphrased, obfuscated) and benign hard
+negatives that share their words. ``*_dev`` is what exemplars, rules and the
+classifier were written or trained from; ``*_heldout`` was never used for any of
+them, and is reported apart. Per moderator: recall per category, the
+false-positive rate per look-alike category, and overall.
+
+**Latency.** The same turns through a live server (a paced fake engine: 10 ms a
+token, a three-sentence answer), moderation off as the baseline, then each
+moderator on input and output, in one run: time to first token and inter-token
+p99 at the client, and the difference from the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen import percentile
+from tokenwire.moderation import ModerationConfig, Moderator, moderator_name
+from tokenwire.moderation.policy import ModerationPolicy, build_moderators
+from tokenwire.proto.v1 import chat_pb2
+from tokenwire.testing import FakeBackend, config_for_tests, running_server
+
+DATA = Path(__file__).resolve().parent / "moderation_data"
+# The default configuration and the alternatives, by their moderation.moderator value.
+SETUPS = {
+    "rules": ModerationConfig(moderator="rules"),
+    "embedding": ModerationConfig(moderator="embedding"),
+    "classifier": ModerationConfig(moderator="classifier"),
+    "rules,classifier (default)": ModerationConfig(),
+}
+ANSWER = (
+    "Paris is the capital of France. It sits on the Seine and is known for its museums. "
+    "Many visitors start with the Louvre and a walk along the river."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One labelled text."""
+
+    text: str
+    category: str  # an abuse category, or "safe"
+    near: str  # benign items: the category it resembles
+    kind: str  # request or answer
+    style: str
+
+
+def load(split: str) -> list[Item]:
+    """The ``dev`` or ``heldout`` items, abusive and benign."""
+    items = []
+    for path in sorted(DATA.glob(f"*_{split}.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                raw = json.loads(line)
+                items.append(
+                    Item(
+                        raw["text"],
+                        raw["category"],
+                        raw.get("near", ""),
+                        raw.get("kind", "request"),
+                        raw.get("style", "plain"),
+                    )
+                )
+    return items
+
+
+@dataclass
+class Score:
+    """Flag counts of one moderator on one split."""
+
+    caught: dict[str, list[bool]]  # abuse category -> flagged per item
+    false: dict[str, list[bool]]  # benign look-alike category -> flagged per item
+    seconds: list[float]
+
+    def recall(self, category: str | None = None) -> float:
+        flags = self.caught[category] if category else list(chain(*self.caught.values()))
+        return sum(flags) / max(len(flags), 1)
+
+    def fpr(self, near: str | None = None) -> float:
+        flags = self.false[near] if near else list(chain(*self.false.values()))
+        return sum(flags) / max(len(flags), 1)
+
+
+async def score(moderators: Sequence[Moderator], items: Sequence[Item]) -> Score:
+    """Check every item with ``moderators`` (any flag counts), as the input check does."""
+    result = Score(defaultdict(list), defaultdict(list), [])
+    for item in items:
+        began = time.perf_counter()
+        flagged = False
+        for moderator in moderators:
+            if (await moderator.check(item.text)).flagged:
+                flagged = True
+                break
+        result.seconds.append(time.perf_counter() - began)
+        if item.category == "safe":
+            result.false[item.near or "none"].append(flagged)
+        else:
+            result.caught[item.category].append(flagged)
+    return result
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:5.1f}%"
+
+
+def report(name: str, split: str, scores: dict[str, Score]) -> None:
+    """One table: recall per category, FPR per look-alike, overall, per moderator."""
+    names = list(scores)
+    categories = sorted({c for s in scores.values() for c in s.caught})
+    nears = sorted({c for s in scores.values() for c in s.false})
+    width = max(14, *(len(n) for n in names))
+    print(f"\n## {name}: {split}")
+    print(f"{'':26}" + "".join(f"{n:>{width}}" for n in names))
+    for category in categories:
+        count = len(next(iter(scores.values())).caught[category])
+        cells = "".join(f"{_pct(s.recall(category)):>{width}}" for s in scores.values())
+        print(f"{'recall ' + category:20}{count:>5} " + cells)
+    for near in nears:
+        count = len(next(iter(scores.values())).false[near])
+        cells = "".join(f"{_pct(s.fpr(near)):>{width}}" for s in scores.values())
+        print(f"{'FPR near ' + near:20}{count:>5} " + cells)
+    print(f"{'RECALL (all)':26}" + "".join(f"{_pct(s.recall()):>{width}}" for s in scores.values()))
+    print(f"{'FPR (all)':26}" + "".join(f"{_pct(s.fpr()):>{width}}" for s in scores.values()))
+    cells = "".join(
+        f"{statistics.median(s.seconds) * 1000:>{width - 3}.2f} ms" for s in scores.values()
+    )
+    print(f"{'check p50':26}" + cells)
+
+
+async def accuracy(setups: dict[str, list[Moderator]]) -> None:
+    """Every setup on both splits, held-out first."""
+    for split in ("heldout", "dev"):
+        items = load(split)
+        if not items:
+            print(f"no {split} items in {DATA}", file=sys.stderr)
+            continue
+        scores = {name: await score(moderators, items) for name, moderators in setups.items()}
+        report(f"{len(items)} items", split, scores)
+
+
+async def stream_latency(config: ModerationConfig | None, turns: int) -> tuple[list[float], ...]:
+    """TTFT and inter-token gaps (seconds) of ``turns`` answers through a live server."""
+    backend = FakeBackend(reply=ANSWER, token_delay_s=0.01)
+    moderation = config or ModerationConfig(enabled=False)
+    policies = [ModerationPolicy(moderation)] if moderation.enabled else []
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    async with running_server(backend, config_for_tests(), policies=policies) as running:
+        for turn in range(turns + 2):  # two unmeasured turns first
+            began = time.perf_counter()
+            last = None
+            request = chat_pb2.CompleteRequest(message=f"Tell me about Paris ({turn}).")
+            async for event in running.chat.Complete(request):
+                if not event.HasField("delta"):
+                    continue
+                now = time.perf_counter()
+                if turn >= 2:
+                    if last is None:
+                        ttfts.append(now - began)
+                    else:
+                        gaps.append(now - last)
+                last = now
+    return ttfts, gaps
+
+
+async def latency(configs: dict[str, ModerationConfig | None], turns: int) -> None:
+    """Each setup's TTFT and inter-token p50/p99, and what it adds to moderation off."""
+    print(f"\n## Stream latency: {turns} turns each, a fake engine at 10 ms a token")
+    print(f"{'':28}{'TTFT p50':>10}{'p99':>9}{'+p50':>9}{'gap p50':>10}{'p99':>9}{'+p99':>9}")
+    base: tuple[float, float] | None = None
+    for name, config in configs.items():
+        ttfts, gaps = await stream_latency(config, turns)
+        ttft50, ttft99 = percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3
+        gap50, gap99 = percentile(gaps, 50) * 1e3, percentile(gaps, 99) * 1e3
+        base = base or (ttft50, gap99)
+        print(
+            f"{name:28}{ttft50:>8.1f}ms{ttft99:>7.1f}ms{ttft50 - base[0]:>+7.1f}ms"
+            f"{gap50:>8.1f}ms{gap99:>7.1f}ms{gap99 - base[1]:>+7.1f}ms"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer latency turns")
+    parser.add_argument("--no-latency", action="store_true", help="accuracy only")
+    parser.add_argument("--no-accuracy", action="store_true", help="latency only")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        setups: dict[str, list[Moderator]] = {}
+        started: list[Any] = []
+        try:
+            for name, config in SETUPS.items():
+                moderators = build_moderators(config)
+                for moderator in moderators:
+                    start = getattr(moderator, "start", None)
+                    if start is not None:
+                        await start()
+                    started.append(moderator)
+                setups[name] = moderators
+            if not args.no_accuracy:
+                await accuracy(setups)
+        finally:
+            for moderator in started:
+                close = getattr(moderator, "close", None)
+                if close is not None:
+                    await close()
+        if not args.no_latency:
+            configs: dict[str, ModerationConfig | None] = {"moderation off": None, **SETUPS}
+            configs.pop("embedding")  # its latency is the classifier's: the same model
+            await latency(configs, 10 if args.quick else 40)
+        print("\nmoderators:", ", ".join(moderator_name(m) for m in chain(*setups.values())))
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
