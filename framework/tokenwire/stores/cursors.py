@@ -28,9 +28,11 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "conversations_cursor",
     "messages_cursor",
+    "moderation_events_cursor",
     "page_limit",
     "read_conversations_cursor",
     "read_messages_cursor",
+    "read_moderation_events_cursor",
 ]
 
 MAX_PAGE_SIZE: Final = 1000
@@ -40,6 +42,7 @@ _PREFIX: Final = "v1."
 _MAX_CURSOR_LENGTH: Final = 512  # a real cursor is about 150 characters
 _CONVERSATIONS: Final = "conversations"
 _MESSAGES: Final = "messages"
+_EVENTS: Final = "moderation_events"
 
 
 def page_limit(page_size: int) -> int:
@@ -91,6 +94,29 @@ def read_messages_cursor(cursor: str, conversation_id: str) -> int:
     if fields.get("c") != conversation_id:
         raise _invalid("it belongs to another conversation")
     return seq
+
+
+def moderation_events_cursor(*, recorded_at: float, event_id: str) -> str:
+    """The cursor after an event, in the newest-first moderation event listing."""
+    return _encode({"k": _EVENTS, "t": recorded_at, "i": event_id})
+
+
+def read_moderation_events_cursor(cursor: str) -> tuple[float, str]:
+    """``(recorded_at, event_id)`` of the last event of the previous page.
+
+    Raises InvalidArgumentError for anything :func:`moderation_events_cursor` did not make.
+    """
+    fields = _decode(cursor, _EVENTS)
+    recorded_at, event_id = fields.get("t"), fields.get("i")
+    if not (
+        isinstance(recorded_at, float | int)
+        and not isinstance(recorded_at, bool)
+        and math.isfinite(recorded_at)
+        and isinstance(event_id, str)
+        and 0 < len(event_id) <= MAX_ID_LENGTH
+    ):
+        raise _invalid("it is not a moderation events page token")
+    return float(recorded_at), event_id
 
 
 def _encode(fields: dict[str, object]) -> str:

@@ -18,7 +18,7 @@ gateway stops beating::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -49,6 +49,7 @@ from tokenwire.stores.cursors import (
     read_messages_cursor,
 )
 from tokenwire.stores.heartbeat import Heartbeat, check_timings
+from tokenwire.stores.moderation_events import ModerationEventQuery, ModerationEventRecord
 from tokenwire.stores.postgres_pool import PostgresPool
 from tokenwire.stores.rows import (
     MESSAGE_COLUMNS,
@@ -60,6 +61,12 @@ from tokenwire.stores.rows import (
     message_from_row,
     turn_from_row,
     turn_not_found,
+)
+from tokenwire.stores.sql_moderation_events import (
+    EVENT_COLUMNS,
+    event_values,
+    events_page,
+    page_sql,
 )
 from tokenwire.stores.sql_usage import USAGE_COLUMNS, record_values, totals_from_rows, totals_sql
 from tokenwire.stores.usage import UsageRecord, UsageTotal, check_usage_query
@@ -429,6 +436,23 @@ class PostgresConversationStore:
         sql = totals_sql(group_by, tenant=bool(tenant), markers=("$1", "$2", "$3"))
         params = (start, end, tenant) if tenant else (start, end)
         return totals_from_rows(await self._pool.call("fetch", sql, *params))
+
+    async def record_moderation_events(self, events: Sequence[ModerationEventRecord]) -> None:
+        """Write a batch of flagged moderation events (ids already kept are ignored)."""
+        if events:
+            await self._pool.call(
+                "executemany",
+                f"INSERT INTO moderation_events ({EVENT_COLUMNS}) VALUES"
+                " ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
+                [event_values(event) for event in events],
+            )
+
+    async def list_moderation_events(
+        self, query: ModerationEventQuery
+    ) -> Page[ModerationEventRecord]:
+        """A page of flagged moderation events, newest first (see the contract)."""
+        sql, params = page_sql(query, lambda n: f"${n}")
+        return events_page(await self._pool.call("fetch", sql, *params), query.page_size)
 
 
 def _check_id(conversation_id: str) -> None:

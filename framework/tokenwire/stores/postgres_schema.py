@@ -279,11 +279,38 @@ _USAGE: Final = (
     "CREATE INDEX usage_records_tenant_time ON usage_records (tenant, recorded_at)",
 )
 
+_MODERATION_EVENTS: Final = (
+    # One row per flagged moderation check (see tokenwire.stores.moderation_events),
+    # listed newest first. No foreign key to turns: events outlive a deleted conversation.
+    """
+    CREATE TABLE moderation_events (
+        event_id     text PRIMARY KEY,
+        recorded_at  double precision NOT NULL,
+        tenant       text NOT NULL,
+        user_name    text NOT NULL,
+        turn_id      text NOT NULL,
+        direction    text NOT NULL,
+        category     text NOT NULL,
+        moderator    text NOT NULL,
+        score        double precision NOT NULL,
+        action       text NOT NULL,
+        text         text NOT NULL
+    )
+    """,
+    "CREATE INDEX moderation_events_time ON moderation_events (recorded_at, event_id)",
+    """
+    CREATE INDEX moderation_events_account
+        ON moderation_events (tenant, user_name, recorded_at, event_id)
+    """,
+)
+
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # 1: conversations, messages, turns, gateways and the turn functions.
     (*_TABLES, *_FUNCTIONS),
     # 2: usage records.
     _USAGE,
+    # 3: flagged moderation events.
+    _MODERATION_EVENTS,
 )
 """Schema migrations in order; migration ``n`` (1-based) is recorded as version ``n``."""
 

@@ -24,7 +24,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, Self
 
@@ -53,7 +53,13 @@ from tokenwire.stores.cursors import (
     read_messages_cursor,
 )
 from tokenwire.stores.heartbeat import Heartbeat, check_timings
+from tokenwire.stores.moderation_events import ModerationEventQuery, ModerationEventRecord
 from tokenwire.stores.rows import check_title, check_turn_ids, turn_not_found
+from tokenwire.stores.sql_moderation_events import (
+    insert_events_sqlite,
+    page_sql,
+    select_events_sqlite,
+)
 from tokenwire.stores.sql_usage import USAGE_COLUMNS, record_values, totals_from_rows, totals_sql
 from tokenwire.stores.sqlite_database import SQLiteDatabase, write_transaction
 from tokenwire.stores.sqlite_schema import MIGRATIONS
@@ -345,6 +351,19 @@ class SQLiteConversationStore:
         sql = totals_sql(group_by, tenant=bool(tenant), markers=("?", "?", "?"))
         params = (start, end, tenant) if tenant else (start, end)
         return await self._db.run(_select_totals, sql, params)
+
+    async def record_moderation_events(self, events: Sequence[ModerationEventRecord]) -> None:
+        """Write a batch of flagged moderation events in one transaction, on the worker
+        thread (the abuse monitor writes them in the background)."""
+        if events:
+            await self._db.run(insert_events_sqlite, events)
+
+    async def list_moderation_events(
+        self, query: ModerationEventQuery
+    ) -> Page[ModerationEventRecord]:
+        """A page of flagged moderation events, newest first (see the contract)."""
+        sql, params = page_sql(query, lambda _: "?")
+        return await self._db.run(select_events_sqlite, sql, params, query.page_size)
 
     def _liveness(self, now: float) -> queries.Liveness:
         return queries.Liveness(self._gateway_id, self._gateway_timeout_s, now)

@@ -119,6 +119,31 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX usage_records_time ON usage_records (recorded_at)",
         "CREATE INDEX usage_records_tenant_time ON usage_records (tenant, recorded_at)",
     ),
+    # 4: flagged moderation events (see tokenwire.stores.moderation_events), listed
+    # newest first. No foreign key to turns: events outlive a deleted conversation.
+    (
+        """
+        CREATE TABLE moderation_events (
+            event_id     TEXT PRIMARY KEY,
+            recorded_at  REAL NOT NULL,
+            tenant       TEXT NOT NULL,
+            user_name    TEXT NOT NULL,
+            turn_id      TEXT NOT NULL,
+            direction    TEXT NOT NULL,
+            category     TEXT NOT NULL,
+            moderator    TEXT NOT NULL,
+            score        REAL NOT NULL,
+            action       TEXT NOT NULL,
+            text         TEXT NOT NULL
+        )
+        """,
+        # Serve "every tenant's events" and "one tenant's (or user's) events", newest first.
+        "CREATE INDEX moderation_events_time ON moderation_events (recorded_at, event_id)",
+        """
+        CREATE INDEX moderation_events_account
+            ON moderation_events (tenant, user_name, recorded_at, event_id)
+        """,
+    ),
 )
 """Schema migrations in order; migration ``n`` (1-based) brings a file to
 ``user_version = n``. Only ever append: a shipped migration never changes."""
