@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenwire.abuse.config import AbuseConfig
 from tokenwire.auth.config import AuthConfig
 from tokenwire.backend import BackendConfig
 from tokenwire.config_fields import parse_pairs, require_positive, setting
@@ -203,6 +204,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     quotas: QuotaConfig = field(default_factory=QuotaConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    abuse: AbuseConfig = field(default_factory=AbuseConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
