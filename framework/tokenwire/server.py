@@ -199,7 +199,10 @@ class TokenwireServer:
         if auth is not None and auth.serves_keys:
             report = UsageReport(self._store, self.config.usage)
             add_admin_service(
-                server, auth.key_store, usage=report if self.config.usage.enabled else None
+                server,
+                auth.key_store,
+                usage=report if self.config.usage.enabled else None,
+                abuse=self.pipeline.abuse,
             )
             names.append(ADMIN_SERVICE_NAME)
         if auth is not None and auth.admin_key is not None:

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Creates, lists and revokes API keys, and reports token usage (admin role only).
+    """Creates, lists and revokes API keys, reports token usage, and watches over accounts
+    that moderation flags (admin role only).
     """
 
     def __init__(self, channel):
@@ -55,10 +56,36 @@ class AdminServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ListFlaggedEvents = channel.unary_unary(
+                '/tokenwire.v1.AdminService/ListFlaggedEvents',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsResponse.FromString,
+                _registered_method=True)
+        self.GetAccountStanding = channel.unary_unary(
+                '/tokenwire.v1.AdminService/GetAccountStanding',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingResponse.FromString,
+                _registered_method=True)
+        self.LiftSuspension = channel.unary_unary(
+                '/tokenwire.v1.AdminService/LiftSuspension',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionResponse.FromString,
+                _registered_method=True)
+        self.GetModerationPolicy = channel.unary_unary(
+                '/tokenwire.v1.AdminService/GetModerationPolicy',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetModerationPolicy = channel.unary_unary(
+                '/tokenwire.v1.AdminService/SetModerationPolicy',
+                request_serializer=tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Creates, lists and revokes API keys, and reports token usage (admin role only).
+    """Creates, lists and revokes API keys, reports token usage, and watches over accounts
+    that moderation flags (admin role only).
     """
 
     def CreateApiKey(self, request, context):
@@ -91,6 +118,45 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlaggedEvents(self, request, context):
+        """Flagged moderation events, newest first, without their text unless the tenant keeps
+        it; paginated. INVALID_ARGUMENT for a user without a tenant or an empty range;
+        FAILED_PRECONDITION when abuse signals are off (abuse.enabled) or not kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAccountStanding(self, request, context):
+        """An account's standing now: its flags in the window, throttled, suspended and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LiftSuspension(self, request, context):
+        """End an account's suspension and forget its flags (which also ends a throttle).
+        Other gateways serve the account again within abuse.standing_cache_s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModerationPolicy(self, request, context):
+        """A tenant's moderation policy set at run time (category actions, keeping text).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModerationPolicy(self, request, context):
+        """Replace a tenant's moderation policy; every gateway applies it within
+        abuse.policy_refresh_s. INVALID_ARGUMENT for an action other than block, log, allow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +180,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.SerializeToString,
             ),
+            'ListFlaggedEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlaggedEvents,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsResponse.SerializeToString,
+            ),
+            'GetAccountStanding': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAccountStanding,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingResponse.SerializeToString,
+            ),
+            'LiftSuspension': grpc.unary_unary_rpc_method_handler(
+                    servicer.LiftSuspension,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionResponse.SerializeToString,
+            ),
+            'GetModerationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModerationPolicy,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyResponse.SerializeToString,
+            ),
+            'SetModerationPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModerationPolicy,
+                    request_deserializer=tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tokenwire.v1.AdminService', rpc_method_handlers)
@@ -123,7 +214,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Creates, lists and revokes API keys, and reports token usage (admin role only).
+    """Creates, lists and revokes API keys, reports token usage, and watches over accounts
+    that moderation flags (admin role only).
     """
 
     @staticmethod
@@ -224,6 +316,141 @@ class AdminService:
             '/tokenwire.v1.AdminService/GetUsage',
             tokenwire_dot_v1_dot_admin__pb2.GetUsageRequest.SerializeToString,
             tokenwire_dot_v1_dot_admin__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlaggedEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/ListFlaggedEvents',
+            tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.ListFlaggedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAccountStanding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/GetAccountStanding',
+            tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.GetAccountStandingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LiftSuspension(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/LiftSuspension',
+            tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.LiftSuspensionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModerationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/GetModerationPolicy',
+            tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.GetModerationPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModerationPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.AdminService/SetModerationPolicy',
+            tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyRequest.SerializeToString,
+            tokenwire_dot_v1_dot_admin__pb2.SetModerationPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
