@@ -22,6 +22,7 @@ from tokenwire.errors import ConfigError
 from tokenwire.interceptors import ErrorsInterceptor, Interceptor
 from tokenwire.interceptors.base import CallInfo, Proceed
 from tokenwire.moderation import EmbeddingModerator, ModerationConfig, RuleModerator
+from tokenwire.moderation.actions import CategoryActions, FlagEvent
 from tokenwire.moderation.classifier import ClassifierModerator
 from tokenwire.moderation.combine import AllModerator, EscalatingModerator
 from tokenwire.moderation.policy import ModerationPolicy, build_moderators
@@ -362,3 +363,85 @@ async def test_audit_all_checks_logs_passes_too() -> None:
         (r["direction"], r["flagged"]) for r in records
     }
     assert all("info" == r["log_level"] for r in records)
+
+
+# --- per-tenant category actions -----------------------------------------------------------
+
+
+class Flags:
+    """A FlagSink that keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.events: list[FlagEvent] = []
+
+    def flagged(self, event: FlagEvent) -> None:
+        self.events.append(event)
+
+
+@pytest.mark.parametrize("action", ["allow", "log"])
+async def test_a_tenant_that_allows_a_category_gets_it_through_and_it_is_still_audited(
+    action: str,
+) -> None:
+    """acme's violence:allow (or log): the message and the answer pass, every flag is audited."""
+    config = dataclasses.replace(RULES, tenant_categories={"acme": f"violence:{action}"})
+    flags = Flags()
+    async with running_server(
+        FakeBackend(reply=FLAGGED_REPLY), **chain(config, flags=flags)
+    ) as running:
+        with capture_logs() as logs:
+            events = await complete(running, FLAGGED_INPUT)
+    shown = "".join(e.delta.text for e in events if e.HasField("delta"))
+    assert FLAGGED_REPLY == shown
+    assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
+    records = audit_records(logs)
+    assert [("input", "violence", action), ("output", "violence", action)] == [
+        (r["direction"], r["category"], r["action"]) for r in records
+    ]
+    assert [("input", action), ("output", action)] == [
+        (e.direction, e.action) for e in flags.events
+    ]
+    assert ["", ""] == [e.text for e in flags.events]  # acme does not keep flagged text
+
+
+async def test_another_tenant_and_other_categories_are_still_blocked() -> None:
+    """An allowance is the tenant's own and the category's own: beta's violence is blocked."""
+    config = dataclasses.replace(
+        RULES,
+        tenant_categories={"beta": "violence:allow", "acme": "hate:allow"},
+        keep_text_tenants="acme",
+    )
+    flags = Flags()
+    async with running_server(FakeBackend(), **chain(config, flags=flags)) as running:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await complete(running, FLAGGED_INPUT)
+    assert grpc.StatusCode.INVALID_ARGUMENT == refused.value.code()
+    assert [("input", "block", FLAGGED_INPUT)] == [
+        (e.direction, e.action, e.text) for e in flags.events
+    ]  # acme keeps flagged text
+
+
+def test_the_most_specific_action_wins() -> None:
+    """An AdminService override, then the tenant, then its plan, then every tenant."""
+
+    class Overrides:
+        def tenant_actions(self, tenant: str) -> dict[str, str] | None:
+            return {"drugs": "allow"} if tenant == "acme" else None
+
+        def keeps_text(self, tenant: str) -> bool | None:
+            return None
+
+    config = ModerationConfig(
+        categories={"hate": "log"},
+        tenant_categories={"acme": "drugs:log fraud:log", "plan:pro": "fraud:allow malware:log"},
+    )
+    actions = CategoryActions(config.categories, config.tenant_categories, overrides=Overrides())
+    acme = Principal(tenant="acme", user="a", plan="pro")
+    assert ["allow", "log", "log", "log", "block"] == [
+        actions.action(acme, c) for c in ("drugs", "fraud", "malware", "hate", "violence")
+    ]
+
+
+def test_a_bad_category_action_is_refused() -> None:
+    """Actions are block, log or allow, from a table or the environment's string."""
+    with pytest.raises(ConfigError, match="block, log, allow"):
+        ModerationConfig(tenant_categories={"acme": "violence:permit"})

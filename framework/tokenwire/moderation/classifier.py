@@ -48,7 +48,7 @@ SAFE_LABEL = "safe"
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b",
                        "@": "a", "$": "s", "!": "i", "|": "l"})  # fmt: skip
 _MIXED = re.compile(r"\S*[a-z]\S*")  # a word with letters (leet only inside words)
-_SPACED = re.compile(r"\b(?:\w[ .\-_*]){2,}\w\b")  # "b o m b", "k.i.l.l"
+_SPACED = re.compile(r"\b\w([ .\-_*])(?:\w\1)+\w\b")  # "b o m b", "k.i.l.l": one separator
 _SPACES = re.compile(r"\s+")
 
 
