@@ -20,11 +20,14 @@ from tokenwire.quotas import QuotaConfig
 
 
 def test_the_defaults_follow_the_quota_store() -> None:
-    """Empty store and redis_url mean quotas.store and quotas.redis_url."""
+    """Empty store, redis_url and key_prefix mean quotas.store, quotas.redis_url, and
+    quotas.key_prefix + 'abuse:'."""
     config = AbuseConfig()
-    quotas = QuotaConfig(store="redis", redis_url="redis://quotas:6379/2")
+    quotas = QuotaConfig(store="redis", redis_url="redis://quotas:6379/2", key_prefix="tw:q:")
     store = create_abuse_store(config, quotas)
     assert isinstance(store, RedisAbuseStore)
+    assert "tw:q:abuse:" == store.key_prefix
+    assert "own:" == AbuseConfig(key_prefix="own:").key_prefix_or(quotas.key_prefix)
     assert isinstance(create_abuse_store(config, QuotaConfig()), MemoryAbuseStore)
     assert "redis://quotas:6379/2" == config.redis_url_or(quotas.redis_url)
     assert "redis://own:6379/0" == AbuseConfig(redis_url="redis://own:6379/0").redis_url_or(

@@ -71,10 +71,10 @@ async def test_a_principal_over_the_flag_threshold_is_throttled_then_suspended_o
             "store.backend=postgres",
             f"store.postgres_dsn={POSTGRES_DSN}",
             f"store.postgres_schema={schema}",
-            "quotas.store=redis",  # abuse.store is empty: it follows quotas.store
+            # abuse.store, redis_url and key_prefix are empty: they follow the quotas'.
+            "quotas.store=redis",
             f"quotas.redis_url={REDIS_URL}",
-            f"quotas.key_prefix={prefix}quota:",
-            f"abuse.key_prefix={prefix}",
+            f"quotas.key_prefix={prefix}",
             "abuse.throttle_after=3",
             "abuse.throttle_turns_per_minute=2",
             "abuse.throttle_window_s=4",

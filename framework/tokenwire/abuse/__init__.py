@@ -76,15 +76,16 @@ _LAZY = {
 
 
 def create_abuse_store(config: AbuseConfig, quotas: QuotaConfig) -> AbuseStore:
-    """The store ``config.store`` names (empty: ``quotas.store``, on ``quotas.redis_url``
-    unless ``config.redis_url`` is set), not yet started."""
+    """The store ``config.store`` names (empty: ``quotas.store``; on ``quotas.redis_url``
+    and under ``quotas.key_prefix`` + ``abuse:`` unless ``config.redis_url`` and
+    ``config.key_prefix`` say otherwise), not yet started."""
     if config.store_kind(quotas.store) == "redis":
         from tokenwire.abuse.redis import RedisAbuseStore
 
         return RedisAbuseStore(
             config.redis_url_or(quotas.redis_url),
             config.rules,
-            key_prefix=config.key_prefix,
+            key_prefix=config.key_prefix_or(quotas.key_prefix),
             timeout_s=config.redis_timeout_s,
         )
     return MemoryAbuseStore(config.rules)

@@ -15,7 +15,8 @@ only ``throttle_turns_per_minute`` turns per ``throttle_window_s``; at
     suspend_s = 0             # until AdminService.LiftSuspension
 
 The counts live in the ``store`` (by default the one ``quotas.store`` names, on
-``quotas.redis_url``): ``memory`` for one process, ``redis`` for every gateway.
+``quotas.redis_url``, under ``quotas.key_prefix`` + ``abuse:``): ``memory`` for
+one process, ``redis`` for every gateway.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class AbuseConfig:
     redis_timeout_s: float = setting(
         1.0, "seconds a Redis connect or command may take before the store counts as down"
     )
-    key_prefix: str = setting("tokenwire:abuse:", "prefix of every Redis key abuse signals use")
+    key_prefix: str = setting(
+        "", "prefix of every Redis key abuse signals use; empty: quotas.key_prefix + 'abuse:'"
+    )
     standing_cache_s: float = setting(
         1.0,
         "seconds a gateway answers from its cached standing of a principal before "
@@ -127,3 +130,8 @@ class AbuseConfig:
     def redis_url_or(self, quotas_redis_url: str) -> str:
         """The Redis URL to use: ``redis_url``, or ``quotas_redis_url`` when it is empty."""
         return self.redis_url or quotas_redis_url
+
+    def key_prefix_or(self, quotas_key_prefix: str) -> str:
+        """The key prefix to use: ``key_prefix``, or ``quotas_key_prefix`` + ``abuse:``
+        when it is empty (one namespace per deployment, cleared together)."""
+        return self.key_prefix or f"{quotas_key_prefix}abuse:"
