@@ -91,10 +91,11 @@ async def test_the_monitor_is_moderations_flag_sink_and_tenant_overrides() -> No
 
 
 async def test_a_flag_counts_in_the_cached_standing_at_once() -> None:
-    """Right after flagged() returns, before the store has answered, the standing counts it;
-    the store then records the flags of one loop iteration in one call."""
+    """Right after flagged() returns, before the store has answered, the cached standing
+    counts it; the store then records the flags of one loop iteration in one call."""
     store = CountingStore()
     monitor = await monitor_of(store)
+    await monitor.check(ALICE)  # read once: this gateway knows alice
     for _ in range(RULES.suspend_after):
         monitor.flagged(flag())
     local = monitor.cached(ALICE)
@@ -105,6 +106,18 @@ async def test_a_flag_counts_in_the_cached_standing_at_once() -> None:
     assert (5, True, True) == (local.flags, local.throttled, local.suspended)
     assert 1 == store.calls["record"]
     assert (5, True) == (recorded.flags, recorded.suspended)
+
+
+async def test_an_account_flagged_before_it_was_read_is_read_after_its_flags() -> None:
+    """Flags of an account this gateway has not read are sent before it is read, so the
+    next check already sees the suspension they caused."""
+    store = CountingStore()
+    await store.record([Flag(Account("acme", "alice"), "violence")] * 4)
+    monitor = await monitor_of(store)
+    monitor.flagged(flag())
+    with pytest.raises(AccountSuspendedError):
+        await monitor.check(ALICE)
+    await monitor.close()
 
 
 async def test_allowed_flags_are_kept_but_not_counted() -> None:

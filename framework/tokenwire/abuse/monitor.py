@@ -24,6 +24,7 @@ suspension interceptor and the throttle policy ask about a principal:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -153,7 +154,11 @@ class AbuseMonitor:
         account = Account.of(event.principal)
         entry = self._cache.get(account)
         before = entry.standing if entry is not None else GOOD_STANDING
-        self._put(account, self._counted(before, 1, event.category), confirmed=False)
+        # Counted on top of what was read, and fresh only as long as that read is: an
+        # account this gateway knew nothing of is read again (after the flag is sent).
+        read_at = entry.read_at if entry is not None else -math.inf
+        counted = self._counted(before, 1, event.category)
+        self._put(account, counted, confirmed=False, read_at=read_at)
         self._epochs[account] = self._epochs.get(account, 0) + 1
         self._unconfirmed[account] = self._unconfirmed.get(account, 0) + 1
         self._pending.append(Flag(account, event.category))
@@ -296,7 +301,9 @@ class AbuseMonitor:
         reason = suspension_reason(count, rules.window_s, category)
         return replace(counted, suspended=True, reason=reason, suspended_at=now, until=until)
 
-    def _put(self, account: Account, standing: Standing, *, confirmed: bool) -> None:
+    def _put(
+        self, account: Account, standing: Standing, *, confirmed: bool, read_at: float | None = None
+    ) -> None:
         previous = self._cache.get(account)
         if (
             confirmed
@@ -314,7 +321,9 @@ class AbuseMonitor:
         if len(self._cache) >= _CACHE_LIMIT and previous is None:
             self._cache.clear()
             self._epochs.clear()
-        self._cache[account] = _Entry(standing, self._clock(), confirmed)
+        self._cache[account] = _Entry(
+            standing, self._clock() if read_at is None else read_at, confirmed
+        )
 
     async def _flags_sent(self, account: Account) -> None:
         """Until the store has answered every flag of ``account`` heard so far."""
@@ -379,15 +388,11 @@ class AbuseMonitor:
             self._sender = None
 
     def _store_down(self, exc: AbuseStoreError) -> None:
-        if self.config.fail_open:
-            _log.warning("abuse store unreachable; serving on the last known standing",
-                         error=str(exc))  # fmt: skip
-            return
-        raise _unavailable(exc) from exc
+        if not self.config.fail_open:
+            raise _unavailable(exc) from exc
+        _log.warning("abuse store unreachable; serving the last known standing", error=str(exc))
 
 
 def _unavailable(exc: AbuseStoreError) -> UnavailableError:
-    return UnavailableError(
-        "account standing cannot be checked right now; retry shortly",
-        retry_after_s=_STORE_RETRY_S,
-    )
+    message = "account standing cannot be checked right now; retry shortly"
+    return UnavailableError(message, retry_after_s=_STORE_RETRY_S)
