@@ -298,3 +298,26 @@ async def test_http_edge_benchmark_streams_every_token_of_both_arms() -> None:
         assert 0 == arm.failed_turns
         assert clients * settings.turns_for(clients) * 8 == arm.runs[0].tokens
     assert "+TTFT" in format_report(rows, settings, seconds)
+
+
+def test_openai_loadgen_script_answers_help_and_bad_options_without_installing() -> None:
+    """benchmarks/openai_loadgen.sh is valid bash, and --help and a bad option answer at once,
+    before any install step (the test suite never installs AIPerf nor starts a gateway)."""
+    import subprocess
+
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "openai_loadgen.sh")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", script, *args], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    subprocess.run(["bash", "-n", script], check=True, timeout=30)
+    shown = run("--help")
+    assert (0, "") == (shown.returncode, shown.stderr)
+    for option in ("--concurrency", "--requests", "--isl", "--osl", "--rate", "--backend", "--set"):
+        assert option in shown.stdout
+    for bad in (["--backend", "gpt"], ["--concurrency", "0"], ["--rate", "fast"], ["--nope"]):
+        refused = run(*bad)
+        assert 2 == refused.returncode, bad
+        assert refused.stderr.startswith("error: "), bad
