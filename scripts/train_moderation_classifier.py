@@ -5,8 +5,10 @@
 
 Reads ``benchmarks/moderation_data/*_dev.jsonl`` only (the ``*_heldout.jsonl``
 files are never seen here), embeds every text (and its de-obfuscated form) with
-the shared embedding model, and fits a softmax regression over ``safe`` and the
-abuse categories (L2-regularised, classes weighted to balance). The threshold is
+the shared embedding model (each layer mean-pooled), and fits a softmax
+regression over ``safe`` and the abuse categories (L2-regularised, classes
+weighted to balance). Cross-validation picks the layers (the last, or all six)
+and the penalty. The threshold is
 chosen by 5-fold cross-validation on the same development data: the lowest
 not-safe probability whose out-of-fold false-positive rate stays within
 ``--target-fpr``. Deterministic on one machine: a fixed seed, full-batch L-BFGS.
@@ -30,7 +32,14 @@ from tokenwire.moderation.classifier import (  # noqa: E402
     SAFE_LABEL,
     deobfuscate,
 )
-from tokenwire.moderation.embedder import embed, load_embedding_model, model_dir  # noqa: E402
+from tokenwire.moderation.embedder import (  # noqa: E402
+    embed_layers,
+    load_embedding_model,
+    model_dir,
+)
+
+# Which of the embedding model's layers the features pool: the last, or all six.
+LAYER_SETS: tuple[tuple[int, ...], ...] = ((6,), (1, 2, 3, 4, 5, 6))
 
 
 def dev_files() -> list[Path]:
@@ -74,12 +83,41 @@ def fit(x: Any, y: Any, classes: int, l2: float) -> tuple[Any, Any]:
     return weight.detach(), bias.detach()
 
 
+def cross_validate(x: Any, y: Any, groups: list[int], items: int, classes: int, l2: float) -> Any:
+    """Out-of-fold not-safe probability per item: the worst of its variants, as at run time."""
+    import torch
+
+    group = torch.tensor(groups)
+    fold_of = torch.arange(items) % 5
+    unsafe = torch.zeros(items)
+    for k in range(5):
+        train = fold_of[group] != k
+        weight, bias = fit(x[train], y[train], classes, l2)
+        p = (x @ weight.T + bias).softmax(-1)[:, 0]
+        for row in torch.nonzero(~train).flatten().tolist():
+            unsafe[groups[row]] = max(float(unsafe[groups[row]]), 1.0 - float(p[row]))
+    return unsafe
+
+
+def _at_fpr(unsafe: Any, is_safe: Any, target_fpr: float) -> tuple[float, float, float]:
+    """``(recall, fpr, threshold)`` at the lowest threshold whose FPR stays within target."""
+    safe_scores = unsafe[is_safe].sort(descending=True).values
+    allowed = int(target_fpr * len(safe_scores))
+    threshold = min(max(float(safe_scores[allowed]) + 1e-4, 0.05), 0.999)
+    recall = float((unsafe[~is_safe] >= threshold).float().mean())
+    fpr = float((unsafe[is_safe] >= threshold).float().mean())
+    return recall, fpr, threshold
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the file is stale")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights")
-    parser.add_argument("--target-fpr", type=float, default=0.02, help="out-of-fold FPR bound")
+    parser.add_argument(
+        "--l2", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5],
+        help="L2 penalties to try; cross-validation picks the best",
+    )  # fmt: skip
+    parser.add_argument("--target-fpr", type=float, default=0.03, help="out-of-fold FPR bound")
     args = parser.parse_args()
     files = dev_files()
     if not files:
@@ -107,33 +145,40 @@ def main() -> int:
             targets.append(labels.index(item["category"]))
             groups.append(index)
     tokenizer, model = load_embedding_model(model_dir(), num_threads=None)
-    x = embed(tokenizer, model, texts)
+    everything = embed_layers(tokenizer, model, texts, LAYER_SETS[-1])
     y = torch.tensor(targets)
-    group = torch.tensor(groups)
+    width = int(model.config.hidden_size)
 
-    # Out-of-fold not-safe probability per item (the worst of its variants, as at run time).
-    fold_of = torch.arange(len(items)) % 5
-    unsafe = torch.zeros(len(items))
-    for k in range(5):
-        train = fold_of[group] != k
-        weight, bias = fit(x[train], y[train], len(labels), args.l2)
-        p = (x @ weight.T + bias).softmax(-1)[:, 0]
-        for row in torch.nonzero(~train).flatten().tolist():
-            unsafe[groups[row]] = max(float(unsafe[groups[row]]), 1.0 - float(p[row]))
     is_safe = torch.tensor([item["category"] == SAFE_LABEL for item in items])
-    safe_scores = unsafe[is_safe].sort(descending=True).values
-    allowed = int(args.target_fpr * len(safe_scores))
-    threshold = min(max(float(safe_scores[allowed]) + 1e-4, 0.05), 0.95)
-    recall = float((unsafe[~is_safe] >= threshold).float().mean())
-    fpr = float((unsafe[is_safe] >= threshold).float().mean())
+    best: tuple[float, float, float, float, tuple[int, ...]] | None = None
+    for layers in LAYER_SETS:
+        x = torch.cat([everything[:, (layer - 1) * width : layer * width] for layer in layers], 1)
+        for l2 in args.l2:
+            unsafe = cross_validate(x, y, groups, len(items), len(labels), l2)
+            recall, fpr, threshold = _at_fpr(unsafe, is_safe, args.target_fpr)
+            print(
+                f"layers {layers} l2 {l2:g}: 5-fold recall {recall:.1%} at FPR {fpr:.1%}",
+                file=sys.stderr,
+            )
+            if best is None or recall > best[0]:
+                best = (recall, fpr, threshold, l2, layers)
+    assert best is not None
+    recall, fpr, threshold, l2, layers = best
+    x = torch.cat([everything[:, (layer - 1) * width : layer * width] for layer in layers], 1)
 
-    weight, bias = fit(x, y, len(labels), args.l2)
+    weight, bias = fit(x, y, len(labels), l2)
     out = {
         "about": "softmax regression on all-MiniLM-L6-v2 embeddings; "
         "scripts/train_moderation_classifier.py writes this file",
         "labels": labels,
+        "layers": list(layers),
         "threshold": round(threshold, 4),
-        "cross_validation": {"recall": round(recall, 4), "fpr": round(fpr, 4), "folds": 5},
+        "cross_validation": {
+            "recall": round(recall, 4),
+            "fpr": round(fpr, 4),
+            "folds": 5,
+            "l2": l2,
+        },
         "trained_on": {"files": [f.name for f in files], "items": len(items), "sha256": digest},
         "bias": [round(float(b), 6) for b in bias],
         "weights": [[round(float(w), 6) for w in row] for row in weight],

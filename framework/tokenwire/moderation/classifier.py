@@ -1,8 +1,9 @@
 """``ClassifierModerator``: a classifier trained on sentence embeddings of labelled turns.
 
-It embeds text with the shared all-MiniLM-L6-v2 model (:mod:`.embedder`) and
-applies a softmax regression over ``safe`` and the abuse categories, trained on
-the development part of the labelled set in ``benchmarks/moderation_data`` by
+It embeds text with the shared all-MiniLM-L6-v2 model (:mod:`.embedder`; the
+layers the file names, each mean-pooled) and applies a softmax regression over
+``safe`` and the abuse categories, trained on the development part of the
+labelled set in ``benchmarks/moderation_data`` by
 ``scripts/train_moderation_classifier.py`` and shipped as a small JSON file
 (``data/classifier.json``: the labels, one weight row per label, the threshold
 and a hash of the data it was trained on). Text is flagged when the probability
@@ -34,7 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from tokenwire.errors import ConfigError, InternalError
 from tokenwire.moderation.base import CLEAN, Verdict
-from tokenwire.moderation.embedder import embed, load_embedding_model, model_dir, split_pieces
+from tokenwire.moderation.embedder import (
+    embed_layers,
+    load_embedding_model,
+    model_dir,
+    split_pieces,
+)
 from tokenwire.moderation.rules import fold
 
 if TYPE_CHECKING:
@@ -66,6 +72,7 @@ class _Weights:
     weight: torch.Tensor  # [labels, dim]
     bias: torch.Tensor  # [labels]
     threshold: float
+    layers: tuple[int, ...]  # the embedding model's layers the features pool
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -166,7 +173,7 @@ class ClassifierModerator:
         """Label probabilities, ``[texts, labels]`` (on the calling thread; for the benchmark)."""
         assert self._loaded is not None, "start() first"
         tokenizer, model, weights = self._loaded
-        vectors = embed(tokenizer, model, texts)
+        vectors = embed_layers(tokenizer, model, texts, weights.layers)
         logits = vectors @ weights.weight.T + weights.bias
         return logits.softmax(dim=-1)
 
@@ -180,8 +187,9 @@ class ClassifierModerator:
             torch.tensor(data["weights"], dtype=torch.float32),
             torch.tensor(data["bias"], dtype=torch.float32),
             self.threshold,
+            tuple(int(layer) for layer in data.get("layers", (model.config.num_hidden_layers,))),
         )
-        dim = int(model.config.hidden_size)
+        dim = int(model.config.hidden_size) * len(weights.layers)
         if weights.weight.shape[1] != dim:
             raise ConfigError(
                 f"{self._weights_path}: weights of width {weights.weight.shape[1]} do not fit "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "INSTALL",
     "MODEL_PACKAGE",
     "embed",
+    "embed_layers",
     "load_embedding_model",
     "model_dir",
     "split_pieces",
@@ -96,6 +98,35 @@ def embed(tokenizer: Any, model: Any, texts: list[str]) -> torch.Tensor:
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(out)
+
+
+def embed_layers(
+    tokenizer: Any, model: Any, texts: list[str], layers: Sequence[int]
+) -> torch.Tensor:
+    """Each of ``layers`` (1: the first transformer layer) mean-pooled and L2-normalized,
+    concatenated: ``[texts, len(layers) * 384]``. Earlier layers keep more of the words,
+    later ones more of the meaning; a classifier reads both."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), _BATCH):
+            batch = tokenizer(
+                texts[start : start + _BATCH],
+                padding=True,
+                truncation=True,
+                max_length=_MAX_TOKENS,
+                return_tensors="pt",
+            )
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden[0].dtype)
+            count = mask.sum(dim=1).clamp(min=1e-9)
+            pooled = [
+                torch.nn.functional.normalize((hidden[layer] * mask).sum(dim=1) / count, dim=-1)
+                for layer in layers
+            ]
+            out.append(torch.cat(pooled, dim=-1))
     return torch.cat(out)
 
 
