@@ -125,6 +125,7 @@ def abuse_config(**fields: Any) -> AbuseConfig:
         throttle_after=RULES.throttle_after,
         suspend_after=RULES.suspend_after,
         throttle_turns_per_minute=RULES.throttle_turns,
+        suspend_s=0.0,  # until lifted, unless a test says otherwise
     )
     return dataclasses.replace(base, **fields)
 

@@ -46,7 +46,7 @@ class AbuseConfig:
         3600.0, "seconds a flag counts against its principal (a sliding window)"
     )
     throttle_after: int = setting(
-        3, "flags in the window at which the principal is throttled; 0: never"
+        5, "flags in the window at which the principal is throttled; 0: never"
     )
     throttle_turns_per_minute: int = setting(
         2,
@@ -57,12 +57,12 @@ class AbuseConfig:
         60.0, "seconds throttle_turns_per_minute applies to (60: per minute)"
     )
     suspend_after: int = setting(
-        10,
+        20,
         "flags in the window at which the principal is suspended: every call "
         "PERMISSION_DENIED; 0: never",
     )
     suspend_s: float = setting(
-        0.0, "how long a suspension lasts, in seconds; 0: until an admin lifts it"
+        86400.0, "how long a suspension lasts, in seconds; 0: until an admin lifts it"
     )
     store: str = setting(
         "",
