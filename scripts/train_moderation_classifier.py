@@ -56,8 +56,13 @@ def data_hash(files: list[Path]) -> str:
 
 
 def read(files: list[Path]) -> list[dict[str, Any]]:
-    """Every item of ``files``."""
-    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    """Every item of ``files``, with the name of its file."""
+    return [
+        {**json.loads(line), "file": f.name}
+        for f in files
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def fit(x: Any, y: Any, classes: int, l2: float) -> tuple[Any, Any]:
@@ -114,10 +119,13 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the file is stale")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument(
-        "--l2", type=float, nargs="+", default=[1e-3, 1e-4, 1e-5],
+        "--l2", type=float, nargs="+", default=[1e-4, 1e-5],
         help="L2 penalties to try; cross-validation picks the best",
     )  # fmt: skip
-    parser.add_argument("--target-fpr", type=float, default=0.03, help="out-of-fold FPR bound")
+    parser.add_argument(
+        "--target-fpr", type=float, default=0.045,
+        help="out-of-fold false-positive rate on the hard negatives the threshold keeps within",
+    )  # fmt: skip
     args = parser.parse_args()
     files = dev_files()
     if not files:
@@ -149,13 +157,16 @@ def main() -> int:
     y = torch.tensor(targets)
     width = int(model.config.hidden_size)
 
+    # The threshold is set on the hard negatives (benign text that shares abuse's words);
+    # ordinary chat (the ordinary_* files) is easier and would let it sink.
     is_safe = torch.tensor([item["category"] == SAFE_LABEL for item in items])
+    is_hard = torch.tensor([not item["file"].startswith("ordinary") for item in items])
     best: tuple[float, float, float, float, tuple[int, ...]] | None = None
     for layers in LAYER_SETS:
         x = torch.cat([everything[:, (layer - 1) * width : layer * width] for layer in layers], 1)
         for l2 in args.l2:
             unsafe = cross_validate(x, y, groups, len(items), len(labels), l2)
-            recall, fpr, threshold = _at_fpr(unsafe, is_safe, args.target_fpr)
+            recall, fpr, threshold = _at_fpr(unsafe[is_hard], is_safe[is_hard], args.target_fpr)
             print(
                 f"layers {layers} l2 {l2:g}: 5-fold recall {recall:.1%} at FPR {fpr:.1%}",
                 file=sys.stderr,
