@@ -163,9 +163,10 @@ class ClassifierModerator:
         whole = [text.strip()[: self._max_piece_chars * 2]] if len(sentences) > 1 else []
         out: list[str] = []
         for piece in (*whole, *sentences):
-            plain = deobfuscate(piece)
             out.append(piece)
-            if plain and plain != piece.lower():
+            plain = deobfuscate(piece)
+            # Only text that was obfuscated is embedded twice (folding alone changes little).
+            if plain and plain != _SPACES.sub(" ", fold(piece)).strip():
                 out.append(plain)
         return out
 
