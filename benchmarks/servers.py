@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from tokenwire.abuse.interceptor import SuspensionInterceptor
+from tokenwire.abuse.policy import AbusePolicy
 from tokenwire.auth.interceptor import AuthInterceptor
 from tokenwire.auth.keys import make_principal
 from tokenwire.auth.policy import CredentialPolicy
@@ -51,8 +53,9 @@ __all__ = [
     "quota_config",
 ]
 
-FULL_CHAIN = (ErrorsInterceptor, AuthInterceptor, QuotaInterceptor)  # per call, in order
-FULL_POLICIES = (CredentialPolicy, QuotaPolicy, ModerationPolicy)  # per turn, in order
+# per call, then per turn, in order
+FULL_CHAIN = (ErrorsInterceptor, AuthInterceptor, SuspensionInterceptor, QuotaInterceptor)
+FULL_POLICIES = (CredentialPolicy, AbusePolicy, QuotaPolicy, ModerationPolicy)
 
 # ASCII only: with the byte tokenizer every token is then one character.
 _REPLY = "Once upon a time, a keeper lit the lamp every night. "

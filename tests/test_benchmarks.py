@@ -205,8 +205,9 @@ async def test_interceptor_chain_measures_both_arms_and_their_ratio() -> None:
     assert ("none", "chain") == report.arms
     assert "ErrorsInterceptor -> AuthInterceptor; per turn: none" == report.pipelines["none"]
     assert (
-        "ErrorsInterceptor -> AuthInterceptor -> QuotaInterceptor; "
-        "per turn: CredentialPolicy -> QuotaPolicy -> UsagePolicy -> ModerationPolicy"
+        "ErrorsInterceptor -> AuthInterceptor -> SuspensionInterceptor -> QuotaInterceptor; "
+        "per turn: CredentialPolicy -> AbusePolicy -> QuotaPolicy -> UsagePolicy -> "
+        "ModerationPolicy"
     ) == report.pipelines["chain"]
     assert 0 == report.failed_turns
     [row] = report.rows
