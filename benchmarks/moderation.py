@@ -101,6 +101,11 @@ class Score:
         flags = self.false[near] if near else list(chain(*self.false.values()))
         return sum(flags) / max(len(flags), 1)
 
+    def hard_fpr(self) -> float:
+        """The false-positive rate on benign text that looks like a category."""
+        flags = list(chain(*(v for near, v in self.false.items() if near != "none")))
+        return sum(flags) / max(len(flags), 1)
+
 
 async def score(moderators: Sequence[Moderator], items: Sequence[Item]) -> Score:
     """Check every item with ``moderators`` (any flag counts), as the input check does."""
@@ -142,6 +147,8 @@ def report(name: str, split: str, scores: dict[str, Score]) -> None:
         print(f"{'FPR near ' + near:20}{count:>5} " + cells)
     print(f"{'RECALL (all)':26}" + "".join(f"{_pct(s.recall()):>{width}}" for s in scores.values()))
     print(f"{'FPR (all)':26}" + "".join(f"{_pct(s.fpr()):>{width}}" for s in scores.values()))
+    cells = "".join(f"{_pct(s.hard_fpr()):>{width}}" for s in scores.values())
+    print(f"{'FPR (look-alikes only)':26}" + cells)
     cells = "".join(
         f"{statistics.median(s.seconds) * 1000:>{width - 3}.2f} ms" for s in scores.values()
     )
