@@ -150,6 +150,7 @@ def build_pipeline(
                     data_dir=config.store.data_dir,
                     flags=abuse,
                     overrides=abuse,
+                    router=config.router,  # a guard model on workers of its own
                 )
             )
     else:

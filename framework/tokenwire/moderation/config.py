@@ -96,6 +96,15 @@ class ModerationConfig:
         "comma-separated tenants whose flagged events keep the flagged text "
         "(others: category, score and an HMAC only)",
     )
+    guard_target: str = setting(
+        "serving",
+        "the guard moderator's model: 'serving' (the gateway's own served model) or a "
+        "router.workers entry for guard workers (vllm://host:port, dns:///guard:50061)",
+    )
+    guard_timeout_s: float = setting(
+        10.0, "longest a guard check may take; past it the turn fails UNAVAILABLE"
+    )
+    guard_max_tokens: int = setting(16, "longest guard answer read (a verdict and a category)")
     audit: bool = setting(
         True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
     )
@@ -142,6 +151,11 @@ class ModerationConfig:
             raise ConfigError(
                 "moderation.escalate_unsure_from must be in [0, 1], "
                 f"got {self.escalate_unsure_from}"
+            )
+        if self.guard_timeout_s <= 0 or self.guard_max_tokens < 1:
+            raise ConfigError(
+                "moderation.guard_timeout_s must be > 0 and guard_max_tokens >= 1, got "
+                f"{self.guard_timeout_s} and {self.guard_max_tokens}"
             )
         if self.output_window_chars < 1:
             raise ConfigError(

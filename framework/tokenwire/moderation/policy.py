@@ -15,6 +15,8 @@ the client saw. Flagged decisions go to the audit log (every check with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenwire.errors import ConfigError, ContentFilteredError, UnavailableError
 from tokenwire.moderation import (
     EmbeddingModerator,
@@ -37,6 +39,10 @@ from tokenwire.moderation.audit import audit_key_path
 from tokenwire.moderation.classifier import ClassifierModerator
 from tokenwire.moderation.combine import AllModerator, EscalatingModerator
 from tokenwire.turns.policy import OutputFilter, TurnInfo, TurnOutcome
+
+if TYPE_CHECKING:
+    from tokenwire.model.frontend import ChatModel
+    from tokenwire.router.config import RouterConfig
 
 __all__ = ["ModerationPolicy", "build_moderators"]
 
@@ -102,11 +108,15 @@ class ModerationPolicy:
         data_dir: str | None = None,
         flags: FlagSink | None = None,
         overrides: TenantOverrides | None = None,
+        router: RouterConfig | None = None,
     ) -> None:
         config.validate()
         self.config = config
         self._given = moderator
         self._flags = flags  # hears every flag: the abuse monitor counts them
+        self._router = router  # for a guard model on workers of its own
+        self._served: ChatModel | None = None  # the gateway's model, for guard_target 'serving'
+
         self.actions = CategoryActions(
             config.categories, config.tenant_categories, config.keep_text_for, overrides
         )
@@ -114,6 +124,10 @@ class ModerationPolicy:
         self._moderators: tuple[Moderator, ...] = ()
         self._ready = False
         self._audit = ModerationAudit(enabled=False)
+
+    def bind_model(self, model: ChatModel) -> None:
+        """The server hands over its served model (the guard may ask it) before start()."""
+        self._served = model
 
     @property
     def moderators(self) -> tuple[Moderator, ...]:
@@ -128,7 +142,11 @@ class ModerationPolicy:
         self._audit = ModerationAudit(
             enabled=self.config.audit, all_checks=self.config.audit_all_checks, key_file=key_file
         )
-        moderators = [self._given] if self._given is not None else build_moderators(self.config)
+        moderators = (
+            [self._given]
+            if self._given is not None
+            else build_moderators(self.config, guard=self._guard())
+        )
         started: list[Moderator] = []
         try:
             for moderator in moderators:
@@ -141,6 +159,19 @@ class ModerationPolicy:
             raise
         self._moderators = tuple(moderators)
         self._ready = True
+
+    def _guard(self) -> Moderator | None:
+        if "guard" not in self.config.moderator_names:
+            return None
+        from tokenwire.moderation.guard import build_guard  # the frontend, the router
+
+        return build_guard(
+            self.config.guard_target,
+            serving=self._served,
+            router=self._router,
+            max_tokens=self.config.guard_max_tokens,
+            timeout_s=self.config.guard_timeout_s,
+        )
 
     async def close(self) -> None:
         """Release the moderators."""
