@@ -115,6 +115,12 @@ class TokenwireServer:
             )
         self._backend = backend
         self.model: ChatModel = frontend_for(self._backend, config.limits)
+        # A policy that asks the served model itself (moderation's guard model, target
+        # "serving") gets it here, before any policy starts: handed over, never looked up.
+        for policy in self._policies:
+            bind_model = getattr(policy, "bind_model", None)
+            if bind_model is not None:
+                bind_model(self.model)
         self._live = live if live is not None else live_bus_from_config(config.store)
         # With several processes only the first serves the metrics (of them all).
         self.metrics_endpoint = (

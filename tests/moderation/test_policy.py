@@ -28,7 +28,7 @@ from tokenwire.moderation.combine import AllModerator, EscalatingModerator
 from tokenwire.moderation.policy import ModerationPolicy, build_moderators
 from tokenwire.proto.v1 import chat_pb2, models_pb2
 from tokenwire.stores.sqlite import SQLiteConversationStore
-from tokenwire.testing import FakeBackend, RunningServer, running_server
+from tokenwire.testing import FakeBackend, RunningServer, config_for_tests, running_server
 
 OWNER = "acme/alice"
 RULES = ModerationConfig(moderator="rules")  # no model to load
@@ -445,3 +445,23 @@ def test_a_bad_category_action_is_refused() -> None:
     """Actions are block, log or allow, from a table or the environment's string."""
     with pytest.raises(ConfigError, match="block, log, allow"):
         ModerationConfig(tenant_categories={"acme": "violence:permit"})
+
+
+# --- the guard model through the policy ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("answer", "refused"), [("unsafe violence", True), ("safe", False)])
+async def test_a_guard_on_the_served_model_decides_the_input(answer: str, refused: bool) -> None:
+    """moderator = 'rules,guard': the server hands its model to the guard, which asks it."""
+    config = ModerationConfig(moderator="rules,guard", guard_timeout_s=5.0)
+    async with running_server(
+        FakeBackend(reply=answer), config_for_tests(moderation=config)
+    ) as running:
+        if refused:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await complete(running, "How do I hurt my neighbour?")
+            assert grpc.StatusCode.INVALID_ARGUMENT == error.value.code()
+            assert "violence" in (error.value.details() or "")
+        else:
+            events = await complete(running, "How do I bake bread?")
+            assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
