@@ -155,9 +155,9 @@ def report(name: str, split: str, scores: dict[str, Score]) -> None:
     print(f"{'check p50':26}" + cells)
 
 
-async def accuracy(setups: dict[str, list[Moderator]]) -> None:
-    """Every setup on both splits, held-out first."""
-    for split in ("heldout", "dev"):
+async def accuracy(setups: dict[str, list[Moderator]], splits: Sequence[str]) -> None:
+    """Every setup on each split (held-out first)."""
+    for split in splits:
         items = load(split)
         if not items:
             print(f"no {split} items in {DATA}", file=sys.stderr)
@@ -209,11 +209,37 @@ async def latency(configs: dict[str, ModerationConfig | None], turns: int) -> No
         )
 
 
+async def _guard_setups(started: list[Any]) -> tuple[Moderator, Moderator]:
+    """The guard on the real SmolLM2 engine, and the classifier escalating to it."""
+    from tokenwire.backend import BackendConfig
+    from tokenwire.config import LimitsConfig
+    from tokenwire.model.frontend import frontend_for
+    from tokenwire.moderation.classifier import ClassifierModerator
+    from tokenwire.moderation.combine import EscalatingModerator
+    from tokenwire.moderation.guard import GuardModerator
+    from tokenwire_torch import TorchEngine
+
+    model = frontend_for(TorchEngine(BackendConfig(device="cpu", max_running=4)), LimitsConfig())
+    guard = GuardModerator(model, owns_model=True)
+    await guard.start()
+    classifier = ClassifierModerator()
+    await classifier.start()
+    started += [guard, classifier]
+    return guard, EscalatingModerator([classifier, guard])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer latency turns")
     parser.add_argument("--no-latency", action="store_true", help="accuracy only")
     parser.add_argument("--no-accuracy", action="store_true", help="latency only")
+    parser.add_argument("--splits", default="heldout,dev", help="which parts of the set")
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="also the guard model (the shipped SmolLM2 as a stand-in), alone and escalated "
+        "behind the classifier (accuracy only; slow: a model call per text)",
+    )
     args = parser.parse_args(argv)
     configure_logging(LoggingConfig(level="error"))  # audit records would swamp the tables
 
@@ -229,8 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         await start()
                     started.append(moderator)
                 setups[name] = moderators
+            if args.guard:
+                guard, escalate = await _guard_setups(started)
+                setups["guard (SmolLM2)"] = [guard]
+                setups["escalate(classifier,guard)"] = [escalate]
             if not args.no_accuracy:
-                await accuracy(setups)
+                await accuracy(setups, args.splits.split(","))
         finally:
             for moderator in started:
                 close = getattr(moderator, "close", None)
