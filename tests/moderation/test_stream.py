@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokenwire.moderation import CLEAN, Moderator, RuleModerator, Verdict, output_filter
+from tokenwire.moderation.combine import EscalatingModerator
 from tokenwire.turns.policy import FilterResult, OutputFilter
 
 
@@ -145,3 +146,9 @@ async def test_every_check_is_reported() -> None:
         ("word", CLEAN, "Hi. ", ""),
         ("rules", Verdict(True, "v", 1.0), "kill ", "block"),
     ] == reports
+
+
+def test_a_group_with_a_slow_member_is_screened_by_sentence() -> None:
+    """escalate(classifier, guard) gets whole sentences: the guard never runs per window."""
+    assert "sentence" == EscalatingModerator([WordModerator(), SentenceWordModerator()]).granularity
+    assert "window" == EscalatingModerator([WordModerator(), WordModerator("X")]).granularity

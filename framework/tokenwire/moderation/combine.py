@@ -32,6 +32,10 @@ class _Group:
         if not moderators:
             raise ValueError("a combined moderator needs at least one moderator")
         self.moderators = tuple(moderators)
+        # The output filter hands a group whole sentences when any member wants them
+        # (a guard model), so a slow member never runs on every few tokens.
+        slow = any(getattr(m, "granularity", "window") == "sentence" for m in self.moderators)
+        self.granularity = "sentence" if slow else "window"
 
     async def start(self) -> None:
         """Start each moderator that has a ``start``."""
