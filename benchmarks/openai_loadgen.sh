@@ -15,9 +15,9 @@
 #     package, written as a local Hugging Face cache under build/openai-loadgen/, so
 #     AIPerf runs with HF_HUB_OFFLINE=1 and nothing is downloaded at run time;
 # then, every run:
-#  4. a gateway (`tokenwire serve`, the default pipeline: API keys, quotas, moderation,
-#     SQLite) with the HTTP edge on a free port, in a temporary folder; waits until
-#     GET /v1/models answers with the admin key the gateway made at its first start;
+#  4. a gateway (`tokenwire serve`: API keys, quotas, rule-based moderation, SQLite;
+#     no abuse throttling) with the HTTP edge on a free port, in a temporary folder;
+#     waits until GET /v1/models answers with the admin key it made at its first start;
 #  5. `aiperf profile` with that key: synthetic prompts, streamed answers, a fixed
 #     concurrency; its tables, then a summary from its JSON export;
 #  6. however the run ends (Ctrl-C too): stops AIPerf's processes (SIGINT, then SIGKILL
@@ -44,8 +44,9 @@ options:
   --backend NAME       torch: SmolLM2-135M-Instruct (default); fake: the zero-cost
                        engine, which answers at once and never stops early
   --set SECTION.FIELD=VALUE
-                       a gateway setting, as for `tokenwire serve` (repeatable), e.g.
-                       --set moderation.enabled=false
+                       a gateway setting, as for `tokenwire serve` (repeatable); the
+                       gateway runs with abuse.enabled=false and
+                       moderation.moderator=rules unless these say otherwise
   --artifacts DIR      AIPerf's exports (default build/openai-loadgen/runs/<time>)
   --startup-timeout S  seconds to wait for the gateway (default 300)
   -h, --help           this help
@@ -61,7 +62,12 @@ EOF
 }
 
 concurrency=4 requests=32 isl=32 osl=32 rate="" backend=torch artifacts="" startup_timeout=300
-extra=() settings=()
+extra=()
+# The gateway's settings for a load test, before those given with --set: one key sending
+# synthetic text is not abuse (a few flags would throttle it to 2 turns a minute), and the
+# rules moderator alone (the classifier refuses some of AIPerf's prompts and the model's
+# answers, and every answer of the fake engine, which would make refusals the measure).
+settings=(--set abuse.enabled=false --set moderation.moderator=rules)
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
