@@ -104,7 +104,7 @@ class ModerationConfig:
     guard_timeout_s: float = setting(
         10.0, "longest a guard check may take; past it the turn fails UNAVAILABLE"
     )
-    guard_max_tokens: int = setting(16, "longest guard answer read (a verdict and a category)")
+    guard_max_tokens: int = setting(24, "longest guard answer read (the topic and a verdict)")
     audit: bool = setting(
         True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
     )
