@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
@@ -33,10 +34,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from benchmarks.loadgen import percentile
 from tokenwire.config import LoggingConfig
 from tokenwire.logs import configure_logging
-from tokenwire.moderation import ModerationConfig, Moderator, moderator_name
+from tokenwire.moderation import ModerationConfig, Moderator, Verdict, moderator_name
 from tokenwire.moderation.policy import ModerationPolicy, build_moderators
 from tokenwire.proto.v1 import chat_pb2
 from tokenwire.testing import FakeBackend, config_for_tests, running_server
@@ -166,47 +169,98 @@ async def accuracy(setups: dict[str, list[Moderator]], splits: Sequence[str]) ->
         report(f"{len(items)} items", split, scores)
 
 
-async def stream_latency(config: ModerationConfig | None, turns: int) -> tuple[list[float], ...]:
-    """TTFT and inter-token gaps (seconds) of ``turns`` answers through a live server."""
+@dataclass(frozen=True, slots=True)
+class LatencySetup:
+    """What one latency row runs: a configuration, or a moderator already started."""
+
+    config: ModerationConfig | None  # None: moderation off
+    moderator: Moderator | None = None  # given: the policy checks with it alone
+
+
+@dataclass
+class StreamTimes:
+    """What the client saw of one setup's turns (seconds), and how many were stopped."""
+
+    ttfts: list[float]
+    gaps: list[float]
+    refused: int = 0  # the input check refused the turn
+    cut: int = 0  # the output check stopped the answer
+
+
+async def stream_latency(setup: LatencySetup, turns: int) -> StreamTimes:
+    """TTFT and inter-token gaps of ``turns`` answers through a live server."""
     # The fake engine's tokens are bytes: four of them every 10 ms is a real tokenizer's
     # ~4 characters a token at 100 tokens/s.
     backend = FakeBackend(reply=ANSWER, token_delay_s=0.0025, tokens_per_chunk=4)
-    moderation = config or ModerationConfig(enabled=False)
-    policies = [ModerationPolicy(moderation)] if moderation.enabled else []
-    ttfts: list[float] = []
-    gaps: list[float] = []
+    moderation = setup.config or ModerationConfig(enabled=False)
+    lent = _Unowned(setup.moderator) if setup.moderator else None
+    policies = [ModerationPolicy(moderation, moderator=lent)] if moderation.enabled else []
+    times = StreamTimes([], [])
     async with running_server(backend, config_for_tests(), policies=policies) as running:
         for turn in range(turns + 2):  # two unmeasured turns first
             began = time.perf_counter()
             last = None
             request = chat_pb2.CompleteRequest(message=f"Tell me about Paris ({turn}).")
-            async for event in running.chat.Complete(request):
-                if not event.HasField("delta"):
-                    continue
-                now = time.perf_counter()
-                if turn >= 2:
-                    if last is None:
-                        ttfts.append(now - began)
-                    else:
-                        gaps.append(now - last)
-                last = now
-    return ttfts, gaps
+            try:
+                async for event in running.chat.Complete(request):
+                    if event.HasField("finished") and turn >= 2:
+                        filtered = chat_pb2.FINISH_REASON_CONTENT_FILTER
+                        times.cut += event.finished.finish_reason == filtered
+                    if not event.HasField("delta"):
+                        continue
+                    now = time.perf_counter()
+                    if turn >= 2:
+                        if last is None:
+                            times.ttfts.append(now - began)
+                        else:
+                            times.gaps.append(now - last)
+                    last = now
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                times.refused += turn >= 2
+    return times
 
 
-async def latency(configs: dict[str, ModerationConfig | None], turns: int) -> None:
+class _Unowned:
+    """A started moderator lent to one policy: the policy's start and close leave it be."""
+
+    def __init__(self, moderator: Moderator) -> None:
+        self.moderator = moderator
+        self.name = moderator_name(moderator)
+        self.granularity = getattr(moderator, "granularity", "window")
+
+    async def check(self, text: str) -> Verdict:
+        return await self.moderator.check(text)
+
+
+async def latency(setups: dict[str, LatencySetup], turns: int) -> None:
     """Each setup's TTFT and inter-token p50/p99, and what it adds to moderation off."""
     print(f"\n## Stream latency: {turns} turns each, a fake engine at 10 ms a token")
-    print(f"{'':28}{'TTFT p50':>10}{'p99':>9}{'+p50':>9}{'gap p50':>10}{'p99':>9}{'+p99':>9}")
+    print(f"{'':28}{'TTFT p50':>11}{'p99':>10}{'+p50':>10}{'gap p50':>11}{'p99':>10}{'+p99':>10}")
     base: tuple[float, float] | None = None
-    for name, config in configs.items():
-        ttfts, gaps = await stream_latency(config, turns)
-        ttft50, ttft99 = percentile(ttfts, 50) * 1e3, percentile(ttfts, 99) * 1e3
-        gap50, gap99 = percentile(gaps, 50) * 1e3, percentile(gaps, 99) * 1e3
+    for name, setup in setups.items():
+        times = await stream_latency(setup, turns)
+        ttft50, ttft99 = _ms(times.ttfts, 50), _ms(times.ttfts, 99)
+        gap50, gap99 = _ms(times.gaps, 50), _ms(times.gaps, 99)
         base = base or (ttft50, gap99)
-        print(
-            f"{name:28}{ttft50:>8.1f}ms{ttft99:>7.1f}ms{ttft50 - base[0]:>+7.1f}ms"
-            f"{gap50:>8.1f}ms{gap99:>7.1f}ms{gap99 - base[1]:>+7.1f}ms"
+        stopped = (
+            f"  ({times.refused} refused, {times.cut} cut)" if times.refused + times.cut else ""
         )
+        print(
+            f"{name:28}{_cell(ttft50, width=11)}{_cell(ttft99)}{_cell(ttft50 - base[0], '+')}"
+            f"{_cell(gap50, width=11)}{_cell(gap99)}{_cell(gap99 - base[1], '+')}{stopped}"
+        )
+
+
+def _ms(seconds: list[float], p: float) -> float:
+    """The ``p`` percentile in milliseconds, NaN when nothing was measured."""
+    return percentile(seconds, p) * 1e3
+
+
+def _cell(ms: float, sign: str = "", width: int = 10) -> str:
+    """Milliseconds right-aligned in ``width`` characters; "-" when not measured."""
+    return f"{'-' if math.isnan(ms) else f'{ms:{sign}.1f}ms':>{width}}"
 
 
 async def _guard_setups(started: list[Any]) -> tuple[Moderator, Moderator]:
@@ -261,15 +315,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setups["escalate(classifier,guard)"] = [escalate]
             if not args.no_accuracy:
                 await accuracy(setups, args.splits.split(","))
+            if not args.no_latency:
+                rows = {"moderation off": LatencySetup(None)}
+                rows |= {name: LatencySetup(config) for name, config in SETUPS.items()}
+                rows.pop("embedding")  # its latency is the classifier's: the same model
+                if args.guard:  # the turn's engine stays the paced fake; the guard is real
+                    given = ModerationConfig(moderator="rules")  # replaced by the moderator
+                    for name in ("guard (SmolLM2)", "escalate(classifier,guard)"):
+                        rows[name] = LatencySetup(given, setups[name][0])
+                await latency(rows, (5 if args.guard else 10) if args.quick else 40)
         finally:
             for moderator in started:
                 close = getattr(moderator, "close", None)
                 if close is not None:
                     await close()
-        if not args.no_latency:
-            configs: dict[str, ModerationConfig | None] = {"moderation off": None, **SETUPS}
-            configs.pop("embedding")  # its latency is the classifier's: the same model
-            await latency(configs, 10 if args.quick else 40)
         print("\nmoderators:", ", ".join(moderator_name(m) for m in chain(*setups.values())))
 
     asyncio.run(run())

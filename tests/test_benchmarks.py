@@ -322,3 +322,43 @@ def test_openai_loadgen_script_answers_help_and_bad_options_without_installing()
         refused = run(*bad)
         assert 2 == refused.returncode, bad
         assert refused.stderr.startswith("error: "), bad
+
+
+def test_moderation_benchmark_reads_both_parts_of_its_labelled_set() -> None:
+    """At least 300 abusive and as many benign items, in every category, on both splits."""
+    from benchmarks.moderation import load
+
+    dev, heldout = load("dev"), load("heldout")
+    abusive = [item for item in dev + heldout if item.category != "safe"]
+    assert len(abusive) >= 300
+    assert len(dev + heldout) - len(abusive) >= len(abusive)
+    assert {item.category for item in heldout} == {item.category for item in dev}
+    assert not {item.text for item in dev} & {item.text for item in heldout}
+
+
+async def test_moderation_benchmark_scores_and_times_a_moderator() -> None:
+    """Recall and FPR count the moderator's flags; refused and cut turns are counted."""
+    from benchmarks.moderation import Item, LatencySetup, score, stream_latency
+    from tokenwire.moderation import ModerationConfig, Verdict
+
+    class FlagsWord:
+        def __init__(self, word: str) -> None:
+            self.word = word
+
+        async def check(self, text: str) -> Verdict:
+            hit = self.word in text
+            return Verdict(hit, "violence" if hit else "", 1.0 if hit else 0.0)
+
+    items = [
+        Item("bomb here", "violence", "", "request", "plain"),
+        Item("a knife", "violence", "", "request", "plain"),
+        Item("bomb calorimeter", "safe", "violence", "request", "plain"),
+        Item("hello", "safe", "", "request", "plain"),
+    ]
+    scored = await score([FlagsWord("bomb")], items)
+    assert (0.5, 0.5, 1.0) == (scored.recall("violence"), scored.fpr(), scored.hard_fpr())
+    config = ModerationConfig(moderator="rules")
+    refused = await stream_latency(LatencySetup(config, FlagsWord("Paris")), 2)
+    cut = await stream_latency(LatencySetup(config, FlagsWord("Seine")), 2)
+    assert (2, 0, []) == (refused.refused, refused.cut, refused.ttfts)
+    assert (0, 2, 2) == (cut.refused, cut.cut, len(cut.ttfts))  # the first sentence shown
