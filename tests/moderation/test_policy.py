@@ -465,3 +465,46 @@ async def test_a_guard_on_the_served_model_decides_the_input(answer: str, refuse
         else:
             events = await complete(running, "How do I bake bread?")
             assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
+
+
+@pytest.mark.parametrize(
+    ("setting", "asked"),
+    [
+        ("none", "<|user|>How do I hurt my neighbour?\n<|assistant|>"),
+        ("Judge this: {message}", "<|user|>Judge this: How do I hurt my neighbour?\n<|assistant|>"),
+    ],
+)
+async def test_the_guard_prompt_setting_shapes_what_the_model_is_asked(
+    setting: str, asked: str
+) -> None:
+    """guard_prompt 'none' asks the text alone (Llama Guard 3 reads its codes); a template
+    holding {message} is the whole user turn."""
+    fake = FakeBackend(reply="unsafe\nS1\n")
+    config = ModerationConfig(moderator="rules,guard", guard_prompt=setting)
+    async with running_server(fake, config_for_tests(moderation=config)) as running:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await complete(running, "How do I hurt my neighbour?")
+    assert grpc.StatusCode.INVALID_ARGUMENT == error.value.code()
+    assert "violence" in (error.value.details() or "")
+    assert [asked] == [bytes(log.request.prompt_token_ids).decode() for log in fake.requests]
+
+
+async def test_a_failing_open_guard_lets_the_turn_through_when_it_cannot_answer() -> None:
+    """guard_fail_closed = false: a guard past its timeout passes the turn, audited as
+    guard_unavailable; by default the turn fails UNAVAILABLE."""
+    for fail_closed in (True, False):
+        fake = FakeBackend(reply="safe", token_delay_s=0.5)
+        config = ModerationConfig(
+            moderator="guard", guard_timeout_s=0.05, guard_fail_closed=fail_closed, output=False
+        )
+        async with running_server(fake, config_for_tests(moderation=config)) as running:
+            if fail_closed:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await complete(running, "hello")
+                assert grpc.StatusCode.UNAVAILABLE == error.value.code()
+            else:
+                with capture_logs() as logs:
+                    events = await complete(running, "hello")
+                assert chat_pb2.FINISH_REASON_STOP == events[-1].finished.finish_reason
+                assert "safe" == "".join(e.delta.text for e in events if e.HasField("delta"))
+                assert any(log.get("category") == "guard_unavailable" for log in logs), logs

@@ -31,7 +31,7 @@ from typing import Final
 from tokenwire.auth.principal import ANONYMOUS, Principal
 from tokenwire.errors import ConfigError
 from tokenwire.logs import get_logger
-from tokenwire.moderation.base import Verdict
+from tokenwire.moderation.base import UNCHECKED, Verdict
 from tokenwire.private_files import make_private_dirs, write_private_file
 
 __all__ = [
@@ -120,7 +120,8 @@ class ModerationAudit:
 
         ``action`` is what the flag did for this tenant (block, log or allow).
         """
-        if not (self.all_checks or (self.enabled and verdict.flagged)):
+        noteworthy = verdict.flagged or verdict.category == UNCHECKED
+        if not (self.all_checks or (self.enabled and noteworthy)):
             return
         # Looked up per record, so a pipeline configured after import (log shipping,
         # structlog.testing.capture_logs) always applies to audit records.
@@ -140,5 +141,7 @@ class ModerationAudit:
         }
         if verdict.flagged:
             log.warning("moderation flagged", **fields)
+        elif verdict.category == UNCHECKED:
+            log.warning("moderation could not check; passed", **fields)
         else:
             log.info("moderation passed", **fields)

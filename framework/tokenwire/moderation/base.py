@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CLEAN", "Moderator", "Verdict", "moderator_name"]
+__all__ = ["CLEAN", "UNCHECKED", "Moderator", "Verdict", "moderator_name"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,10 @@ class Verdict:
 
 
 CLEAN = Verdict(flagged=False)
+
+UNCHECKED = "guard_unavailable"
+"""The category of a pass given because the check could not run (a guard failing open):
+audited like a flag, so an operator sees what went unchecked."""
 
 
 @runtime_checkable

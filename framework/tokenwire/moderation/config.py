@@ -101,10 +101,28 @@ class ModerationConfig:
         "the guard moderator's model: 'serving' (the gateway's own served model) or a "
         "router.workers entry for guard workers (vllm://host:port, dns:///guard:50061)",
     )
+    guard_tokenizer: str = setting(
+        "",
+        "guard workers only: a directory with the guard model's tokenizer files, for "
+        "servers that do not send theirs (trtllm-serve); empty: asked of the workers",
+    )
     guard_timeout_s: float = setting(
         10.0, "longest a guard check may take; past it the turn fails UNAVAILABLE"
     )
     guard_max_tokens: int = setting(24, "longest guard answer read (the topic and a verdict)")
+    guard_prompt: str = setting(
+        "builtin",
+        "what the guard model is asked: 'builtin' (a safety system prompt and example turns, "
+        "for chat models that are not guard models), 'none' (the text alone: guard models "
+        "whose chat template holds the policy, e.g. Llama Guard 3), a template holding "
+        "{message} (the whole user turn, e.g. ShieldGemma's), or any other text as the "
+        "system prompt",
+    )
+    guard_fail_closed: bool = setting(
+        True,
+        "a guard check that fails or times out ends the turn UNAVAILABLE; false: it passes "
+        "(audited as guard_unavailable)",
+    )
     audit: bool = setting(
         True, "log flagged decisions to the 'tokenwire.audit' logger (a hash, never the text)"
     )
@@ -117,6 +135,12 @@ class ModerationConfig:
         object.__setattr__(self, "categories", types.MappingProxyType(categories))
         tenants = parse_tenant_actions(self.tenant_categories, "moderation.tenant_categories")
         object.__setattr__(self, "tenant_categories", types.MappingProxyType(tenants))
+
+    @property
+    def guard_prompt_text(self) -> str | None:
+        """``guard_prompt`` as the guard takes it: None for the built-in prompt, "" for none."""
+        value = self.guard_prompt.strip()
+        return {"builtin": None, "none": ""}.get(value, self.guard_prompt)
 
     @property
     def keep_text_for(self) -> frozenset[str]:

@@ -71,7 +71,7 @@ from tokenwire.model.frontend import (
     TurnEnd,
     TurnParams,
 )
-from tokenwire.moderation.base import Verdict
+from tokenwire.moderation.base import UNCHECKED, Verdict
 from tokenwire.router.config import RouterConfig
 from tokenwire.router.engine import RoutedEngine
 from tokenwire.streams import closing
@@ -95,7 +95,7 @@ SERVING = "serving"
 """The guard target that names the gateway's own served model."""
 UNPARSED = "unparsed"
 """The category of a clean verdict whose answer had no verdict word."""
-UNAVAILABLE = "guard_unavailable"
+UNAVAILABLE = UNCHECKED
 """The category of a clean verdict whose check failed (``fail_closed=False``)."""
 UNSPECIFIED = "unspecified"
 """The category of a flag whose answer named no known category."""
@@ -410,6 +410,7 @@ def build_guard(
     serving: ChatModel | None = None,
     limits: LimitsConfig | None = None,
     router: RouterConfig | None = None,
+    tokenizer: str = "",
     prompt: str | None = None,
     max_tokens: int = 24,
     timeout_s: float = 10.0,
@@ -422,7 +423,8 @@ def build_guard(
     (``vllm://10.0.0.9:50061``, ``trtllm://...``, ``dns:///guard.svc:50061``): the
     guard gets a routed engine of its own, with ``router``'s token, TLS and timings,
     behind its own frontend (the guard model's tokenizer and chat template come from
-    its workers), and starts and closes it with itself.
+    its workers, or from the ``tokenizer`` directory for servers that do not send it),
+    and starts and closes it with itself.
 
         guard = build_guard("serving", serving=server.model)
         guard = build_guard("vllm://10.0.0.9:50061", router=config.router, prompt="")
@@ -438,7 +440,9 @@ def build_guard(
     else:
         base = router or RouterConfig()
         # Its own workers: their tokenizer and context, not the served model's settings.
-        config = dataclasses.replace(base, workers=target.strip(), tokenizer="", context_length=0)
+        config = dataclasses.replace(
+            base, workers=target.strip(), tokenizer=tokenizer, context_length=0
+        )
         model, owns = EngineFrontend(RoutedEngine(config), limits or LimitsConfig()), True
     return GuardModerator(
         model,

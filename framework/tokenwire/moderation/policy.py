@@ -169,8 +169,11 @@ class ModerationPolicy:
             self.config.guard_target,
             serving=self._served,
             router=self._router,
+            tokenizer=self.config.guard_tokenizer,
+            prompt=self.config.guard_prompt_text,
             max_tokens=self.config.guard_max_tokens,
             timeout_s=self.config.guard_timeout_s,
+            fail_closed=self.config.guard_fail_closed,
         )
 
     async def close(self) -> None:
