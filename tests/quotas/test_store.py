@@ -8,6 +8,7 @@ import math
 from tests.quotas.conftest import REDIS_URL
 from tokenwire.quotas import QuotaStore, Rate, Slot
 from tokenwire.quotas.redis import RedisQuotaStore
+from tokenwire.quotas.store import tenant_tag
 
 HOUR = 3600.0  # long enough that nothing drains measurably during a test
 
@@ -196,3 +197,17 @@ async def test_redis_admission_carries_the_last_turns_settlement_in_one_round_tr
         assert 220 == round(await store.used(tokens))
     finally:
         await store.close()
+
+
+def test_tenant_tag_is_one_hash_tag_per_tenant() -> None:
+    # Redis Cluster hashes the text between the first "{" and the next "}": a tenant
+    # name holding braces must neither end the tag early nor meet another tenant's tag.
+    names = ["acme", "a{b}", "a%7Bb}", "}", "{", "%", "%25", ""]
+    tags = [tenant_tag(name) for name in names]
+    assert len(set(tags)) == len(names)
+    for tag in tags:
+        assert tag.startswith("{")
+        assert tag.endswith("}")
+        assert "{" not in tag[1:-1]
+        assert "}" not in tag[1:-1]
+    assert tenant_tag("acme") == "{acme}"

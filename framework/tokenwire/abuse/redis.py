@@ -37,16 +37,11 @@ from tokenwire.abuse.store import (
     TenantPolicy,
     suspension_reason,
 )
-from tokenwire.quotas.store import retry_delay
+from tokenwire.quotas.store import retry_delay, tenant_tag
 
 __all__ = ["RedisAbuseStore"]
 
 _Op = tuple[AsyncScript, list[str], list[Any]]
-
-
-def _tag(tenant: str) -> str:
-    # The tenant as a Redis hash tag, escaped as the quota keys escape it.
-    return "{" + tenant.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
 def _text(value: Any) -> str:
@@ -121,7 +116,7 @@ class RedisAbuseStore:
             await self._client.aclose()
 
     def _keys(self, account: Account, *kinds: str) -> list[str]:
-        base = f"{self._prefix}{_tag(account.tenant)}"
+        base = f"{self._prefix}{tenant_tag(account.tenant)}"
         return [f"{base}:{kind}:{account.user}" for kind in kinds]
 
     async def record(self, flags: Sequence[Flag]) -> list[Standing]:

@@ -58,6 +58,7 @@ from tokenwire.quotas.store import (
     Reservation,
     Slot,
     Verdict,
+    tenant_tag,
 )
 from tokenwire.streams import closing
 
@@ -107,11 +108,6 @@ _CACHE_LIMIT = 10_000  # principals whose keys are kept precomputed
 _STORE_RETRY_S = 1.0
 
 
-def _tag(tenant: str) -> str:
-    # Every key of a tenant shares one Redis hash tag, so each script stays in one slot.
-    return "{" + tenant.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
-
-
 @dataclass(frozen=True, slots=True)
 class QuotaLimits:
     """A principal's quotas, with store keys and QuotaFailure subjects precomputed."""
@@ -131,7 +127,7 @@ class QuotaLimits:
 def _build_limits(
     principal: Principal, user: PlanLimits, tenant: PlanLimits, window_s: float
 ) -> QuotaLimits:
-    tag = _tag(principal.tenant)
+    tag = tenant_tag(principal.tenant)
     scopes = (
         (user, f"{tag}:u:{principal.user}", f"principal:{principal.tenant}/{principal.user}"),
         (tenant, f"{tag}:t", f"tenant:{principal.tenant}"),

@@ -59,6 +59,7 @@ __all__ = [
     "Slot",
     "Verdict",
     "retry_delay",
+    "tenant_tag",
 ]
 
 
@@ -159,6 +160,13 @@ def retry_delay(excess_s: float) -> float:
     if math.isinf(excess_s):
         return math.inf
     return max(0.001, math.ceil(round(excess_s * 1000, 6)) / 1000)
+
+
+def tenant_tag(tenant: str) -> str:
+    """``tenant`` as a Redis Cluster hash tag (``{...}``, with ``%``, ``{`` and ``}``
+    escaped): every key of a tenant (quotas, budgets, abuse counts) carries it, so
+    they share one slot and each script touches one slot."""
+    return "{" + tenant.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
 @runtime_checkable

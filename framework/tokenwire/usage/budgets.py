@@ -28,7 +28,14 @@ from google.rpc import error_details_pb2
 
 from tokenwire.errors import ResourceExhaustedError, UnavailableError
 from tokenwire.logs import get_logger
-from tokenwire.quotas.store import Budget, BudgetCharge, BudgetStore, QuotaStoreError, retry_delay
+from tokenwire.quotas.store import (
+    Budget,
+    BudgetCharge,
+    BudgetStore,
+    QuotaStoreError,
+    retry_delay,
+    tenant_tag,
+)
 from tokenwire.usage.config import UsageConfig
 
 __all__ = ["TenantBudgets", "current_period"]
@@ -50,12 +57,6 @@ def current_period(period: str, now: float) -> tuple[str, float]:
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
     end = dt.datetime(year, month, 1, tzinfo=dt.UTC)
     return moment.strftime("%Y-%m"), end.timestamp()
-
-
-def _tag(tenant: str) -> str:
-    # The tenant as a Redis hash tag, escaped as the quota keys are: a tenant's keys
-    # share one cluster slot.
-    return "{" + tenant.replace("%", "%25").replace("{", "%7B").replace("}", "%7D") + "}"
 
 
 class TenantBudgets:
@@ -89,7 +90,7 @@ class TenantBudgets:
         if not limit:
             return None
         name, end = current_period(self.config.budget_period, self._clock())
-        key = f"{_tag(tenant)}:budget:{self.config.budget_period}:{name}"
+        key = f"{tenant_tag(tenant)}:budget:{self.config.budget_period}:{name}"
         return Budget(key, limit, end + _EXPIRY_GRACE_S)
 
     async def charge(self, tenant: str, amount: int) -> BudgetCharge | None:
