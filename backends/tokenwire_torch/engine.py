@@ -75,7 +75,7 @@ _OPTION_NAMES = frozenset(
         "compile",
     }
 )
-_WEIGHTS = ("auto", "float", "int8", "int4")
+_WEIGHTS = ("auto", "float", "fp16", "int8", "int4")
 _SWITCHES = ("on", "off")
 _FORWARDS = ("auto", "own", "transformers")
 _TORCH_EXTRA_HINT = "pip install 'tokenwire[torch]'"
@@ -109,10 +109,13 @@ class TorchEngine:
       most a new prompt delays running streams by, per step;
     * ``prefix_cache``: ``on`` (default: a freed slot keeps its keys for a request
       that starts the same way, such as the conversation's next turn) or ``off``;
-    * ``weights``: ``auto`` (default: ``int4`` on an x86 CPU with AVX2 or better
+    * ``weights``: ``auto`` (default: on an x86 CPU with native bf16, ``int4``
       when the file's layer weights are 4-bit, as the bundled GGUF's Q4_1 are, so
-      they pack exactly; ``float`` otherwise), ``float`` (the configured dtype),
-      ``int8`` (per output row) or ``int4`` (groups of 32). Quantized formats run
+      they pack exactly; on other x86 CPUs ``fp16``; ``float`` elsewhere),
+      ``float`` (the configured dtype), ``fp16`` (every matmul through fbgemm's
+      half-precision kernels, float32 activations and sums: on CPUs without native
+      bf16, 2-4x float32's speed at any batch size), ``int8`` (per output row) or
+      ``int4`` (groups of 32). Quantized formats run
       on the CPU kernels (bf16 activations), and only for decode steps of at most
       ``quantized_rows`` rows; prompts and bigger batches use a dense copy of the
       same weights, where dense matmuls are faster: bf16 on a CPU with native bf16
@@ -394,23 +397,31 @@ class TorchEngine:
         import torch
 
         from tokenwire_torch.batching import Batcher
-        from tokenwire_torch.llama import LlamaForward, cpu_has_bf16
+        from tokenwire_torch.llama import LlamaForward, cpu_has_bf16, cpu_has_fbgemm
 
         weights = self._weights
         on_cpu = runner.device.type == "cpu"
         cpu_bf16 = on_cpu and cpu_has_bf16()
         if weights == "auto":
-            # A one-row decode step reads every weight: the file's own 4-bit weights
-            # (they pack exactly, checked below) make it about twice as fast, with
-            # native bf16 or AVX2's vector kernels alike. Elsewhere, float.
+            # With native bf16, a one-row decode step is about twice as fast on the
+            # file's own 4-bit weights (they pack exactly, checked below), and bf16
+            # dense matmuls take the rest. Without it, fbgemm's fp16 matmuls beat
+            # both float32 and the int4 kernels (whose activations are bf16, emulated
+            # there) at every batch size but one row, where they about tie.
+            # (fbgemm's ops do not compile: with compile=on, int4 where AVX2 runs it.)
+            mine = on_cpu and self._config.dtype == "auto"
             vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            quantize = on_cpu and (cpu_bf16 or vector) and self._config.dtype == "auto"
-            weights = "int4" if quantize else "float"
+            if mine and cpu_bf16:
+                weights = "int4"
+            elif mine and not self._compile and cpu_has_fbgemm():
+                weights = "fp16"
+            else:
+                weights = "int4" if mine and vector else "float"
         # Dense matmuls (prompts, big batches) in bf16 only where the CPU runs bf16
         # natively; emulated, they are several times slower than float32 on many rows.
         dtype = (
             torch.bfloat16
-            if weights != "float" and cpu_bf16 and self._config.dtype == "auto"
+            if weights in ("int8", "int4") and cpu_bf16 and self._config.dtype == "auto"
             else runner.model.dtype
         )
         per_token = LlamaForward.cache_bytes_per_token(runner.model.config, dtype)
@@ -442,7 +453,8 @@ class TorchEngine:
         except ValueError as exc:
             if self._weights != "auto":
                 raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
-        if llama is None or (self._weights == "auto" and llama.quantize_error > 0):
+        lossy = weights != "fp16" and llama is not None and llama.quantize_error > 0
+        if llama is None or (self._weights == "auto" and lossy):
             # auto, and the layers are not 4-bit in the file (or do not pack): float
             weights, llama = "float", build("float", runner.model.dtype)
         self._weights_used = weights

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WEIGHT_FORMATS", "LlamaForward", "cpu_has_bf16"]
+__all__ = ["WEIGHT_FORMATS", "LlamaForward", "cpu_has_bf16", "cpu_has_fbgemm"]
 
 
 INT4_GROUP = 32
@@ -34,19 +34,23 @@ INT4_GROUP = 32
 file's own 4-bit weights come back exactly."""
 
 
-WEIGHT_FORMATS = ("float", "int8", "int4")
-"""How :class:`LlamaForward` holds its matmul weights: as they are (in the dtype), or
-also quantized, int8 per output row or int4 in groups of ``INT4_GROUP``. Quantized
-kernels read a quarter to half the bytes but redo the dequantizing for every row,
-so they win on the few rows of a small decode batch and lose on big batches and
-prompts: those use a copy of the same (dequantized) weights in the dtype. The
-kernels take bf16 activations: with a float32 dtype (CPUs without native bf16,
-whose bf16 matmuls are slow on many rows), only their inputs are cast."""
+WEIGHT_FORMATS = ("float", "fp16", "int8", "int4")
+"""How :class:`LlamaForward` holds its matmul weights: as they are (in the dtype);
+in half precision for fbgemm's fp16 kernels (x86 CPUs, float32 activations and
+sums: half the bytes of float32 and 2-4x its speed at every batch size on CPUs
+without native bf16); or also quantized, int8 per output row or int4 in groups of
+``INT4_GROUP``. Quantized kernels read a quarter to half the bytes but redo the
+dequantizing for every row, so they win on the few rows of a small decode batch
+and lose on big batches and prompts: those use a copy of the same (dequantized)
+weights in the dtype. The kernels take bf16 activations: with a float32 dtype
+(CPUs without native bf16, whose bf16 matmuls are slow on many rows), only their
+inputs are cast."""
 
 
 class _Linear:
-    """``x @ weight.T``: dense (``weight``, in the model's dtype), or through the
-    quantized copy (int8 per row or int4 per group) when asked and there is one."""
+    """``x @ weight.T``: dense (``weight``, in the model's dtype, or fbgemm's packed
+    half-precision copy), or through the quantized copy (int8 per row or int4 per
+    group) when asked and there is one."""
 
     __slots__ = ("error", "kind", "packed", "scales", "weight")
 
@@ -59,6 +63,15 @@ class _Linear:
             self.weight = weight.to(dtype).contiguous()
             return
         original = weight.float()
+        if kind == "fp16":
+            # Every call runs the packed copy: no dense weight is kept.
+            self.weight = torch.empty(0)
+            self.packed = torch.ops.quantized.linear_prepack_fp16(original.contiguous(), None)
+            restored = original.half().float()
+            self.error = float(
+                (restored - original).abs().max() / original.abs().max().clamp(min=1e-12)
+            )
+            return
         if kind == "int8":
             scale = (original.abs().amax(-1) / 127).clamp(min=1e-12)
             levels = (original / scale[:, None]).round().clamp(-127, 127)
@@ -87,6 +100,9 @@ class _Linear:
         self.weight = restored.to(dtype).contiguous()
 
     def __call__(self, x: torch.Tensor, quantized: bool) -> torch.Tensor:
+        if self.kind == "fp16":
+            half: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+            return half
         if not quantized or self.packed is None:
             return F.linear(x, self.weight)
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels' activations
@@ -97,6 +113,13 @@ class _Linear:
                 flat, self.packed, INT4_GROUP, self.scales
             )
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def cpu_has_fbgemm() -> bool:
+    """Whether torch here runs fbgemm's kernels (x86 builds, on a CPU with AVX2 or
+    better), which the fp16 format needs."""
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return vector and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def cpu_has_bf16() -> bool:
@@ -150,12 +173,19 @@ class LlamaForward:
             raise ValueError("slots and max_len must be >= 1")
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-        quantized = weights != "float"
-        if quantized:
+        quantized = weights in ("int8", "int4")
+        if weights != "float":
             if torch.device(device).type != "cpu":
                 raise ValueError(f"{weights} weights run on the CPU kernels; use float on CUDA")
             if dtype not in (torch.bfloat16, torch.float32):
                 raise ValueError(f"{weights} weights run with bfloat16 or float32, not {dtype}")
+        if weights == "fp16":
+            if dtype != torch.float32:
+                raise ValueError(f"fp16 weights run with float32 activations, not {dtype}")
+            if compile:
+                raise ValueError("fp16 weights run fbgemm's ops, which do not compile")
+            if not cpu_has_fbgemm():
+                raise ValueError("fp16 weights need fbgemm: an x86 CPU with AVX2")
         self.weights = weights
         # Decode steps of at most this many rows use the quantized weights.
         self.quantized_rows = quantized_rows if quantized else 0
@@ -173,7 +203,7 @@ class LlamaForward:
             return tensors[name].to(device=self.device, dtype=torch.float32).contiguous()
 
         def linear(*names: str) -> _Linear:  # full precision in, for quantizing
-            wanted = torch.float32 if quantized else dtype
+            wanted = torch.float32 if weights != "float" else dtype
             joined = torch.cat([tensors[n].to(device=self.device, dtype=wanted) for n in names])
             return _Linear(joined, weights, dtype)
 
@@ -182,8 +212,10 @@ class LlamaForward:
         # The output projection reads 49k x 576 weights a step: int8 per row when the
         # layers are quantized (the file holds it as 8-bit blocks), never int4.
         self.lm_head = _Linear(
-            tensors[head].to(device=self.device, dtype=torch.float32 if quantized else dtype),
-            "int8" if quantized else "float",
+            tensors[head].to(
+                device=self.device, dtype=torch.float32 if weights != "float" else dtype
+            ),
+            "int8" if quantized else weights,
             dtype,
         )
         self.norm = take("model.norm.weight")

@@ -14,6 +14,7 @@ from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingPa
 from tokenwire.errors import ConfigError, ResourceExhaustedError
 from tokenwire.testing.conformance import EngineConformance
 from tokenwire_torch import TorchEngine, create_engine
+from tokenwire_torch.llama import cpu_has_fbgemm
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ async def test_the_cache_is_a_fixed_budget(engine: TorchEngine) -> None:
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_FBGEMM = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 with AVX2)")
 
 
 @pytest.fixture(
@@ -154,6 +156,7 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
         "own-float",
         "own-int8",
         "own-int4",
+        pytest.param("own-fp16", marks=_FBGEMM),
         pytest.param("own-cuda", marks=_CUDA),
         pytest.param("own-cuda-compiled", marks=_CUDA),
     ]
@@ -306,14 +309,14 @@ async def test_compiled_decode_gives_the_same_tokens(checkpoint: Path) -> None:
     assert answers["off"] == answers["on"]
 
 
-async def test_weights_auto_takes_the_files_format(torch_engine: Engine) -> None:
+async def test_weights_auto_takes_the_fastest_format_here(torch_engine: Engine) -> None:
     """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 on a CPU
-    with native bf16 or AVX2 vector kernels (float where there are neither)."""
+    with native bf16, fbgemm's fp16 kernels run on other x86 CPUs, float elsewhere."""
     from tokenwire_torch.llama import cpu_has_bf16
 
     assert isinstance(torch_engine, TorchEngine)
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    assert torch_engine.weights == ("int4" if cpu_has_bf16() or vector else "float")
+    fastest = "int4" if cpu_has_bf16() else "fp16" if cpu_has_fbgemm() else "float"
+    assert fastest == torch_engine.weights
 
 
 @pytest.mark.parametrize(
@@ -326,9 +329,12 @@ def test_bad_engine_options_are_refused(checkpoint: Path, name: str, value: str)
         create_engine(BackendConfig(model_path=str(checkpoint), options={name: value}))
 
 
-async def test_weights_auto_falls_back_to_float_where_int4_cannot_pack(tmp_path: Path) -> None:
-    """A model whose widths are not whole groups of 32 runs float under weights=auto,
-    and weights=int4 fails at start-up naming the reason."""
+async def test_weights_auto_falls_back_where_int4_cannot_pack(tmp_path: Path) -> None:
+    """A model whose widths are not whole groups of 32 runs under weights=auto (float
+    where int4 would have been chosen, fp16 where that is the choice anyway), and
+    weights=int4 fails at start-up naming the reason."""
+    from tokenwire_torch.llama import cpu_has_bf16
+
     ungrouped = tiny_llama(
         vocab_size=64,
         hidden_size=48,
@@ -341,7 +347,7 @@ async def test_weights_auto_falls_back_to_float_where_int4_cannot_pack(tmp_path:
     await auto.start()
     try:
         assert isinstance(auto, TorchEngine)
-        assert "float" == auto.weights
+        assert ("fp16" if cpu_has_fbgemm() and not cpu_has_bf16() else "float") == auto.weights
         assert await _all(auto, _request([1, 2, 3], 4))
     finally:
         await auto.close()

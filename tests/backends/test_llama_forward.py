@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from tests.backends.conftest import tiny_llama
 from tokenwire.backend import ChatMessage, Engine
 from tokenwire.model.tokenizers import load_tokenizer
-from tokenwire_torch.llama import LlamaForward
+from tokenwire_torch.llama import LlamaForward, cpu_has_fbgemm
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,50 @@ async def test_smollm2_int4_packs_the_files_4_bit_weights_exactly(torch_engine: 
     assert _reference(model, prompt, 8) == _greedy(llama, 0, prompt, 8)
 
 
+_FBGEMM = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 with AVX2)")
+
+
+@_FBGEMM
+def test_fp16_weights_decode_like_float32_alone_and_batched(tiny: Any) -> None:
+    """fp16 weights (fbgemm's kernels, float32 sums) give the float32 forward's greedy
+    tokens for weights that half precision holds exactly, for a stream alone and for
+    two decoding together; on others their largest change is half precision's
+    rounding. No dense float32 copy is kept."""
+    assert 0 < LlamaForward(tiny, slots=1, max_len=8, weights="fp16").quantize_error < 2**-10
+    halved = copy.deepcopy(tiny)
+    for parameter in halved.parameters():
+        parameter.data = parameter.data.half().float()
+    first, second = [3, 17, 42, 7], [250, 9, 9, 31, 5, 2]
+    dense = LlamaForward(halved, slots=1, max_len=64)
+    want = [_greedy(dense, 0, first, 6), _greedy(dense, 0, second, 6)]
+    llama = LlamaForward(halved, slots=2, max_len=64, weights="fp16")
+    assert 0.0 == llama.quantize_error
+    assert all(0 == layer.qkv.weight.numel() for layer in llama.layers)
+    assert want[0] == _greedy(llama, 0, first, 6)
+    last = [
+        int(llama.forward([0], [first], [0]).argmax(-1)),
+        int(llama.forward([1], [second], [0]).argmax(-1)),
+    ]
+    assert want == _decode_together(llama, [0, 1], last, [len(first), len(second)], 5)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"dtype": torch.bfloat16}, "float32 activations"),
+        ({"compile": True}, "do not compile"),
+    ],
+    ids=["bf16", "compile"],
+)
+def test_fp16_weights_refuse_what_they_cannot_run(
+    tiny: Any, options: dict[str, Any], reason: str
+) -> None:
+    """fp16 weights need float32 activations and eager steps: anything else is a clear
+    error at construction, not a failure on the first request."""
+    with pytest.raises(ValueError, match=reason):
+        LlamaForward(tiny, slots=1, max_len=8, weights="fp16", **options)
+
+
 AGREEMENT_PROMPTS = (
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -180,8 +225,13 @@ def _until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
 
 @pytest.mark.parametrize(
     ("weights", "dtype"),
-    [("int4", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.float32)],
-    ids=["int4", "int8", "int4-float32"],
+    [
+        ("int4", torch.bfloat16),
+        ("int8", torch.bfloat16),
+        ("int4", torch.float32),
+        pytest.param("fp16", torch.float32, marks=_FBGEMM),
+    ],
+    ids=["int4", "int8", "int4-float32", "fp16"],
 )
 async def test_smollm2_quantized_weights_agree_with_the_float_model(
     torch_engine: Engine, weights: str, dtype: torch.dtype
@@ -193,7 +243,8 @@ async def test_smollm2_quantized_weights_agree_with_the_float_model(
     weights: 148). Left to run free, int4 reproduces whole answers on 2-5 of the 8 (a
     135M model has many near-ties; bf16 activations alone move 3-5 of them). With a
     float32 dtype (CPUs without native bf16) only the quantized kernels' inputs are
-    bf16. Asserted: at least 93% of positions."""
+    bf16. fp16 weights (float32 activations and sums) pick it at 151 of 151.
+    Asserted: at least 93% of positions."""
     model: Any = torch_engine.model  # type: ignore[attr-defined]
     llama = LlamaForward(model, slots=1, max_len=128, weights=weights, dtype=dtype)
     same, total = _agreement(torch_engine, llama)
