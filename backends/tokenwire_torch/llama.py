@@ -403,9 +403,14 @@ class LlamaForward:
         plain = torch.ones(batch, width, kv_heads, head_dim, dtype=self.dtype, device=dev)
         cos = torch.cat([cos, plain], dim=2)
         sin = torch.cat([sin, torch.zeros_like(plain)], dim=2)  # B x T x (H + 2 KV) x D
-        # Causal within the chunk, and never past what this slot has written.
-        visible = torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None]  # B x T x S
-        mask = visible[:, None, :, :]  # B x 1 x T x S
+        # Causal within the chunk, and never past what this slot has written. One row
+        # of one token sees every key up to its own (span ends there; not so for the
+        # fixed shapes, which attend over whole rows): no mask, which halves the
+        # attention's time on that row.
+        mask: torch.Tensor | None = None
+        if batch * width > 1 or self._graphed:
+            visible = torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None]
+            mask = visible[:, None, :, :]  # B x 1 x T x S
         flat_slot = slot[:, None].expand(batch, width).reshape(-1)
         flat_pos = pos.reshape(-1)
         q_size = heads * head_dim

@@ -104,7 +104,8 @@ def test_a_reused_slot_does_not_see_its_old_keys(tiny: Any) -> None:
 def test_fixed_shapes_decode_alike(tiny: Any) -> None:
     """The CUDA-graph layout (batches padded to a power of two with a scratch slot,
     attention over whole rows), run eagerly: three slots in any order decode as they
-    do alone."""
+    do alone, and so does one slot decoding alone (one row over a whole cache row,
+    which needs the mask that a row of its own span does not)."""
     prompts = [[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]
     alone = LlamaForward(tiny, slots=1, max_len=64)
     want = [_greedy(alone, 0, prompt, 6) for prompt in prompts]
@@ -115,6 +116,7 @@ def test_fixed_shapes_decode_alike(tiny: Any) -> None:
         for slot, prompt in zip(slots, prompts, strict=True)
     ]
     assert want == _decode_together(llama, slots, last, [len(p) for p in prompts], 5)
+    assert want[1] == _greedy(llama, 1, prompts[1], 6)
 
 
 def test_bad_calls_are_refused(tiny: Any) -> None:
