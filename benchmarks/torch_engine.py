@@ -101,7 +101,10 @@ async def measure_engine(
     settings = {**(options or {}), "forward": forward}
     engine = TorchEngine(BackendConfig(device="cpu", max_running=max(most, 1), options=settings))
     await engine.start()
-    report = EngineReport(forward, max_tokens, weights=engine.weights or "transformers")
+    weights = engine.weights or "transformers"
+    if engine.weights in ("int8", "int4"):
+        weights += f", dense {engine.dense_weights}"
+    report = EngineReport(forward, max_tokens, weights=weights)
     try:
         limits = LimitsConfig(default_max_tokens=max_tokens)
         async with (

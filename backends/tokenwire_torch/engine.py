@@ -109,19 +109,20 @@ class TorchEngine:
       most a new prompt delays running streams by, per step;
     * ``prefix_cache``: ``on`` (default: a freed slot keeps its keys for a request
       that starts the same way, such as the conversation's next turn) or ``off``;
-    * ``weights``: ``auto`` (default: on an x86 CPU with native bf16, ``int4``
-      when the file's layer weights are 4-bit, as the bundled GGUF's Q4_1 are, so
-      they pack exactly; on other x86 CPUs ``fp16``; ``float`` elsewhere),
-      ``float`` (the configured dtype), ``fp16`` (every matmul through fbgemm's
-      half-precision kernels, float32 activations and sums: on CPUs without native
-      bf16, 2-4x float32's speed at any batch size), ``int8`` (per output row) or
-      ``int4`` (groups of 32). Quantized formats run
-      on the CPU kernels (bf16 activations), and only for decode steps of at most
-      ``quantized_rows`` rows; prompts and bigger batches use a dense copy of the
-      same weights, where dense matmuls are faster: bf16 on a CPU with native bf16
-      (AVX512-BF16 or AMX), float32 elsewhere (unless ``dtype`` says otherwise);
+    * ``weights``: ``auto`` (default: ``int4`` on an x86 CPU with native bf16 or
+      AVX2 when the file's layer weights are 4-bit, as the bundled GGUF's Q4_1 are,
+      so they pack exactly; otherwise ``fp16`` where fbgemm runs and ``float``
+      elsewhere), ``float`` (the configured dtype), ``fp16`` (every matmul through
+      fbgemm's half-precision kernels, float32 activations and sums; x86 with AVX2,
+      not with ``compile=on``), ``int8`` (per output row) or ``int4`` (groups of
+      32). Quantized formats run on the CPU kernels (bf16 activations), and only
+      for decode steps of at most ``quantized_rows`` rows; prompts and bigger
+      batches use a dense copy of the same weights, where dense matmuls are
+      faster: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), fbgemm's halves
+      where the dtype is float32 and fbgemm runs (2-4x float32's speed), float32
+      elsewhere (unless ``dtype`` says otherwise);
     * ``quantized_rows``: the largest decode batch that uses the quantized
-      weights (default 8);
+      weights (default 8, or 1 beside fbgemm's halves, which win past one row);
     * ``compile``: ``on`` compiles the decode step with ``torch.compile`` and
       runs it once per shape at start-up, so no request pays for compiling; on
       CUDA the step is captured as CUDA graphs. ``off`` (default): on a small
@@ -149,7 +150,8 @@ class TorchEngine:
         self._prefix_cache = _choice(config.options, "prefix_cache", _SWITCHES, "on") == "on"
         self._compile = _choice(config.options, "compile", _SWITCHES, "off") == "on"
         self._weights = _choice(config.options, "weights", _WEIGHTS, "auto")
-        self._quantized_rows = _positive_int(config.options, "quantized_rows", 8)
+        # 0: the forward's default for its weights (8, or 1 beside fp16 dense weights)
+        self._quantized_rows = _positive_int(config.options, "quantized_rows", 0)
         self._scheduler: SlotScheduler | None = None
         self._weights_used: str | None = None
         self._config = config
@@ -348,6 +350,13 @@ class TorchEngine:
         return self._weights_used
 
     @property
+    def dense_weights(self) -> str | None:
+        """What prompts and bigger decode batches run on: ``fp16`` (fbgemm's halves),
+        ``float32`` or ``bfloat16``; None where :attr:`weights` is None."""
+        scheduler = self._scheduler
+        return scheduler.batcher.llama.dense if scheduler is not None else None
+
+    @property
     def model(self) -> Any:
         """The loaded transformers model, for inspection; raises before ``start()``."""
         return self._require_runner().model
@@ -402,21 +411,19 @@ class TorchEngine:
         weights = self._weights
         on_cpu = runner.device.type == "cpu"
         cpu_bf16 = on_cpu and cpu_has_bf16()
+        fallback = "float"  # for auto, when the file's layers are not 4-bit
         if weights == "auto":
-            # With native bf16, a one-row decode step is about twice as fast on the
-            # file's own 4-bit weights (they pack exactly, checked below), and bf16
-            # dense matmuls take the rest. Without it, fbgemm's fp16 matmuls beat
-            # both float32 and the int4 kernels (whose activations are bf16, emulated
-            # there) at every batch size but one row, where they about tie.
-            # (fbgemm's ops do not compile: with compile=on, int4 where AVX2 runs it.)
+            # A one-row decode step reads every weight: the file's own 4-bit weights
+            # (they pack exactly, checked below) make it about a third faster than
+            # the fastest dense format here, with native bf16 or AVX2 alike. Prompts
+            # and bigger batches run dense: bf16 where the CPU runs it natively, else
+            # fbgemm's halves (2-4x float32's speed at any batch size; fbgemm's ops
+            # do not compile, so float32 with compile=on).
             mine = on_cpu and self._config.dtype == "auto"
             vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            if mine and cpu_bf16:
-                weights = "int4"
-            elif mine and not self._compile and cpu_has_fbgemm():
-                weights = "fp16"
-            else:
-                weights = "int4" if mine and vector else "float"
+            halves = mine and not cpu_bf16 and not self._compile and cpu_has_fbgemm()
+            weights = "int4" if mine and (cpu_bf16 or vector) else "float"
+            fallback = "fp16" if halves else "float"
         # Dense matmuls (prompts, big batches) in bf16 only where the CPU runs bf16
         # natively; emulated, they are several times slower than float32 on many rows.
         dtype = (
@@ -443,7 +450,7 @@ class TorchEngine:
                 dtype=dtype,
                 device=runner.device,
                 weights=weights,
-                quantized_rows=self._quantized_rows,
+                quantized_rows=self._quantized_rows or None,
                 compile=self._compile,
             )
 
@@ -453,10 +460,9 @@ class TorchEngine:
         except ValueError as exc:
             if self._weights != "auto":
                 raise ConfigError(f"cannot use weights={weights}: {exc}") from exc
-        lossy = weights != "fp16" and llama is not None and llama.quantize_error > 0
-        if llama is None or (self._weights == "auto" and lossy):
-            # auto, and the layers are not 4-bit in the file (or do not pack): float
-            weights, llama = "float", build("float", runner.model.dtype)
+        if llama is None or (self._weights == "auto" and llama.quantize_error > 0):
+            # auto, and the layers are not 4-bit in the file (or do not pack)
+            weights, llama = fallback, build(fallback, runner.model.dtype)
         self._weights_used = weights
         llama.warm_up()
         return Batcher(llama, prefill_chunk=self._prefill_chunk)

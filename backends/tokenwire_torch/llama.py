@@ -48,31 +48,27 @@ inputs are cast."""
 
 
 class _Linear:
-    """``x @ weight.T``: dense (``weight``, in the model's dtype, or fbgemm's packed
-    half-precision copy), or through the quantized copy (int8 per row or int4 per
-    group) when asked and there is one."""
+    """``x @ weight.T``: dense (``weight`` in the model's dtype, or ``half``, fbgemm's
+    packed half-precision copy), or through the quantized copy (int8 per row or int4
+    per group) when asked and there is one."""
 
-    __slots__ = ("error", "kind", "packed", "scales", "weight")
+    __slots__ = ("error", "half", "kind", "packed", "scales", "weight")
 
-    def __init__(self, weight: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, weight: torch.Tensor, kind: str, dtype: torch.dtype, half: bool = False
+    ) -> None:
         self.kind = kind
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None
+        self.half: torch.Tensor | None = None
         self.error = 0.0  # largest |dequantized - original|, relative to the largest weight
         if kind == "float":
             self.weight = weight.to(dtype).contiguous()
             return
         original = weight.float()
         if kind == "fp16":
-            # Every call runs the packed copy: no dense weight is kept.
-            self.weight = torch.empty(0)
-            self.packed = torch.ops.quantized.linear_prepack_fp16(original.contiguous(), None)
-            restored = original.half().float()
-            self.error = float(
-                (restored - original).abs().max() / original.abs().max().clamp(min=1e-12)
-            )
-            return
-        if kind == "int8":
+            half, restored = True, original.half().float()
+        elif kind == "int8":
             scale = (original.abs().amax(-1) / 127).clamp(min=1e-12)
             levels = (original / scale[:, None]).round().clamp(-127, 127)
             restored = levels * scale[:, None]
@@ -97,13 +93,17 @@ class _Linear:
         self.error = float(
             (restored - original).abs().max() / original.abs().max().clamp(min=1e-12)
         )
-        self.weight = restored.to(dtype).contiguous()
+        if half:  # the dense copy as fbgemm's packed halves; none in the dtype
+            self.weight = torch.empty(0)
+            self.half = torch.ops.quantized.linear_prepack_fp16(restored.contiguous(), None)
+        else:
+            self.weight = restored.to(dtype).contiguous()
 
     def __call__(self, x: torch.Tensor, quantized: bool) -> torch.Tensor:
-        if self.kind == "fp16":
-            half: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-            return half
         if not quantized or self.packed is None:
+            if self.half is not None:
+                dense: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, self.half)
+                return dense
             return F.linear(x, self.weight)
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels' activations
         if self.kind == "int8":
@@ -162,7 +162,7 @@ class LlamaForward:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         weights: str = "float",
-        quantized_rows: int = 8,
+        quantized_rows: int | None = None,
         compile: bool = False,
         fixed_shapes: bool | None = None,
     ) -> None:
@@ -186,8 +186,17 @@ class LlamaForward:
                 raise ValueError("fp16 weights run fbgemm's ops, which do not compile")
             if not cpu_has_fbgemm():
                 raise ValueError("fp16 weights need fbgemm: an x86 CPU with AVX2")
+        # Quantized weights with float32 activations keep their dense copy as fbgemm's
+        # halves where it runs (2-4x float32's speed, half the memory), unless compiling.
+        half = weights == "fp16" or (
+            quantized and dtype == torch.float32 and not compile and cpu_has_fbgemm()
+        )
+        self.dense = "fp16" if half else str(dtype).removeprefix("torch.")
         self.weights = weights
-        # Decode steps of at most this many rows use the quantized weights.
+        # Decode steps of at most this many rows use the quantized weights: 8 where the
+        # dense copy is in the dtype; beside halves, one (past one row they win).
+        if quantized_rows is None:
+            quantized_rows = 1 if half else 8
         self.quantized_rows = quantized_rows if quantized else 0
         self.hidden = int(config.hidden_size)
         self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
@@ -205,17 +214,18 @@ class LlamaForward:
         def linear(*names: str) -> _Linear:  # full precision in, for quantizing
             wanted = torch.float32 if weights != "float" else dtype
             joined = torch.cat([tensors[n].to(device=self.device, dtype=wanted) for n in names])
-            return _Linear(joined, weights, dtype)
+            return _Linear(joined, weights, dtype, half)
 
         self.embed = take("model.embed_tokens.weight")
         head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
         # The output projection reads 49k x 576 weights a step: int8 per row when the
-        # layers are quantized (the file holds it as 8-bit blocks), never int4.
+        # layers are quantized (the file holds it as 8-bit blocks), never int4; in
+        # halves alone where there are halves (faster than int8 there, at any rows).
         self.lm_head = _Linear(
             tensors[head].to(
                 device=self.device, dtype=torch.float32 if weights != "float" else dtype
             ),
-            "int8" if quantized else weights,
+            "fp16" if half else "int8" if quantized else weights,
             dtype,
         )
         self.norm = take("model.norm.weight")
@@ -248,9 +258,9 @@ class LlamaForward:
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         # Rotation as x * cos + roll(x, half) * sin, with the sign of the first half in sin.
-        half = self.head_dim // 2
+        middle = self.head_dim // 2
         sin = angles.sin()
-        sin[:, :half] = -sin[:, :half]
+        sin[:, :middle] = -sin[:, :middle]
         self._cos = angles.cos().to(device=self.device, dtype=dtype)
         self._sin = sin.to(device=self.device, dtype=dtype)
         self._compiled: Any = None

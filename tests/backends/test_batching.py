@@ -309,14 +309,20 @@ async def test_compiled_decode_gives_the_same_tokens(checkpoint: Path) -> None:
     assert answers["off"] == answers["on"]
 
 
-async def test_weights_auto_takes_the_fastest_format_here(torch_engine: Engine) -> None:
-    """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 on a CPU
-    with native bf16, fbgemm's fp16 kernels run on other x86 CPUs, float elsewhere."""
+async def test_weights_auto_takes_the_fastest_formats_here(torch_engine: Engine) -> None:
+    """weights=auto (the default): the bundled GGUF's 4-bit layers run as int4 (one-row
+    steps) on a CPU with native bf16 or AVX2, float elsewhere; the rest runs dense, in
+    bf16 where the CPU has it natively, else in fbgemm's halves, else in float32."""
     from tokenwire_torch.llama import cpu_has_bf16
 
     assert isinstance(torch_engine, TorchEngine)
-    fastest = "int4" if cpu_has_bf16() else "fp16" if cpu_has_fbgemm() else "float"
-    assert fastest == torch_engine.weights
+    bf16 = cpu_has_bf16()
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    dense = "bfloat16" if bf16 else "fp16" if cpu_has_fbgemm() else "float32"
+    assert ("int4" if bf16 or vector else "float", dense) == (
+        torch_engine.weights,
+        torch_engine.dense_weights,
+    )
 
 
 @pytest.mark.parametrize(

@@ -188,6 +188,25 @@ def test_fp16_weights_decode_like_float32_alone_and_batched(tiny: Any) -> None:
     assert want == _decode_together(llama, [0, 1], last, [len(first), len(second)], 5)
 
 
+@_FBGEMM
+def test_quantized_weights_keep_their_dense_copy_in_halves_beside_float32(tiny: Any) -> None:
+    """int4 with float32 activations: one-row steps run the int4 kernels, everything
+    else (and the output layer always) fbgemm's halves of the same dequantized weights;
+    compiled, the dense copy stays float32 (fbgemm's ops do not compile), and prompts
+    come out alike from both."""
+    prompt = [3, 17, 42, 7]
+    llama = LlamaForward(tiny, slots=2, max_len=64, weights="int4")
+    assert ("fp16", 1, "fp16") == (llama.dense, llama.quantized_rows, llama.lm_head.kind)
+    assert all(0 == layer.gate_up.weight.numel() for layer in llama.layers)
+    compiled = LlamaForward(tiny, slots=2, max_len=64, weights="int4", compile=True)
+    assert ("float32", 8) == (compiled.dense, compiled.quantized_rows)
+    rows = ([0, 1], [prompt, prompt[:2]], [0, 0])  # prompts run eagerly, dense
+    # (The compiled one's output layer is int8's copy: logits differ by up to 1%.)
+    assert torch.allclose(llama.forward(*rows), compiled.forward(*rows), atol=1e-2)
+    layer, compiled_layer, ones = llama.layers[0], compiled.layers[0], torch.ones(1, 64)
+    assert torch.allclose(layer.qkv(ones, False), compiled_layer.qkv(ones, False), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("options", "reason"),
     [
