@@ -42,9 +42,9 @@ without native bf16); or also quantized, int8 per output row or int4 in groups o
 ``INT4_GROUP``. Quantized kernels read a quarter to half the bytes but redo the
 dequantizing for every row, so they win on the few rows of a small decode batch
 and lose on big batches and prompts: those use a copy of the same (dequantized)
-weights in the dtype. The kernels take bf16 activations: with a float32 dtype
-(CPUs without native bf16, whose bf16 matmuls are slow on many rows), only their
-inputs are cast."""
+weights in the dtype, or in halves beside a float32 dtype where fbgemm runs. The
+kernels take bf16 activations: with a float32 dtype (CPUs without native bf16,
+whose bf16 matmuls are slow on many rows), only their inputs are cast."""
 
 
 class _Linear:
@@ -147,7 +147,8 @@ class LlamaForward:
     any position whose earlier keys it still holds: a shared prefix).
 
     ``weights`` is one of :data:`WEIGHT_FORMATS` (quantized ones for decode steps
-    of at most ``quantized_rows`` rows); ``compile`` compiles the decode step
+    of at most ``quantized_rows`` rows: by default 8, or 1 where the dense copy is
+    fbgemm's halves, :attr:`dense`); ``compile`` compiles the decode step
     (call :meth:`warm_up` before serving); ``fixed_shapes`` (default: when
     compiling on CUDA, for CUDA graphs) pads decode batches to powers of two
     and attends over whole rows, so a step's shapes never change.
