@@ -406,7 +406,7 @@ class TorchEngine:
         import torch
 
         from tokenwire_torch.batching import Batcher
-        from tokenwire_torch.llama import LlamaForward, cpu_has_bf16, cpu_has_fbgemm
+        from tokenwire_torch.llama import LlamaForward, cpu_has_avx2, cpu_has_bf16
 
         weights = self._weights
         on_cpu = runner.device.type == "cpu"
@@ -420,10 +420,10 @@ class TorchEngine:
             # fbgemm's halves (2-4x float32's speed at any batch size; fbgemm's ops
             # do not compile, so float32 with compile=on).
             mine = on_cpu and self._config.dtype == "auto"
-            vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-            halves = mine and not cpu_bf16 and not self._compile and cpu_has_fbgemm()
-            weights = "int4" if mine and (cpu_bf16 or vector) else "float"
-            fallback = "fp16" if halves else "float"
+            weights = "int4" if mine and (cpu_bf16 or cpu_has_avx2()) else "float"
+            # Without native bf16 the dtype stays float32: fp16 where int4 has halves.
+            halves = LlamaForward.dense_halves(torch.float32, self._compile)
+            fallback = "fp16" if mine and not cpu_bf16 and halves else "float"
         # Dense matmuls (prompts, big batches) in bf16 only where the CPU runs bf16
         # natively; emulated, they are several times slower than float32 on many rows.
         dtype = (

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WEIGHT_FORMATS", "LlamaForward", "cpu_has_bf16", "cpu_has_fbgemm"]
+__all__ = ["WEIGHT_FORMATS", "LlamaForward", "cpu_has_avx2", "cpu_has_bf16", "cpu_has_fbgemm"]
 
 
 INT4_GROUP = 32
@@ -115,11 +115,15 @@ class _Linear:
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
+def cpu_has_avx2() -> bool:
+    """Whether torch's CPU kernels run AVX2 (or AVX-512) vector code here."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def cpu_has_fbgemm() -> bool:
     """Whether torch here runs fbgemm's kernels (x86 builds, on a CPU with AVX2 or
     better), which the fp16 format needs."""
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return vector and "fbgemm" in torch.backends.quantized.supported_engines
+    return cpu_has_avx2() and "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def cpu_has_bf16() -> bool:
@@ -187,11 +191,7 @@ class LlamaForward:
                 raise ValueError("fp16 weights run fbgemm's ops, which do not compile")
             if not cpu_has_fbgemm():
                 raise ValueError("fp16 weights need fbgemm: an x86 CPU with AVX2")
-        # Quantized weights with float32 activations keep their dense copy as fbgemm's
-        # halves where it runs (2-4x float32's speed, half the memory), unless compiling.
-        half = weights == "fp16" or (
-            quantized and dtype == torch.float32 and not compile and cpu_has_fbgemm()
-        )
+        half = weights == "fp16" or (quantized and self.dense_halves(dtype, compile))
         self.dense = "fp16" if half else str(dtype).removeprefix("torch.")
         self.weights = weights
         # Decode steps of at most this many rows use the quantized weights: 8 where the
@@ -288,6 +288,13 @@ class LlamaForward:
         for size in sorted(sizes):
             for span in sorted({min(2, self.max_len), min(17, self.max_len)}):  # 2+ keys
                 self.forward(list(range(size)), [[0]] * size, [span - 1] * size)
+
+    @staticmethod
+    def dense_halves(dtype: torch.dtype, compile: bool) -> bool:
+        """Whether quantized weights keep their dense copy as fbgemm's halves: with
+        float32 activations where fbgemm runs (2-4x float32's speed, half the memory),
+        unless compiling (fbgemm's ops do not compile)."""
+        return dtype == torch.float32 and not compile and cpu_has_fbgemm()
 
     @staticmethod
     def scratch_slots(compile: bool, device: torch.device | str) -> int:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokenwire_torch.llama import cpu_has_fbgemm
+
+needs_fbgemm = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 with AVX2)")
+"""Marks a test of the fp16 weights (fbgemm's kernels): skipped where they cannot run."""
 
 
 def tiny_llama(*, seed: int | None = None, eos: bool = True, **sizes: Any) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.backends.conftest import tiny_llama
+from tests.backends.conftest import needs_fbgemm, tiny_llama
 from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingParams
 from tokenwire.errors import ConfigError, ResourceExhaustedError
 from tokenwire.testing.conformance import EngineConformance
@@ -147,7 +147,6 @@ async def test_the_cache_is_a_fixed_budget(engine: TorchEngine) -> None:
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-_FBGEMM = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 with AVX2)")
 
 
 @pytest.fixture(
@@ -156,7 +155,7 @@ _FBGEMM = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 wit
         "own-float",
         "own-int8",
         "own-int4",
-        pytest.param("own-fp16", marks=_FBGEMM),
+        pytest.param("own-fp16", marks=needs_fbgemm),
         pytest.param("own-cuda", marks=_CUDA),
         pytest.param("own-cuda-compiled", marks=_CUDA),
     ]

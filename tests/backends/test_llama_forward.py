@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.backends.conftest import tiny_llama
+from tests.backends.conftest import needs_fbgemm, tiny_llama
 from tokenwire.backend import ChatMessage, Engine
 from tokenwire.model.tokenizers import load_tokenizer
-from tokenwire_torch.llama import LlamaForward, cpu_has_fbgemm
+from tokenwire_torch.llama import LlamaForward
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +161,7 @@ async def test_smollm2_int4_packs_the_files_4_bit_weights_exactly(torch_engine: 
     assert _reference(model, prompt, 8) == _greedy(llama, 0, prompt, 8)
 
 
-_FBGEMM = pytest.mark.skipif(not cpu_has_fbgemm(), reason="needs fbgemm (x86 with AVX2)")
-
-
-@_FBGEMM
+@needs_fbgemm
 def test_fp16_weights_decode_like_float32_alone_and_batched(tiny: Any) -> None:
     """fp16 weights (fbgemm's kernels, float32 sums) give the float32 forward's greedy
     tokens for weights that half precision holds exactly, for a stream alone and for
@@ -188,7 +185,7 @@ def test_fp16_weights_decode_like_float32_alone_and_batched(tiny: Any) -> None:
     assert want == _decode_together(llama, [0, 1], last, [len(first), len(second)], 5)
 
 
-@_FBGEMM
+@needs_fbgemm
 def test_quantized_weights_keep_their_dense_copy_in_halves_beside_float32(tiny: Any) -> None:
     """int4 with float32 activations: one-row steps run the int4 kernels, everything
     else (and the output layer always) fbgemm's halves of the same dequantized weights;
@@ -250,7 +247,7 @@ def _until_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
         ("int4", torch.bfloat16),
         ("int8", torch.bfloat16),
         ("int4", torch.float32),
-        pytest.param("fp16", torch.float32, marks=_FBGEMM),
+        pytest.param("fp16", torch.float32, marks=needs_fbgemm),
     ],
     ids=["int4", "int8", "int4-float32", "fp16"],
 )
