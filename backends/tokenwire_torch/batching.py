@@ -13,7 +13,7 @@ Requests join and leave the batch at any step. Each samples with its own
 settings and its own seeded generator, so a seeded answer does not depend on
 its batch mates; greedy ones take the argmax of their own row::
 
-    batcher = Batcher(llama, prefill_chunk=256)
+    batcher = Batcher(llama, prefill_chunk=256, small_step_rows=4)
     row = batcher.new_row(slot, prompt_ids, sampling)  # a request's place
     batcher.step(rows)              # on the worker thread: sets each row's tokens
 """
@@ -53,11 +53,24 @@ class Row:
 class Batcher:
     """Runs batched steps of :class:`LlamaForward` (on one thread only)."""
 
-    def __init__(self, llama: LlamaForward, *, prefill_chunk: int = 256) -> None:
+    def __init__(
+        self, llama: LlamaForward, *, prefill_chunk: int = 256, small_step_rows: int = 0
+    ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if small_step_rows < 0:
+            raise ValueError("small_step_rows must be >= 0")
         self.llama = llama
         self.prefill_chunk = prefill_chunk
+        # Decode steps of at most ``small_step_rows`` rows run on one CPU thread fewer
+        # than the rest (at least one): the core left over runs the event loop that
+        # streams their tokens meanwhile, where it would otherwise take a core from
+        # the thread team, which then stalls at every op's barrier; and small steps
+        # gain little from more threads. Read here, on the thread that runs steps
+        # (OpenMP keeps the setting per thread).
+        self.small_step_rows = small_step_rows if llama.device.type == "cpu" else 0
+        self.threads = torch.get_num_threads()
+        self.small_step_threads = max(1, self.threads - 1)
 
     def new_row(
         self,
@@ -111,6 +124,7 @@ class Batcher:
                 prefill.append((row, row.prompt[row.position : row.position + size]))
                 budget -= size
         if prefill:
+            self._use_threads(self.threads)
             width = max(len(chunk) for _, chunk in prefill)
             room = self.llama.max_len
             fits = [(r, c) for r, c in prefill if r.position + width <= room]
@@ -120,6 +134,8 @@ class Batcher:
             for single in alone:  # near the cache's end: no room for the padding
                 passes += self._prefill([single])
         if decoding:
+            small = len(decoding) <= self.small_step_rows
+            self._use_threads(self.small_step_threads if small else self.threads)
             logits = self.llama.forward(
                 [row.slot for row in decoding],
                 [[row.last] for row in decoding],
@@ -133,6 +149,10 @@ class Batcher:
                 row.cached.append(row.last)
                 self._take(row, logits[index], best[index])
         return passes
+
+    def _use_threads(self, count: int) -> None:
+        if self.small_step_rows and torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
     def _prefill(self, group: list[tuple[Row, list[int]]]) -> int:
         logits = self.llama.forward(

@@ -202,6 +202,10 @@ class LlamaForward:
         self.hidden = int(config.hidden_size)
         self.heads, self.kv_heads, self.head_dim = _attention_shape(config)
         self._gqa = self.heads > self.kv_heads
+        # Torch's CPU attention in bf16 takes 4-8x as long as in float32 for a decode
+        # step (the keys and values read and converted included), more the longer the
+        # context: on the CPU, bf16 caches are attended in float32.
+        self._attend_float = dtype == torch.bfloat16 and torch.device(device).type == "cpu"
         self.eps = float(config.rms_norm_eps)
         self.slots = slots
         self.max_len = max_len
@@ -446,13 +450,12 @@ class LlamaForward:
                 held = cache[first : first + batch, :, :span]
             else:
                 held = cache[:, :, :span].index_select(0, slot)  # B x 2 KV x S x D
+            query = qkv[:, :, :heads].transpose(1, 2)
+            if self._attend_float:
+                query, held = query.float(), held.float()
             attended = F.scaled_dot_product_attention(
-                qkv[:, :, :heads].transpose(1, 2),
-                held[:, :kv_heads],
-                held[:, kv_heads:],
-                attn_mask=mask,
-                enable_gqa=self._gqa,
-            )  # B x H x T x D
+                query, held[:, :kv_heads], held[:, kv_heads:], attn_mask=mask, enable_gqa=self._gqa
+            ).to(self.dtype)  # B x H x T x D
             x = x + layer.out(attended.transpose(1, 2).reshape(batch, width, q_size), quantized)
             h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps).to(self.dtype)
             gate, up = layer.gate_up(h, quantized).chunk(2, dim=-1)

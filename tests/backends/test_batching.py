@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from tokenwire.backend import BackendConfig, Engine, GenerateRequest, SamplingPa
 from tokenwire.errors import ConfigError, ResourceExhaustedError
 from tokenwire.testing.conformance import EngineConformance
 from tokenwire_torch import TorchEngine, create_engine
-from tokenwire_torch.llama import cpu_has_fbgemm
+from tokenwire_torch.batching import Batcher
+from tokenwire_torch.llama import LlamaForward, cpu_has_fbgemm
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +328,14 @@ async def test_weights_auto_takes_the_fastest_formats_here(torch_engine: Engine)
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("weights", "int2"), ("compile", "yes"), ("quantized_rows", "0"), ("forward", "fast")],
+    [
+        ("weights", "int2"),
+        ("compile", "yes"),
+        ("quantized_rows", "0"),
+        ("forward", "fast"),
+        ("small_step_rows", "-1"),
+        ("switch_interval_us", "0"),
+    ],
 )
 def test_bad_engine_options_are_refused(checkpoint: Path, name: str, value: str) -> None:
     """Each option names its allowed values when given another."""
@@ -362,3 +371,45 @@ async def test_weights_auto_falls_back_where_int4_cannot_pack(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="groups of 32"):
         await forced.start()
     await forced.close()
+
+
+def test_small_decode_steps_leave_a_core_to_the_event_loop() -> None:
+    """Decode steps of at most small_step_rows rows run on one thread fewer; prompt
+    chunks and bigger steps on all of them, whatever ran before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        llama = LlamaForward(tiny_llama(seed=1, eos=False), slots=4, max_len=64)
+        seen: list[tuple[int, int, int]] = []  # rows, width, threads of each pass
+        forward = llama.forward
+
+        def recording(slots: list[int], tokens: list[list[int]], positions: list[int]) -> object:
+            seen.append((len(slots), len(tokens[0]), torch.get_num_threads()))
+            return forward(slots, tokens, positions)
+
+        llama.forward = recording  # type: ignore[assignment,method-assign]
+        batcher = Batcher(llama, prefill_chunk=64, small_step_rows=2)
+        rows = [batcher.new_row(i, [1, 2, 3], SamplingParams()) for i in range(3)]
+        batcher.step(rows[:2])  # two prompts
+        batcher.step(rows[:2])  # two decoding rows
+        batcher.step(rows)  # the third prompt, then the two decoding
+        batcher.step(rows)  # three decoding rows
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(2, 3, 3), (2, 1, 2), (1, 3, 3), (2, 1, 2), (3, 1, 3)]
+
+
+async def test_the_engine_lowers_the_gil_switch_interval(checkpoint: Path) -> None:
+    """switch_interval_us lowers Python's GIL switch interval at start, never raises it."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        for value, expected in (("250", 0.00025), ("1000", 0.00025)):
+            engine = create_engine(
+                BackendConfig(model_path=str(checkpoint), options={"switch_interval_us": value})
+            )
+            await engine.start()
+            await engine.close()
+            assert sys.getswitchinterval() == pytest.approx(expected)
+    finally:
+        sys.setswitchinterval(before)
