@@ -362,3 +362,19 @@ async def test_moderation_benchmark_scores_and_times_a_moderator() -> None:
     cut = await stream_latency(LatencySetup(config, FlagsWord("Seine")), 2)
     assert (2, 0, []) == (refused.refused, refused.cut, refused.ttfts)
     assert (0, 2, 2) == (cut.refused, cut.cut, len(cut.ttfts))  # the first sentence shown
+
+
+def test_forward_benchmark_times_every_cell_of_both_attention_arms() -> None:
+    """Each arm times a decode step for every row count and context; with a bf16 cache
+    the float32 arm is there beside it."""
+    from benchmarks.torch_forward import format_report, measure_steps
+    from tests.backends.conftest import tiny_llama
+    from tokenwire_torch.llama import cpu_has_bf16
+
+    report = measure_steps((1, 2), (4, 9), rounds=2, steps=1, model=tiny_llama(seed=3))
+    arms = {"bfloat16", "float32"} if cpu_has_bf16() else {"float32"}
+    assert set(report["ms_per_step"]) == arms
+    for cells in report["ms_per_step"].values():
+        assert set(cells) == {"1x4", "2x4", "1x9", "2x9"}
+        assert all(ms > 0 for ms in cells.values())
+    assert format_report(report).count("\n") == 5

@@ -321,3 +321,28 @@ def test_prompts_of_different_lengths_prefill_together(tiny: Any) -> None:
     logits = llama.forward([0, 1], [short, long], [0, 0])
     last = [int(logits[0].argmax(-1)), int(logits[1].argmax(-1))]
     assert want == _decode_together(llama, [0, 1], last, [len(short), len(long)], 5)
+
+
+def test_a_bf16_cache_is_attended_in_float32_on_the_cpu(tiny: Any) -> None:
+    """By default a bf16 cache on the CPU is attended in float32 (torch's bf16 CPU
+    attention is several times slower); its decode logits stay within bf16's rounding
+    of attending in bf16, alone and batched, with the same greedy tokens."""
+    fast = LlamaForward(tiny, slots=2, max_len=64, dtype=torch.bfloat16)
+    plain = LlamaForward(
+        tiny, slots=2, max_len=64, dtype=torch.bfloat16, attention_dtype=torch.bfloat16
+    )
+    assert (fast.attention_dtype, plain.attention_dtype) == (torch.float32, torch.bfloat16)
+    prompts = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
+    for llama in (fast, plain):
+        for slot, prompt in enumerate(prompts):
+            llama.forward([slot], [prompt], [0])
+    for step in range(3):
+        tokens, positions = [[11 + step], [12 + step]], [6 + step, 3 + step]
+        alone = [
+            fast.forward([0], tokens[:1], positions[:1]),
+            plain.forward([0], tokens[:1], positions[:1]),
+        ]
+        assert torch.allclose(alone[0], alone[1], atol=0.1, rtol=0.02)
+        both = [llama.forward([0, 1], tokens, positions) for llama in (fast, plain)]
+        assert torch.allclose(both[0], both[1], atol=0.1, rtol=0.02)
+        assert torch.equal(both[0].argmax(-1), both[1].argmax(-1))
